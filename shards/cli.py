@@ -1,0 +1,110 @@
+"""`wspo-shards {info,verify,head} SHARDS`: look at a shard set without writing code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from .schema import COLUMNS, has_reward, logp_column
+from .store import ShardError, ShardSet, list_arrays
+
+
+def cmd_info(shards: ShardSet, args) -> int:
+    m = shards.manifests[0]
+    dataset = m["run_settings"]["dataset"]
+    counts = [w["counts"] for w in shards.manifests]
+    skipped: dict[str, int] = {}
+    for c in counts:
+        for reason, n in c["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    info = {
+        "path": str(shards.root),
+        "format_version": m["format_version"],
+        "rows": shards.num_rows,
+        "response_tokens": shards.num_tokens,
+        "files": len(shards.files),
+        "workers": len(shards.manifests),
+        "dataset": f"{dataset['source']} [{dataset['split']}] ({dataset['format']}), slots {','.join(dataset['slots'])}",
+        "skipped": skipped,
+        "truncated": sum(c["truncated"] for c in counts),
+        "tokenizer": {k: m["tokenizer"][k] for k in ("name", "fingerprint", "vocab_size", "end_of_turn_token", "max_length")},
+        "scorers": [{k: s[k] for k in ("name", "model", "backend", "dtype")} for s in shards.scorers],
+    }
+    table = shards.read_table(columns=["reward", "reward_sum"]) if has_reward(shards.scorer_names) else None
+    if table is not None and table.num_rows:
+        tokens = table["reward"].combine_chunks().flatten().to_numpy().astype(np.float64)
+        sums = table["reward_sum"].to_numpy()
+        info["reward"] = {
+            "token_mean": round(float(tokens.mean()), 6),
+            "token_std": round(float(tokens.std()), 6),
+            "token_p01_p50_p99": [round(float(q), 4) for q in np.quantile(tokens, [0.01, 0.5, 0.99])],
+            "sum_mean": round(float(sums.mean()), 4),
+            "positive_sum_fraction": round(float((sums > 0).mean()), 4),
+        }
+    print(json.dumps(info, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_verify(shards: ShardSet, args) -> int:
+    problems = shards.verify(checksums=not args.quick)
+    if problems:
+        print(f"{shards.root}: does not verify", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    print(f"{shards.root}: OK ({len(shards.files)} files, {shards.num_rows} rows, {shards.num_tokens} tokens, "
+          f"{len(shards.manifests)} worker(s))")
+    return 0
+
+
+def cmd_head(shards: ShardSet, args) -> int:
+    columns = ["id", "slot", "messages", "response", "token_start", "token_end"]
+    numeric = (["reward"] if has_reward(shards.scorer_names) else []) + [logp_column(s) for s in shards.scorer_names]
+    table = shards.read_table(columns=columns + numeric).slice(0, args.n)
+    arrays = {c: list_arrays(table[c]) for c in numeric}
+    for i in range(table.num_rows):
+        row = {c: table[c][i].as_py() for c in ("id", "slot", "messages", "response")}
+        prompt = json.loads(row["messages"])[-1]["content"]
+        print(f"== row {i} · {row['slot']} · id {row['id'][:16]}")
+        print(f"   last prompt turn: {prompt[:100]!r}")
+        print("   " + "  ".join(f"{c:>18}" for c in numeric) + "  token")
+        starts, ends = table["token_start"][i].as_py(), table["token_end"][i].as_py()
+        for k, (a, b) in enumerate(zip(starts[: args.tokens], ends[: args.tokens])):
+            text = row["response"][a:b] if b > a else "<end-of-turn>"
+            print("   " + "  ".join(f"{arrays[c][i][k]:>18.4f}" for c in numeric) + f"  {text!r}")
+        if len(starts) > args.tokens:
+            print(f"   ... {len(starts) - args.tokens} more tokens")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="wspo-shards",
+        description="Inspect and check wspo shard sets.",
+        epilog="Columns:\n" + "\n".join(f"  {k:<14} {v}" for k, v in COLUMNS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="rows, tokens, reward statistics, scorers, tokenizer (JSON)")
+    p.add_argument("shards")
+    p = sub.add_parser("verify", help="checksums, schema version, completeness of every worker; exit 1 with what is wrong")
+    p.add_argument("shards")
+    p.add_argument("--quick", action="store_true", help="sizes and row counts only, no sha256")
+    p = sub.add_parser("head", help="the first rows with per-token rewards next to their token strings")
+    p.add_argument("shards")
+    p.add_argument("-n", type=int, default=2, help="rows to show (default 2)")
+    p.add_argument("--tokens", type=int, default=40, help="tokens to show per row (default 40)")
+    args = parser.parse_args(argv)
+    try:
+        shards = ShardSet.open(args.shards)
+        return {"info": cmd_info, "verify": cmd_verify, "head": cmd_head}[args.command](shards, args)
+    except ShardError as e:
+        print(f"wspo-shards: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Shard format version 1: the row schema (DESIGN section 4) and row identity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pyarrow as pa
+
+FORMAT_NAME = "wspo-shards"
+FORMAT_VERSION = 1
+
+SLOTS = ("chosen", "rejected", "chosen_source", "chosen_target")
+
+# Column -> meaning; `wspo-shards info` and the README print this table.
+COLUMNS = {
+    "id": "sha256 of the canonical JSON of (messages, response): stable across runs",
+    "example_id": "the source row's id (UltraFeedback prompt_id, else a hash of the row)",
+    "slot": "chosen, rejected, chosen_source or chosen_target",
+    "messages": "JSON list of {role, content}: the conversation before the response",
+    "response": "the response text that was scored",
+    "token_ids": "response token ids under the scoring tokenizer, end-of-turn included",
+    "token_start": "character offset where each token starts in `response` (end-of-turn: len(response))",
+    "token_end": "character offset where each token ends in `response` (end-of-turn: len(response))",
+    "logp_<scorer>": "per-token log-prob under each scorer (WSPO: logp_weak_ref, logp_weak_aligned)",
+    "reward": "logp_weak_aligned - logp_weak_ref per token, computed in float64 (WSPO shards only)",
+    "reward_sum": "sum of reward (WSPO shards only)",
+    "n_tokens": "number of response tokens",
+    "truncated": "the response was cut to fit max_length",
+}
+
+_BASE_FIELDS = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("example_id", pa.string(), nullable=False),
+    pa.field("slot", pa.string(), nullable=False),
+    pa.field("messages", pa.string(), nullable=False),
+    pa.field("response", pa.string(), nullable=False),
+    pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("token_start", pa.list_(pa.int32()), nullable=False),
+    pa.field("token_end", pa.list_(pa.int32()), nullable=False),
+]
+_TAIL_FIELDS = [
+    pa.field("n_tokens", pa.int32(), nullable=False),
+    pa.field("truncated", pa.bool_(), nullable=False),
+]
+_REWARD_FIELDS = [
+    pa.field("reward", pa.list_(pa.float32()), nullable=False),
+    pa.field("reward_sum", pa.float64(), nullable=False),
+]
+
+
+def logp_column(scorer: str) -> str:
+    return f"logp_{scorer}"
+
+
+def has_reward(scorers: list[str]) -> bool:
+    """WSPO shards: both weak scorers present, so the reward columns are written."""
+    return "weak_ref" in scorers and "weak_aligned" in scorers
+
+
+def row_schema(scorers: list[str]) -> pa.Schema:
+    """The Arrow schema of a shard file scored by `scorers` (in that order)."""
+    fields = list(_BASE_FIELDS)
+    fields += [pa.field(logp_column(s), pa.list_(pa.float32()), nullable=False) for s in scorers]
+    if has_reward(scorers):
+        fields += _REWARD_FIELDS
+    fields += _TAIL_FIELDS
+    return pa.schema(fields)
+
+
+def float_list_columns(schema: pa.Schema) -> list[str]:
+    return [f.name for f in schema if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type)]
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def row_id(messages: list[dict], response: str) -> str:
+    return hashlib.sha256(canonical_json([messages, response]).encode()).hexdigest()

@@ -1,0 +1,252 @@
+"""Writing, reading and verifying shard sets (DESIGN section 4).
+
+A shard set is a directory of Parquet part files plus one manifest per worker:
+`manifest.json` when one worker wrote the set, `manifest-00003-of-00008.json` for worker 3 of 8.
+Every file is written under a temporary name and renamed into place, the manifest last, so a file
+with a final name is complete, and a directory with a manifest is a finished set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .schema import FORMAT_NAME, FORMAT_VERSION, float_list_columns
+
+ROWS_PER_ROW_GROUP = 4096
+
+
+class ShardError(Exception):
+    """A shard set that cannot be used as it is; the message names the file and the problem."""
+
+
+# -- names --------------------------------------------------------------------------------------
+
+
+def manifest_name(num_workers: int, worker_index: int) -> str:
+    if num_workers == 1:
+        return "manifest.json"
+    return f"manifest-{worker_index:05d}-of-{num_workers:05d}.json"
+
+
+def part_name(worker_index: int, part_index: int) -> str:
+    return f"part-{worker_index:05d}-{part_index:05d}.parquet"
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """fsync then rename: after a crash, a file under its final name is whole."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write `table` with the format's Parquet settings, atomically.
+
+    zstd; dictionary encoding only for the low-cardinality `slot` column (never for float lists);
+    byte-stream-split for float columns, which compresses log-probs far better; no statistics on
+    list columns (min/max of token ids are never queried).
+    """
+    if metadata:
+        schema_md = dict(table.schema.metadata or {})
+        schema_md.update({k.encode(): v.encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(schema_md)
+    floats = [f"{name}.list.element" for name in float_list_columns(table.schema)]
+    floats += [f.name for f in table.schema if pa.types.is_floating(f.type)]
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(
+        table,
+        tmp,
+        compression="zstd",
+        use_dictionary=[name for name in ("slot",) if name in table.column_names],
+        use_byte_stream_split=floats,
+        write_statistics=[f.name for f in table.schema if not pa.types.is_list(f.type)],
+        row_group_size=ROWS_PER_ROW_GROUP,
+    )
+    _publish(tmp, path)
+
+
+def write_json(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+    _publish(tmp, path)
+
+
+def file_record(path: Path, tokens: int) -> dict:
+    return {
+        "path": path.name,
+        "rows": pq.ParquetFile(path).metadata.num_rows,
+        "tokens": tokens,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }
+
+
+def list_arrays(column: pa.ChunkedArray | pa.Array) -> list:
+    """A list<float|int> column as one numpy array per row (views, no Python floats)."""
+    import numpy as np
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy()
+    offsets = offsets - offsets[0]  # a sliced array's offsets index into its parent's values
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def _load_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: manifest is not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT_NAME:
+        raise ShardError(f"{path}: not a wspo shard manifest (format={manifest.get('format')!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ShardError(
+            f"{path}: shard format version {version!r} is newer than this toolkit reads "
+            f"(version {FORMAT_VERSION}); upgrade wspo"
+        )
+    return manifest
+
+
+# Manifest entries that every worker of one set must agree on.
+_SHARED_KEYS = ("run_settings", "tokenizer", "scorers")
+
+
+@dataclass
+class ShardSet:
+    root: Path
+    manifests: list[dict]  # one per worker, in worker order
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "ShardSet":
+        """Load the manifest(s) and check that every worker's part is present and consistent."""
+        root = Path(root)
+        if not root.is_dir():
+            raise ShardError(f"{root}: no such shard directory")
+        single = root / "manifest.json"
+        if single.exists():
+            return cls(root, [_load_manifest(single)])
+        paths = sorted(root.glob("manifest-*-of-*.json"))
+        if not paths:
+            raise ShardError(
+                f"{root}: no manifest.json or worker manifests: not a shard set, or phase one has "
+                "not finished (rerun the same wspo-precompute command to resume)"
+            )
+        manifests = [_load_manifest(p) for p in paths]
+        total = manifests[0]["workers"]["num_workers"]
+        have = {m["workers"]["worker_index"]: p for m, p in zip(manifests, paths)}
+        missing = sorted(set(range(total)) - set(have))
+        if missing:
+            names = ", ".join(manifest_name(total, i) for i in missing)
+            raise ShardError(f"{root}: worker manifests missing ({len(missing)} of {total}): {names}")
+        for m, p in zip(manifests, paths):
+            if m["workers"]["num_workers"] != total:
+                raise ShardError(f"{p}: num_workers {m['workers']['num_workers']} differs from {paths[0].name} ({total})")
+            for key in _SHARED_KEYS:
+                if m[key] != manifests[0][key]:
+                    raise ShardError(f"{p}: '{key}' differs from {paths[0].name}: the workers ran different settings")
+        manifests.sort(key=lambda m: m["workers"]["worker_index"])
+        return cls(root, manifests)
+
+    # -- what the set is --
+
+    @property
+    def tokenizer(self) -> dict:
+        return self.manifests[0]["tokenizer"]
+
+    @property
+    def scorers(self) -> list[dict]:
+        return self.manifests[0]["scorers"]
+
+    @property
+    def scorer_names(self) -> list[str]:
+        return [s["name"] for s in self.scorers]
+
+    @property
+    def files(self) -> list[dict]:
+        return [f for m in self.manifests for f in m["files"]]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(f["rows"] for f in self.files)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(f["tokens"] for f in self.files)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the data: the sha256 of every file, in order."""
+        return hashlib.sha256("".join(f["sha256"] for f in self.files).encode()).hexdigest()
+
+    # -- checks --
+
+    def verify(self, checksums: bool = True) -> list[str]:
+        """Everything wrong with the set's files, one line each (empty: the set verifies)."""
+        problems = []
+        for record in self.files:
+            path = self.root / record["path"]
+            if not path.exists():
+                problems.append(f"{path}: missing")
+                continue
+            if path.stat().st_size != record["bytes"]:
+                problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {record['bytes']} (truncated or altered)")
+                continue
+            if checksums and sha256_file(path) != record["sha256"]:
+                problems.append(f"{path}: sha256 does not match the manifest (altered after writing)")
+                continue
+            try:
+                rows = pq.ParquetFile(path).metadata.num_rows
+            except Exception as e:  # pyarrow raises several types for corrupt files
+                problems.append(f"{path}: unreadable Parquet ({e})")
+                continue
+            if rows != record["rows"]:
+                problems.append(f"{path}: {rows} rows, manifest says {record['rows']}")
+        return problems
+
+    def check(self, checksums: bool = True) -> "ShardSet":
+        problems = self.verify(checksums)
+        if problems:
+            raise ShardError(f"shard set {self.root} does not verify:\n  " + "\n  ".join(problems))
+        return self
+
+    # -- rows --
+
+    def read_table(self, columns: list[str] | None = None, slots: list[str] | None = None) -> pa.Table:
+        """All rows (optionally only some columns / slots), in file order."""
+        tables = []
+        for record in self.files:
+            path = self.root / record["path"]
+            try:
+                table = pq.read_table(path, columns=columns)
+            except Exception as e:
+                raise ShardError(f"{path}: cannot read ({e})") from None
+            tables.append(table)
+        table = pa.concat_tables(tables) if tables else pa.table({})
+        if slots is not None:
+            import pyarrow.compute as pc
+
+            table = table.filter(pc.is_in(table["slot"], pa.array(slots)))
+        return table
