@@ -66,7 +66,7 @@ def response_logprobs(
     # a way we do not reproduce and every log-prob would be silently wrong.
     ours = _softcap(head(hidden[:, -1:, :]), inner.config).float()
     theirs = out.logits[:, -1:, :].float()
-    if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3):
+    if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3, equal_nan=True):  # NaN: reported by the caller
         raise RuntimeError(
             f"{type(inner).__name__}: output head applied to the decoder's hidden states does not "
             "reproduce the model's logits; response_logprobs does not support this architecture"

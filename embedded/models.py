@@ -86,6 +86,9 @@ def build_model(out_dir: str | Path, tokenizer_dir: str | Path, size: str = "wea
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
+    # Beside a Qwen2 config, AutoTokenizer builds the Qwen2 tokenizer class (NFC normaliser, Qwen2
+    # pre-tokenizer regex) around our vocabulary; save that one, so the files say what users get.
+    AutoTokenizer.from_pretrained(str(out_dir)).save_pretrained(str(out_dir))
     return model
 
 

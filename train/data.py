@@ -1,0 +1,257 @@
+"""Shard rows -> training examples -> padded batches (DESIGN sections 3, 5, 7).
+
+    open_shard_sets   open and verify every shard set; check they suit the loss
+    strong_rule       the tokenization rule under the strong tokenizer; refuse a tokenizer that
+                      differs from the shards' unless reward projection is allowed
+    load_examples     re-tokenize each chosen row with the strong tokenizer, check the ids equal
+                      the stored ones, cut to the training max_length (rewards too)
+    split_examples    held-out evaluation rows, chosen by a hash of example_id
+    Collator          pad a list of examples; rewards and sequence indices flattened in the
+                      order `response_logprobs` returns its log-probs
+
+Phase two reads nothing else: not the dataset, not the weak models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from wspo.shards.schema import has_reward
+from wspo.shards.store import ShardError, ShardSet, list_arrays
+from wspo.shards.tokenization import ResponseTokenizer
+
+TRAIN_SLOTS = ["chosen"]  # WSPO and SFT learn from chosen responses only (DESIGN section 1)
+
+
+class DataError(Exception):
+    """Shards that cannot be trained on as asked; the message says which rows or files and why."""
+
+
+@dataclass
+class Example:
+    index: int  # position in its dataset, carried into batches so runs can name rows
+    row_id: str
+    example_id: str
+    input_ids: list[int]  # prompt ids + response ids (end-of-turn included unless cut)
+    prompt_length: int
+    rewards: np.ndarray | None  # float32, one per response token; None for shards without reward
+
+
+# -- shard sets ---------------------------------------------------------------------------------
+
+
+def open_shard_sets(paths: list[str], loss: str) -> list[ShardSet]:
+    """Open and fully verify every shard set (sha256 of each file), and check it suits `loss`."""
+    sets = [ShardSet.open(path).check() for path in paths]
+    for shard_set in sets:
+        if loss == "wspo" and not has_reward(shard_set.scorer_names):
+            raise DataError(
+                f"shard set {shard_set.root} has no `reward` column (scored with: "
+                f"{', '.join(shard_set.scorer_names) or 'nothing'}); loss wspo needs shards scored with both "
+                "weak_ref and weak_aligned. Rescore, or use --loss sft."
+            )
+    fingerprints = {s.tokenizer["fingerprint"] for s in sets}
+    if len(fingerprints) > 1:
+        raise DataError(f"the shard sets {', '.join(paths)} were tokenized with different tokenizers; train on one kind at a time")
+    return sets
+
+
+def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_projection: str) -> ResponseTokenizer:
+    """The shared tokenization rule under the strong tokenizer, after checking it matches the shards'.
+
+    The end-of-turn token is the shards' (it is part of the fingerprint). The prompt bound is
+    max_length - 1: a prompt that leaves no room for one response token cannot be trained on.
+    """
+    shard_tok = shard_sets[0].tokenizer
+    try:
+        rule = ResponseTokenizer(tokenizer, max_length, max_length - 1, shard_tok["end_of_turn_token"])
+        same = rule.fingerprint == shard_tok["fingerprint"]
+    except ValueError:  # the shards' end-of-turn token is not even in the strong vocabulary
+        rule, same = None, False
+    if reward_projection == "chunks":
+        raise DataError(
+            "reward_projection chunks (rewards projected onto another tokenizer, DESIGN section 5) is not "
+            "implemented yet; use reward_projection none with a strong model that shares the shards' tokenizer"
+        )
+    if not same:
+        raise DataError(
+            f"the strong model's tokenizer ({tokenizer.name_or_path}) differs from the tokenizer the shards were "
+            f"scored with ({shard_tok['name']}, fingerprint {shard_tok['fingerprint'][:12]}); rewards are per token "
+            "of the shards' tokenizer. Use a strong model with the same tokenizer, or allow projecting the rewards "
+            "with --reward_projection chunks."
+        )
+    return rule
+
+
+# -- rows -> examples ---------------------------------------------------------------------------
+
+
+def load_examples(
+    shard_sets: list[ShardSet], rule: ResponseTokenizer, with_rewards: bool
+) -> tuple[list[Example], Counter]:
+    """Chosen rows of every set, re-tokenized with the strong tokenizer and checked against the shards.
+
+    Returns the examples and counts: rows read per slot, rows skipped by reason, responses cut
+    further than phase one cut them.
+    """
+    columns = ["id", "example_id", "slot", "messages", "response", "token_ids", "truncated"]
+    if with_rewards:
+        columns.append("reward")
+    examples, counts, seen = [], Counter(), {}
+    for shard_set in shard_sets:
+        table = shard_set.read_table(columns=columns)
+        for slot, n in Counter(table["slot"].to_pylist()).items():
+            counts[f"rows_{slot}"] += n
+        table = table.filter(pc.is_in(table["slot"], value_set=pa.array(TRAIN_SLOTS)))
+        stored_ids = list_arrays(table["token_ids"])
+        rewards = list_arrays(table["reward"]) if with_rewards else [None] * table.num_rows
+        text = table.select(["id", "example_id", "messages", "response", "truncated"]).to_pylist()
+        for k, row in enumerate(text):
+            if row["id"] in seen:
+                raise DataError(f"row {row['id']} (example {row['example_id']}) is in both {seen[row['id']]} and {shard_set.root}")
+            seen[row["id"]] = shard_set.root
+            prompt = rule.prompt_ids(json.loads(row["messages"]))
+            full_response, _, _ = rule.response_tokens(row["response"])
+            stored = stored_ids[k].tolist()
+            _check_retokenized(row, stored, full_response, shard_set.root)
+            # Phase one may have cut the response (truncated); a shorter training max_length cuts
+            # it further, and the rewards of the cut tokens go with it.
+            keep = min(len(stored), rule.max_length - len(prompt))
+            if keep <= 0:
+                counts["skipped_prompt_too_long"] += 1
+                continue
+            if keep < len(stored):
+                counts["cut_to_max_length"] += 1
+            examples.append(
+                Example(
+                    index=len(examples),
+                    row_id=row["id"],
+                    example_id=row["example_id"],
+                    input_ids=prompt + stored[:keep],
+                    prompt_length=len(prompt),
+                    rewards=None if rewards[k] is None else rewards[k][:keep].astype(np.float32),
+                )
+            )
+    return examples, counts
+
+
+def _check_retokenized(row: dict, stored: list[int], full: list[int], root: Path) -> None:
+    """Stored ids must be the strong tokenizer's ids: all of them, or a prefix when phase one cut the response."""
+    same = full[: len(stored)] == stored and (len(stored) == len(full) or (row["truncated"] and len(stored) < len(full)))
+    if same:
+        return
+    at = next((i for i, (a, b) in enumerate(zip(full, stored)) if a != b), min(len(full), len(stored)))
+    raise DataError(
+        f"row {row['id']} (example {row['example_id']}) of {root}: re-tokenizing its response with the strong "
+        f"tokenizer gives {len(full)} ids, the shard stores {len(stored)}, first difference at token {at}. The "
+        "tokenizers share a fingerprint, so the shard row or the tokenizer files were altered; rescore the shards."
+    )
+
+
+# -- held-out split -----------------------------------------------------------------------------
+
+
+def is_eval_example(example_id: str, eval_fraction: float) -> bool:
+    """A stable pseudo-random choice per example: every response of one example lands on one side."""
+    bucket = int(hashlib.sha256(example_id.encode()).hexdigest()[:8], 16) / 2**32
+    return bucket < eval_fraction
+
+
+def split_examples(examples: list[Example], eval_fraction: float) -> tuple[list[Example], list[Example]]:
+    train, held_out = [], []
+    for example in examples:
+        (held_out if is_eval_example(example.example_id, eval_fraction) else train).append(example)
+    for side in (train, held_out):
+        for i, example in enumerate(side):
+            example.index = i
+    return train, held_out
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(e.input_ids) - e.prompt_length for e in self.examples)
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+
+class Collator:
+    """Right-pads a list of examples into one batch.
+
+    input_ids, attention_mask, target_mask: [batch, length]; target_mask marks response tokens.
+    rewards, seq_ids: [response tokens of the batch], row-major (row 0 first), the order in which
+    `response_logprobs` returns log-probs. row_index: [batch] dataset positions (for logs/tests).
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        length = max(len(e.input_ids) for e in examples)
+        input_ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+        target_mask = torch.zeros((len(examples), length), dtype=torch.bool)
+        for b, e in enumerate(examples):
+            n = len(e.input_ids)
+            input_ids[b, :n] = torch.tensor(e.input_ids)
+            attention_mask[b, :n] = 1
+            target_mask[b, e.prompt_length : n] = True
+        n_response = [len(e.input_ids) - e.prompt_length for e in examples]
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "target_mask": target_mask,
+            "seq_ids": torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(n_response)),
+            "row_index": torch.tensor([e.index for e in examples]),
+        }
+        if examples[0].rewards is not None:
+            batch["rewards"] = torch.from_numpy(np.concatenate([e.rewards for e in examples]))
+        return batch
+
+
+def describe_shards(shard_sets: list[ShardSet]) -> list[dict]:
+    """What wspo_run.json records of each shard set."""
+    return [
+        {
+            "path": str(s.root),
+            "fingerprint": s.fingerprint,
+            "tokenizer_fingerprint": s.tokenizer["fingerprint"],
+            "scorers": [{k: sc[k] for k in ("name", "model", "fingerprint")} for sc in s.scorers],
+            "rows": s.num_rows,
+            "tokens": s.num_tokens,
+        }
+        for s in shard_sets
+    ]
+
+
+__all__ = [
+    "DataError",
+    "ShardError",
+    "Example",
+    "ExampleDataset",
+    "Collator",
+    "open_shard_sets",
+    "strong_rule",
+    "load_examples",
+    "split_examples",
+    "describe_shards",
+]

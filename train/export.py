@@ -1,0 +1,60 @@
+"""`wspo-export --adapter DIR --output_dir OUT`: merge a LoRA adapter into a full model.
+
+The result is an ordinary transformers model directory (safetensors weights, config, tokenizer)
+that `from_pretrained` and vLLM load without PEFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: str | None = None, dtype: str = "auto") -> Path:
+    """Load base + adapter, fold the adapter into the base weights, save model and tokenizer."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from wspo.models import load_tokenizer, resolve_model_dir
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise FileNotFoundError(f"--adapter {adapter_dir}: no adapter_config.json, not a LoRA adapter directory")
+    base = base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    base_dir = resolve_model_dir(base, option="base model (adapter_config.json base_model_name_or_path, or --base_model)")
+    if dtype == "auto":  # the dtype the base model was saved in
+        dtype = json.loads((base_dir / "config.json").read_text()).get("dtype") or json.loads(
+            (base_dir / "config.json").read_text()).get("torch_dtype") or "float32"
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=getattr(torch, dtype))
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    output_dir = Path(output_dir)
+    model.save_pretrained(str(output_dir), safe_serialization=True)
+    # The adapter directory holds the tokenizer the run trained with; fall back to the base's.
+    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_dir
+    load_tokenizer(tokenizer_dir).save_pretrained(str(output_dir))
+    return output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wspo-export", description=__doc__.splitlines()[0])
+    parser.add_argument("--adapter", required=True, help="LoRA adapter directory written by wspo-train (or one of its checkpoints).")
+    parser.add_argument("--output_dir", required=True, help="Where to write the merged model.")
+    parser.add_argument("--base_model", default=None, help="Base model (default: the adapter's base_model_name_or_path).")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="dtype of the merged weights (default: the base model's).")
+    args = parser.parse_args(argv)
+    try:
+        out = merge_adapter(args.adapter, args.output_dir, args.base_model, args.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"wspo-export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"merged {args.adapter} into a full model at {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The training objectives as pure functions of tensors (DESIGN sections 1 and 5).
+
+Every tensor here is *flat*: the response tokens of a whole batch one after the other, row 0's
+tokens first (the order `wspo.logprobs.response_logprobs` returns). Which sequence a value belongs
+to is given by an index tensor, and per-sequence sums use `index_add_`, so no padding enters.
+
+The WSPO loss is written over *segments*. A segment is the unit at which the weak reward and the
+strong log-ratio are compared:
+
+- same tokenizer in both phases (this issue): each response token is its own segment;
+- different tokenizers (issue 4): a segment is a chunk of characters where both tokenizations
+  have a boundary; the strong log-ratio of a chunk is the sum over its strong tokens and its
+  reward the sum of its weak token rewards (computed by the data step, since rewards are data).
+
+With one segment per token the formula is exactly DESIGN section 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def segment_sums(values: torch.Tensor, segment_ids: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """out[s] = sum of values[i] over every i with segment_ids[i] == s (differentiable)."""
+    out = values.new_zeros(n_segments)
+    return out.index_add(0, segment_ids, values)
+
+
+def wspo_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    seq_ids: torch.Tensor,
+    n_seqs: int,
+    gamma: float,
+    token_segments: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """WSPO: mean over sequences of  1/S_y * sum_s (gamma * logratio_s - r_s)^2.
+
+    policy_logps, ref_logps: [T] log-probs of the strong response tokens under the policy and the
+        strong reference (the reference carries no gradient).
+    rewards: [S] weak reward of each segment.
+    seq_ids: [S] the sequence (0 .. n_seqs-1) each segment belongs to.
+    token_segments: [T] the segment of each strong token; None means one segment per token
+        (then S = T and this is DESIGN section 1 token for token).
+
+    Returns the scalar loss. Every sequence counts equally, however long it is, as in the
+    authors' code (squared per token, divided by the sequence's number of tokens).
+    """
+    logratio = policy_logps - ref_logps
+    if token_segments is not None:
+        logratio = segment_sums(logratio, token_segments, rewards.shape[0])
+    squared = (gamma * logratio - rewards) ** 2
+    per_seq_sum = segment_sums(squared, seq_ids, n_seqs)
+    per_seq_count = segment_sums(torch.ones_like(squared), seq_ids, n_seqs)
+    return (per_seq_sum / per_seq_count).mean()
+
+
+def sft_loss(policy_logps: torch.Tensor) -> torch.Tensor:
+    """Next-token negative log-likelihood of the response tokens.
+
+    Averaged per token over the whole micro-batch (long responses weigh more), like the
+    Hugging Face causal-LM loss, not per sequence as in `wspo_loss`.
+    """
+    return -policy_logps.mean()
+
+
+def pearson_sums(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[n, sum x, sum y, sum x^2, sum y^2, sum xy] in float64: sufficient statistics that add up
+    across steps and ranks, so the logged correlation is exact over every token of a log period."""
+    x, y = x.detach().double(), y.detach().double()
+    return torch.stack([x.new_tensor(x.numel()), x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum()])
+
+
+def pearson_from_sums(sums: torch.Tensor) -> float:
+    n, sx, sy, sxx, syy, sxy = sums.tolist()
+    if n < 2:
+        return float("nan")
+    cov = sxy - sx * sy / n
+    var_x = sxx - sx * sx / n
+    var_y = syy - sy * sy / n
+    if var_x <= 0 or var_y <= 0:
+        return float("nan")
+    return cov / (var_x * var_y) ** 0.5

@@ -1,0 +1,172 @@
+"""Phase two: shards + strong model -> trained model (DESIGN sections 1, 6, 7).
+
+    run(args, training_args)
+      1. open and verify the shard sets; check they hold what the loss needs (data.py);
+      2. load the strong tokenizer, check it is the shards' tokenizer, re-tokenize the chosen rows
+         and split off the held-out examples (data.py);
+      3. load the policy (LoRA adapters on the strong model, or the whole model) and, for full
+         fine-tuning with WSPO, a frozen reference copy;
+      4. train with WSPOTrainer (trainer.py), evaluate, save the model, tokenizer and wspo_run.json.
+
+Reads nothing but the shards and the strong model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
+
+import wspo
+from wspo.models import load_tokenizer, read_config, resolve_model_dir
+
+from .config import WSPOArguments
+from .data import Collator, DataError, ExampleDataset, describe_shards, load_examples, open_shard_sets, split_examples, strong_rule
+from .trainer import WSPOTrainer
+
+RUN_FILE = "wspo_run.json"
+
+
+def model_dtype(args: WSPOArguments, training_args: TrainingArguments) -> torch.dtype:
+    """'auto': LoRA keeps the frozen base in the training precision (bf16/fp16), saving half its
+    memory; full fine-tuning loads float32 and lets mixed precision (or DeepSpeed) cast."""
+    if args.model_dtype != "auto":
+        return getattr(torch, args.model_dtype)
+    if args.use_lora and training_args.bf16:
+        return torch.bfloat16
+    if args.use_lora and training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def load_models(args: WSPOArguments, training_args: TrainingArguments, model_dir: Path):
+    """(policy, reference): the reference is None with LoRA (adapters off) and for SFT.
+
+    Under ZeRO-3 the TrainingArguments (created before this) make `from_pretrained` partition
+    the weights while loading, so neither model is ever whole on one rank.
+    """
+    dtype = model_dtype(args, training_args)
+    policy = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    policy.config.use_cache = False
+    if args.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=args.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+        policy = get_peft_model(policy, lora)
+        if training_args.gradient_checkpointing:
+            policy.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        return policy, None
+    if args.loss == "sft":
+        return policy, None
+    reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    reference.config.use_cache = False
+    return policy, reference
+
+
+def _init_deepspeed_comm(training_args: TrainingArguments) -> None:
+    """accelerate starts DeepSpeed's communication layer only on accelerators. On CPU
+    (`--use_cpu true`, gloo) ZeRO-3's partitioned loading would otherwise see a world of one."""
+    if training_args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        import deepspeed
+
+        if not deepspeed.comm.is_initialized():
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
+def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list | None = None) -> dict:
+    """Train; returns what is written to `output_dir/wspo_run.json`."""
+    # 1. shards
+    shard_sets = open_shard_sets(args.shards, args.loss)
+
+    # 2. strong tokenizer and examples
+    model_dir = resolve_model_dir(args.model_name_or_path, option="model_name_or_path").resolve()
+    tokenizer = load_tokenizer(model_dir)
+    max_length = args.max_length or shard_sets[0].tokenizer["max_length"]
+    rule = strong_rule(shard_sets, tokenizer, max_length, args.reward_projection)
+    vocab = read_config(model_dir).get("vocab_size")
+    if vocab is not None and len(tokenizer) > vocab:
+        raise DataError(f"model {model_dir} has {vocab} embeddings but its tokenizer has {len(tokenizer)} tokens")
+    examples, counts = load_examples(shard_sets, rule, with_rewards=args.loss == "wspo")
+    if not examples:
+        slots = {k.removeprefix("rows_"): v for k, v in counts.items() if k.startswith("rows_")}
+        raise DataError(
+            f"no chosen rows to train on in {', '.join(args.shards)} (rows by slot: {slots or 'none'}; "
+            f"skipped: {counts.get('skipped_prompt_too_long', 0)} with no room for a response under max_length {max_length})"
+        )
+    train_examples, eval_examples = split_examples(examples, args.eval_fraction)
+    if not train_examples:
+        raise DataError(f"eval_fraction {args.eval_fraction} leaves no training rows of {len(examples)}")
+    if training_args.eval_strategy != "no" and not eval_examples:
+        raise DataError(
+            f"eval_strategy is {training_args.eval_strategy.value} but no held-out rows: raise eval_fraction "
+            f"(now {args.eval_fraction}) or set eval_strategy no"
+        )
+    train_set, eval_set = ExampleDataset(train_examples), ExampleDataset(eval_examples) if eval_examples else None
+
+    # 3. models
+    _init_deepspeed_comm(training_args)
+    set_seed(training_args.seed)  # LoRA initialisation
+    policy, reference = load_models(args, training_args, model_dir)
+
+    # 4. training
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else rule.end_of_turn_id
+    trainer = WSPOTrainer(
+        policy,
+        training_args,
+        loss=args.loss,
+        gamma=args.gamma,
+        ref_model=reference,
+        data_collator=Collator(pad_id),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
+        resume = True  # the newest checkpoint-* in output_dir
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if eval_set is not None:
+        metrics.update(trainer.evaluate())
+    last_train_log = next((dict(h) for h in reversed(trainer.state.log_history) if "loss" in h), {})
+    trainer.save_model(training_args.output_dir)
+
+    record = {
+        "toolkit_version": wspo.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "config": {"wspo": asdict(args), "training": training_args.to_dict()},
+        "model": {
+            "model_name_or_path": args.model_name_or_path,
+            "model_dir": str(model_dir),
+            "tokenizer_fingerprint": rule.fingerprint,
+            "saved": "lora_adapter" if args.use_lora else "full_model",
+        },
+        "shards": describe_shards(shard_sets),
+        "data": {
+            "max_length": max_length,
+            "train_rows": len(train_set),
+            "train_response_tokens": train_set.num_tokens,
+            "eval_rows": len(eval_set) if eval_set else 0,
+            "eval_response_tokens": eval_set.num_tokens if eval_set else 0,
+            **dict(sorted(counts.items())),
+        },
+        "metrics": {"final": metrics, "last_logged_train_step": last_train_log},
+        "output_dir": str(Path(training_args.output_dir).resolve()),
+    }
+    if trainer.is_world_process_zero():
+        path = Path(training_args.output_dir) / RUN_FILE
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record

@@ -1,0 +1,149 @@
+"""A thin `transformers.Trainer` subclass: the WSPO / SFT loss from shard batches.
+
+Everything else (optimizer, schedule, gradient accumulation, DDP / DeepSpeed, checkpoints,
+resuming, `report_to`) is the stock Trainer. What this class adds:
+
+- `compute_loss`: policy log-probs at response positions, reference log-probs without gradient,
+  then a pure loss function from `losses.py`;
+- the strong reference: with LoRA, the policy itself with its adapters disabled (one model in
+  memory); with full fine-tuning, a frozen copy, wrapped by DeepSpeed like the policy when
+  DeepSpeed is on (ZeRO-3 partitions it across ranks too);
+- extra logged values: mean weak reward, mean scaled strong log-ratio (gamma * logratio), their
+  per-token Pearson correlation, tokens/s; summed over every micro-batch and rank of a log period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+
+import torch
+from transformers import Trainer
+
+from wspo.logprobs import response_logprobs
+
+from .losses import pearson_from_sums, pearson_sums, sft_loss, wspo_loss
+
+
+class WSPOTrainer(Trainer):
+    # compute_loss returns the mean over one micro-batch; the Trainer divides by the number of
+    # gradient-accumulation steps, so the step's loss is the mean over its micro-batches.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model, args, *, loss: str = "wspo", gamma: float = 0.1, ref_model: torch.nn.Module | None = None, **kwargs):
+        # Batches carry keys the model's forward does not take (target_mask, rewards, ...); the
+        # Trainer must not drop them.
+        args.remove_unused_columns = False
+        super().__init__(model=model, args=args, **kwargs)
+        self.loss_name = loss
+        self.gamma = gamma
+        self.uses_lora = hasattr(self.model, "disable_adapter")
+        if loss == "wspo" and not self.uses_lora and ref_model is None:
+            raise ValueError("loss wspo with full fine-tuning needs ref_model (a frozen copy of the strong model)")
+        self.ref_model = self._prepare_ref_model(ref_model) if ref_model is not None and not self.uses_lora else None
+        # Per mode: [n, sum r, sum g*lr, sum r^2, sum (g*lr)^2, sum r*g*lr] and response tokens seen.
+        self._sums = {"train": torch.zeros(6, dtype=torch.float64), "eval": torch.zeros(6, dtype=torch.float64)}
+        self._tokens = {"train": 0, "eval": 0}
+        self._period_start = time.perf_counter()
+
+    # -- the reference model --
+
+    def _prepare_ref_model(self, ref_model: torch.nn.Module) -> torch.nn.Module:
+        ref_model.eval()
+        ref_model.requires_grad_(False)
+        if not self.is_deepspeed_enabled:
+            return ref_model.to(self.args.device)
+        # Under DeepSpeed the frozen copy gets its own inference engine from the policy's config:
+        # ZeRO-3 partitions its weights across ranks like the policy's; ZeRO-1/2 only partition
+        # optimizer state and gradients, which a frozen model has none of, so it runs at stage 0.
+        import deepspeed
+
+        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        config.pop("optimizer", None)
+        config.pop("scheduler", None)
+        zero = config.get("zero_optimization", {})
+        if zero.get("stage") == 3:
+            # These "auto" values are filled from the model only when training starts; the
+            # reference is prepared now, so fill them the same way (hidden size based).
+            hidden = ref_model.config.hidden_size
+            for key, value in (
+                ("reduce_bucket_size", hidden * hidden),
+                ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                ("stage3_param_persistence_threshold", 10 * hidden),
+            ):
+                if zero.get(key) == "auto":
+                    zero[key] = value
+        else:
+            config["zero_optimization"] = {"stage": 0}
+        engine, *_ = deepspeed.initialize(model=ref_model, config=config)
+        engine.eval()
+        return engine
+
+    def _reference_context(self, model: torch.nn.Module):
+        """LoRA: run the policy with its adapters off. Full fine-tuning: nothing to switch."""
+        if self.uses_lora:
+            return self.accelerator.unwrap_model(model).disable_adapter()
+        return contextlib.nullcontext()
+
+    # -- the loss --
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids, mask, target = inputs["input_ids"], inputs["attention_mask"], inputs["target_mask"]
+        mode = "train" if model.training else "eval"
+        self._tokens[mode] += int(target.sum())
+        policy_logps = response_logprobs(model, ids, mask, target)
+        if self.loss_name == "sft":
+            loss = sft_loss(policy_logps)
+        else:
+            with torch.no_grad(), self._reference_context(model):
+                ref_logps = response_logprobs(self.ref_model if self.ref_model is not None else model, ids, mask, target)
+            rewards = inputs["rewards"].float()
+            loss = wspo_loss(policy_logps, ref_logps, rewards, inputs["seq_ids"], ids.shape[0], self.gamma)
+            scaled = self.gamma * (policy_logps.detach() - ref_logps)
+            self._sums[mode] += pearson_sums(rewards, scaled).cpu()
+        return (loss, {}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # -- logging --
+
+    def train(self, *args, **kwargs):
+        self._period_start = time.perf_counter()
+        return super().train(*args, **kwargs)
+
+    def _period_metrics(self, mode: str) -> dict[str, float]:
+        """The log period's extra values, summed over ranks, then reset.
+
+        Every rank calls `log` at the same points (the Trainer gathers the loss there too), so
+        the reduction below is a collective every rank joins.
+        """
+        totals = torch.cat([self._sums[mode], torch.tensor([float(self._tokens[mode])], dtype=torch.float64)])
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
+        sums, tokens = totals[:6], totals[6].item()
+        self._sums[mode].zero_()
+        self._tokens[mode] = 0
+        prefix = "eval_" if mode == "eval" else ""
+        metrics = {}
+        if self.loss_name == "wspo" and sums[0] > 0:
+            n = sums[0].item()
+            metrics[f"{prefix}reward_mean"] = sums[1].item() / n
+            metrics[f"{prefix}scaled_logratio_mean"] = sums[2].item() / n
+            metrics[f"{prefix}reward_logratio_pearson"] = pearson_from_sums(sums)
+        if mode == "train":
+            now = time.perf_counter()
+            metrics["response_tokens_per_second"] = tokens / max(now - self._period_start, 1e-9)
+            self._period_start = now
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self._period_metrics("train"))
+        elif "eval_loss" in logs:
+            logs.update(self._period_metrics("eval"))
+        super().log(logs, start_time)
