@@ -31,7 +31,7 @@ def rows(tiny_models):
     from wspo.embedded.sample import SAMPLE_DIR
     from wspo.shards.tokenization import ResponseTokenizer, Skip
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["tokenizer"]))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["weak_ref"]))
     rule = ResponseTokenizer(tokenizer, max_length=MAX_LENGTH, max_prompt_length=256)
     sequences, prompt_lengths = [], []
     with open(SAMPLE_DIR / "train_prefs.jsonl", encoding="utf-8") as f:

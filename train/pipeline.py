@@ -164,6 +164,7 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
             **dict(sorted(counts.items())),
         },
         "metrics": {"final": metrics, "last_logged_train_step": last_train_log},
+        "log_history": trainer.state.log_history,
         "output_dir": str(Path(training_args.output_dir).resolve()),
     }
     if trainer.is_world_process_zero():
