@@ -32,7 +32,16 @@ class PrecomputeArguments:
     slots: str = field(default="chosen", metadata={"help": f"Comma-separated slots to score, of {', '.join(SLOTS)}."})
     weak_ref: str | None = field(default=None, metadata={"help": "Weak model before alignment (weak SFT): directory or hub name."})
     weak_aligned: str | None = field(default=None, metadata={"help": "Weak model after alignment (weak DPO): directory or hub name."})
-    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer to apply (default: weak_ref's). All scorers must share it."})
+    ref_model: str | None = field(
+        default=None, metadata={"help": "A single reference model for DPO/WRPO (column logp_ref): no reference model in training memory."}
+    )
+    strong_ref: str | None = field(
+        default=None,
+        metadata={"help": "The strong SFT model (column logp_strong_ref): full fine-tuning WSPO without a reference copy in memory."},
+    )
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer to apply (default: the first scorer's). All scorers must share it."}
+    )
     end_of_turn_token: str | None = field(default=None, metadata={"help": "End-of-turn token appended to responses (default: eos)."})
     backend: str = field(default="hf", metadata={"help": "Scoring backend: 'hf' (batched transformers) or 'vllm'."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."})
@@ -71,8 +80,10 @@ class PrecomputeArguments:
                 raise ValueError(f"{key} must be positive")
 
     def scorer_paths(self) -> dict[str, str]:
-        """Scorer name -> model, in scoring order. WSPO: weak_ref then weak_aligned."""
-        scorers = {name: path for name, path in (("weak_ref", self.weak_ref), ("weak_aligned", self.weak_aligned)) if path}
+        """Scorer name -> model, in scoring order (the names become the `logp_<name>` columns)."""
+        candidates = (("weak_ref", self.weak_ref), ("weak_aligned", self.weak_aligned),
+                      ("ref", self.ref_model), ("strong_ref", self.strong_ref))
+        scorers = {name: path for name, path in candidates if path}
         if not scorers:
-            raise ValueError("no scorer: set weak_ref and weak_aligned (WSPO)")
+            raise ValueError("no scorer: set weak_ref and weak_aligned (WSPO), ref_model (DPO, WRPO) or strong_ref")
         return scorers

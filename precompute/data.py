@@ -107,8 +107,9 @@ def detect_format(rows: list[dict]) -> str:
     if {"instruction", "chosen", "rejected"} <= cols:
         return "llamafactory"
     if {"prompt", "chosen", "rejected"} <= cols:
-        # H4 and WRPO share column names; WRPO's `chosen` holds two conversations (see to_example).
-        return "h4"
+        # H4 and WRPO share column names; WRPO's `chosen` holds two conversations.
+        first = next((row["chosen"] for row in rows if isinstance(row, dict) and row.get("chosen")), None)
+        return "wrpo" if isinstance(first, list) and isinstance(first[0], list) else "h4"
     raise ValueError(
         f"dataset_format=auto: columns {sorted(cols)} match no known layout (h4: prompt/chosen/rejected; "
         "llamafactory: instruction/chosen/rejected); set dataset_format=columns and column_map"
@@ -168,8 +169,6 @@ def to_example(index: int, row: dict, layout: str, slots: list[str], column_map:
     if not isinstance(row, dict):
         raise Skip("wrong_type", f"row is a {type(row).__name__}, not an object")
     responses: dict[str, tuple[list[dict], str]] = {}
-    if layout == "h4" and isinstance(row.get("chosen"), list) and row["chosen"] and isinstance(row["chosen"][0], list):
-        layout = "wrpo"  # chosen = [y_ws conversation, y_wt conversation]
     if layout == "h4":
         _require(row, "prompt", str)
         for slot in slots:

@@ -1,4 +1,4 @@
-"""`wspo-shards {info,verify,head} SHARDS`: look at a shard set without writing code."""
+"""`wspo-shards {info,verify,head,project} SHARDS`: look at a shard set without writing code."""
 
 from __future__ import annotations
 
@@ -80,6 +80,73 @@ def cmd_head(shards: ShardSet, args) -> int:
     return 0
 
 
+def cmd_project(shards: ShardSet, args) -> int:
+    """How lossy reward projection onto another tokenizer is (DESIGN section 5), as JSON.
+
+    Every row's response is re-tokenized alone with the given tokenizer (the rule of
+    shards/tokenization.py, end-of-turn appended, not cut to max_length) and chunked against the
+    stored spans. A truncated shard row is compared on the prefix it covers.
+    """
+    from transformers import AutoTokenizer
+
+    from .projection import chunk_tokens, roundtrip_ok
+    from .tokenization import ResponseTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    rule = ResponseTokenizer(tokenizer, max_length=shards.tokenizer["max_length"],
+                             max_prompt_length=shards.tokenizer["max_prompt_length"],
+                             end_of_turn_token=args.end_of_turn_token)
+    # One vocabulary on both sides: ids name the same pieces, so identical pieces pair one to one.
+    same_tokenizer = rule.fingerprint == shards.tokenizer["fingerprint"]
+    table = shards.read_table(columns=["id", "response", "token_ids", "token_start", "token_end", "truncated"])
+    weak_ids, weak_starts, weak_ends = (list_arrays(table[c]) for c in ("token_ids", "token_start", "token_end"))
+    totals = dict(weak_tokens=0, strong_tokens=0, excluded_weak_tokens=0, excluded_strong_tokens=0,
+                  chunks=0, strong_tokens_one_to_one=0, rows_not_round_tripping=0)
+    longest = None
+    for i, (row_id, response, truncated) in enumerate(zip(table["id"].to_pylist(), table["response"].to_pylist(),
+                                                           table["truncated"].to_pylist())):
+        strong_ids, strong_starts, strong_ends = rule.response_tokens(response)
+        try:
+            chunking = chunk_tokens(
+                len(response), weak_starts[i], weak_ends[i], strong_starts, strong_ends,
+                weak_has_end_of_turn=not truncated, strong_has_end_of_turn=True,
+                weak_pieces=weak_ids[i].tolist() if same_tokenizer else None,
+                strong_pieces=strong_ids if same_tokenizer else None,
+            )
+        except ValueError as e:
+            raise ShardError(f"row {row_id}: {e}") from None
+        weak_counts, strong_counts = chunking.weak_counts(), chunking.strong_counts()
+        totals["weak_tokens"] += len(weak_starts[i])
+        totals["strong_tokens"] += len(strong_ids)
+        totals["excluded_weak_tokens"] += int((chunking.weak_chunk < 0).sum())
+        totals["excluded_strong_tokens"] += int((chunking.strong_chunk < 0).sum())
+        totals["chunks"] += chunking.num_chunks
+        totals["strong_tokens_one_to_one"] += int(((weak_counts == 1) & (strong_counts == 1)).sum())
+        totals["rows_not_round_tripping"] += not roundtrip_ok(tokenizer, response)
+        if chunking.num_chunks:
+            c = int(np.argmax(weak_counts + strong_counts))
+            size = int(weak_counts[c] + strong_counts[c])
+            if longest is None or size > longest["weak_tokens"] + longest["strong_tokens"]:
+                longest = {"row_id": row_id, "weak_tokens": int(weak_counts[c]), "strong_tokens": int(strong_counts[c]),
+                           "text": response[chunking.chunk_start[c]:chunking.chunk_end[c]]}
+    included_weak = totals["weak_tokens"] - totals["excluded_weak_tokens"]
+    included_strong = totals["strong_tokens"] - totals["excluded_strong_tokens"]
+    chunks = max(totals["chunks"], 1)
+    report = {
+        "shards": str(shards.root),
+        "tokenizer": args.tokenizer,
+        "same_tokenizer": same_tokenizer,
+        "rows": table.num_rows,
+        **totals,
+        "one_to_one_strong_share": round(totals["strong_tokens_one_to_one"] / max(included_strong, 1), 6),
+        "mean_weak_tokens_per_chunk": round(included_weak / chunks, 4),
+        "mean_strong_tokens_per_chunk": round(included_strong / chunks, 4),
+        "longest_chunk": longest,
+    }
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="wspo-shards",
@@ -97,10 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("shards")
     p.add_argument("-n", type=int, default=2, help="rows to show (default 2)")
     p.add_argument("--tokens", type=int, default=40, help="tokens to show per row (default 40)")
+    p = sub.add_parser("project", help="how lossy reward projection onto another tokenizer is (JSON)")
+    p.add_argument("--tokenizer", required=True, help="folder or hub name of the strong model's tokenizer")
+    p.add_argument("--end-of-turn-token", default=None, help="end-of-turn token of that tokenizer (default: its eos)")
+    p.add_argument("shards")
     args = parser.parse_args(argv)
     try:
         shards = ShardSet.open(args.shards)
-        return {"info": cmd_info, "verify": cmd_verify, "head": cmd_head}[args.command](shards, args)
+        return {"info": cmd_info, "verify": cmd_verify, "head": cmd_head, "project": cmd_project}[args.command](shards, args)
     except ShardError as e:
         print(f"wspo-shards: error: {e}", file=sys.stderr)
         return 1

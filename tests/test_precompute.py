@@ -273,3 +273,23 @@ def test_info_and_head(shards, capsys):
     first = shards.read_table().slice(0, 1).to_pylist()[0]
     piece = first["response"][first["token_start"][0] : first["token_end"][0]]
     assert repr(piece) in out and f"{first['reward'][0]:.4f}" in out
+
+
+def test_reference_scoring_and_wrpo_layout(tiny_models, tmp_path):
+    """One reference model (DPO/WRPO): column logp_ref, no reward; the WRPO layout is detected."""
+    def conversation(answer):
+        return [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": answer}]
+
+    rows = [{"prompt": "Name a colour.", "prompt_id": f"w{i}", "chosen": [conversation(f"Blue {i}."), conversation(f"Red {i}!")],
+             "rejected": [conversation("No.")]} for i in range(3)]
+    data = write_jsonl(tmp_path / "wrpo.jsonl", rows)
+    manifest = run(make_args(tiny_models, tmp_path / "out", dataset=str(data), dataset_split="train", weak_ref=None,
+                             weak_aligned=None, ref_model=str(tiny_models["weak_ref"]),
+                             slots="chosen_source,chosen_target,rejected"))
+    assert manifest["run_settings"]["dataset"]["format"] == "wrpo"
+    assert [s["name"] for s in manifest["scorers"]] == ["ref"]
+    table = ShardSet.open(tmp_path / "out").read_table()
+    assert table.schema.remove_metadata() == row_schema(["ref"]) and "reward" not in table.column_names
+    assert table["slot"].to_pylist()[:3] == ["chosen_source", "chosen_target", "rejected"]
+    assert table["response"].to_pylist()[:3] == ["Blue 0.", "Red 0!", "No."]
+    assert table["example_id"].to_pylist() == ["w0"] * 3 + ["w1"] * 3 + ["w2"] * 3

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 
 from transformers import TrainingArguments
 
@@ -14,6 +16,8 @@ from .data import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
+    # DeepSpeed on recent torch warns on every collective call; once per run says enough.
+    warnings.filterwarnings("once", category=FutureWarning, module="torch.distributed")
     try:
         args, training_args = parse_config(
             [WSPOArguments, TrainingArguments], argv,
@@ -25,12 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ShardError, FileNotFoundError, ValueError) as e:
         print(f"wspo-train: error: {e}", file=sys.stderr)
         return 1
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # one summary per run, from the first process
     data, final = record["data"], record["metrics"]["final"]
-    eval_loss = f", eval loss {final['eval_loss']:.5f}" if "eval_loss" in final else ""
+    last = record["metrics"]["last_logged_train_step"]
+    eval_loss = f", held-out loss {final['eval_loss']:.5f}" if "eval_loss" in final else ""
     print(
         f"trained on {data['train_rows']} rows ({data['train_response_tokens']} response tokens), "
         f"{data['eval_rows']} held out\n"
-        f"final train loss {final.get('train_loss', float('nan')):.5f}{eval_loss}\n"
+        f"loss at step {last.get('step', 0)}: {last.get('loss', float('nan')):.5f} "
+        f"(mean over the run {final.get('train_loss', float('nan')):.5f}){eval_loss}\n"
         f"{record['model']['saved'].replace('_', ' ')} saved to {record['output_dir']} (see wspo_run.json)"
     )
     return 0

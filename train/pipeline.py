@@ -153,6 +153,11 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
             "model_dir": str(model_dir),
             "tokenizer_fingerprint": rule.fingerprint,
             "saved": "lora_adapter" if args.use_lora else "full_model",
+            "reference": trainer.reference_kind,
+        },
+        "parallel": {
+            "world_size": training_args.world_size,
+            "deepspeed_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         },
         "shards": describe_shards(shard_sets),
         "data": {

@@ -42,6 +42,12 @@ class WSPOTrainer(Trainer):
         if loss == "wspo" and not self.uses_lora and ref_model is None:
             raise ValueError("loss wspo with full fine-tuning needs ref_model (a frozen copy of the strong model)")
         self.ref_model = self._prepare_ref_model(ref_model) if ref_model is not None and not self.uses_lora else None
+        if loss == "sft":
+            self.reference_kind = None
+        elif self.uses_lora:
+            self.reference_kind = "policy with adapters disabled"
+        else:
+            self.reference_kind = "frozen copy" + (" (DeepSpeed engine)" if self.is_deepspeed_enabled else "")
         # Per mode: [n, sum r, sum g*lr, sum r^2, sum (g*lr)^2, sum r*g*lr] and response tokens seen.
         self._sums = {"train": torch.zeros(6, dtype=torch.float64), "eval": torch.zeros(6, dtype=torch.float64)}
         self._tokens = {"train": 0, "eval": 0}
