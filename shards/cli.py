@@ -92,7 +92,10 @@ def cmd_project(shards: ShardSet, args) -> int:
     from .projection import chunk_tokens, roundtrip_ok
     from .tokenization import ResponseTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    except (OSError, ValueError) as e:
+        raise ShardError(f"--tokenizer {args.tokenizer}: cannot load it ({e})") from None
     rule = ResponseTokenizer(tokenizer, max_length=shards.tokenizer["max_length"],
                              max_prompt_length=shards.tokenizer["max_prompt_length"],
                              end_of_turn_token=args.end_of_turn_token)

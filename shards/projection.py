@@ -172,7 +172,8 @@ def chunk_tokens(
 
     weak_in = _included(weak_starts, weak_ends, weak_text, usable, text_length)
     strong_in = _included(strong_starts, strong_ends, strong_text, usable, text_length)
-    # Raw chunk of a token: the one holding its start (zero-width tokens at the end: the last one).
+    # Raw chunk of a token: the one holding its start (a zero-width token at the text's end: the
+    # last one). Only included tokens' raw chunks are used.
     weak_raw = np.clip(np.searchsorted(cuts, weak_starts, side="right") - 1, 0, None)
     strong_raw = np.clip(np.searchsorted(cuts, strong_starts, side="right") - 1, 0, None)
     weak_raw_count = np.bincount(weak_raw[weak_in], minlength=cuts.size)
@@ -198,18 +199,18 @@ def chunk_tokens(
     # the end-of-turn chunk, index num_merged, or are excluded when there is none.
     orphan_chunk = num_merged if both_end_of_turn else EXCLUDED
 
-    def assign(raw: np.ndarray, included: np.ndarray, num_text: int) -> np.ndarray:
+    def chunk_per_token(raw: np.ndarray, included: np.ndarray, num_text: int) -> np.ndarray:
         chunk = np.full(raw.size, EXCLUDED, dtype=np.int64)
-        if cuts.size:
+        if num_merged > 0:
             chunk[included] = merged[raw[included]]
-        if num_merged == 0:
+        else:
             chunk[included] = orphan_chunk
         if both_end_of_turn:
-            chunk[num_text] = num_merged  # rule 6 (refined below with the rest)
+            chunk[num_text] = num_merged  # rule 6: the end-of-turn token, last chunk
         return chunk
 
-    weak_chunk = assign(weak_raw, weak_in, weak_text)
-    strong_chunk = assign(strong_raw, strong_in, strong_text)
+    weak_chunk = chunk_per_token(weak_raw, weak_in, weak_text)
+    strong_chunk = chunk_per_token(strong_raw, strong_in, strong_text)
     num_chunks = num_merged + int(both_end_of_turn)
 
     if weak_pieces is not None:
@@ -230,12 +231,18 @@ def _split_identical(weak_chunk, strong_chunk, num_chunks, weak_pieces, strong_p
     if len(weak_pieces) != weak_chunk.size or len(strong_pieces) != strong_chunk.size:
         raise ValueError(f"pieces: {len(weak_pieces)} weak and {len(strong_pieces)} strong given for "
                          f"{weak_chunk.size} weak and {strong_chunk.size} strong tokens")
+    # Included tokens in order; their chunk indices do not decrease, so chunk c's members are the
+    # slice between bounds[c] and bounds[c + 1].
+    weak_index = np.flatnonzero(weak_chunk >= 0)
+    strong_index = np.flatnonzero(strong_chunk >= 0)
+    weak_bounds = np.searchsorted(weak_chunk[weak_index], np.arange(num_chunks + 1))
+    strong_bounds = np.searchsorted(strong_chunk[strong_index], np.arange(num_chunks + 1))
     new_weak = weak_chunk.copy()
     new_strong = strong_chunk.copy()
     next_chunk = 0
     for c in range(num_chunks):
-        weak_members = np.flatnonzero(weak_chunk == c)
-        strong_members = np.flatnonzero(strong_chunk == c)
+        weak_members = weak_index[weak_bounds[c]:weak_bounds[c + 1]]
+        strong_members = strong_index[strong_bounds[c]:strong_bounds[c + 1]]
         identical = (weak_members.size == strong_members.size
                      and [weak_pieces[i] for i in weak_members] == [strong_pieces[j] for j in strong_members])
         if identical:

@@ -264,8 +264,11 @@ def test_truncation_keeps_the_common_prefix_up_to_a_cut():
     assert c.weak_chunk.tolist() == [0, EXCLUDED] and c.strong_chunk.tolist() == [0, EXCLUDED, EXCLUDED]
     assert not c.has_end_of_turn_chunk and c.num_chunks == 1
     # A limit that falls inside a token of the other side moves back to the previous cut.
+    c = spans_chunk(11, [(0, 5), (5, 7), (7, 11)], [(0, 5), (5, 11)], weak_eot=False)
+    assert c.weak_chunk.tolist() == [0, EXCLUDED, EXCLUDED] and c.strong_chunk.tolist() == [0, EXCLUDED, EXCLUDED]
+    # ...possibly all the way to the start: then no chunk at all.
     c = spans_chunk(11, [(0, 3), (3, 7), (7, 11)], [(0, 5), (5, 11)], weak_eot=False)
-    assert c.weak_chunk.tolist() == [0, 0, EXCLUDED] and c.strong_chunk.tolist() == [0, EXCLUDED, EXCLUDED]
+    assert c.num_chunks == 0 and set(c.weak_chunk.tolist()) == set(c.strong_chunk.tolist()) == {EXCLUDED}
 
 
 @pytest.mark.parametrize("weak, message", [

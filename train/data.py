@@ -116,7 +116,9 @@ def load_examples(
         rewards = list_arrays(table["reward"]) if with_rewards else [None] * table.num_rows
         text = table.select(["id", "example_id", "messages", "response", "truncated"]).to_pylist()
         for k, row in enumerate(text):
-            if row["id"] in seen:
+            # The same (messages, response) in two shard sets would be trained on twice; within
+            # one set it is the dataset's own duplicate and stays.
+            if seen.get(row["id"], shard_set.root) != shard_set.root:
                 raise DataError(f"row {row['id']} (example {row['example_id']}) is in both {seen[row['id']]} and {shard_set.root}")
             seen[row["id"]] = shard_set.root
             prompt = rule.prompt_ids(json.loads(row["messages"]))

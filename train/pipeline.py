@@ -139,7 +139,12 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
     if eval_set is not None:
-        metrics.update(trainer.evaluate())
+        # Reuse an evaluation the schedule already ran at the last step, else run one now.
+        last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+        if last_eval is not None and last_eval["step"] == trainer.state.global_step:
+            metrics.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})
+        else:
+            metrics.update(trainer.evaluate())
     last_train_log = next((dict(h) for h in reversed(trainer.state.log_history) if "loss" in h), {})
     trainer.save_model(training_args.output_dir)
 

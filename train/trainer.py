@@ -19,6 +19,7 @@ import copy
 import time
 
 import torch
+from peft import PeftModel
 from transformers import Trainer
 
 from wspo.logprobs import response_logprobs
@@ -38,7 +39,7 @@ class WSPOTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.loss_name = loss
         self.gamma = gamma
-        self.uses_lora = hasattr(self.model, "disable_adapter")
+        self.uses_lora = isinstance(self.model, PeftModel)
         if loss == "wspo" and not self.uses_lora and ref_model is None:
             raise ValueError("loss wspo with full fine-tuning needs ref_model (a frozen copy of the strong model)")
         self.ref_model = self._prepare_ref_model(ref_model) if ref_model is not None and not self.uses_lora else None

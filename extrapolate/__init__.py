@@ -1,0 +1,11 @@
+"""ExPO model extrapolation, out of core: `wspo-extrapolate` (see README, DESIGN section 1).
+
+`tensors` reads and writes safetensors checkpoints piece by piece, `lora` reads a PEFT LoRA adapter
+as per-weight deltas, `expo` checks the models, plans the output and does the arithmetic, `cli` is
+the command line.
+"""
+
+from .expo import SwallowedStepWarning, alpha_dir_name, extrapolate, make_plan
+from .tensors import CheckpointError
+
+__all__ = ["CheckpointError", "SwallowedStepWarning", "alpha_dir_name", "extrapolate", "make_plan"]

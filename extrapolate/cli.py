@@ -1,0 +1,61 @@
+"""`wspo-extrapolate --sft A --aligned B --alpha 0.3 [0.5 ...] --output_dir OUT`: ExPO (see README)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+from .expo import OUT_DTYPES, extrapolate
+from .tensors import CheckpointError, parse_size
+
+
+@dataclass
+class ExtrapolateArguments:
+    sft: str = field(metadata={"help": "The model before alignment: a directory with safetensors weights."})
+    aligned: str = field(metadata={"help": "The model after alignment (same architecture), or a PEFT LoRA "
+                                           "adapter directory trained on --sft."})
+    # "extend": `--alpha 0.3 0.5` and `--alpha 0.3 --alpha 0.5` both give [0.3, 0.5].
+    alpha: list[float] = field(metadata={"help": "Extrapolation strength(s); one output directory each.",
+                                         "action": "extend"})
+    output_dir: str = field(metadata={"help": "Writes OUTPUT_DIR/alpha-<alpha>/ for every alpha."})
+    out_dtype: str = field(default="auto", metadata={
+        "help": "Dtype of the written weights; auto keeps the input's.", "choices": list(OUT_DTYPES)})
+    max_shard_size: str = field(default="5GB", metadata={"help": "Largest output shard, e.g. 2GB, 500MB."})
+    swallow_threshold: float = field(default=0.5, metadata={
+        "help": "Warn when, in some tensor, more than this fraction of the elements the step changes round "
+                "back to the aligned value in a 16-bit output dtype."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace existing OUTPUT_DIR/alpha-* directories."})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = HfArgumentParser(ExtrapolateArguments, description=(
+        "ExPO model extrapolation: theta = theta_aligned + alpha * (theta_aligned - theta_sft), tensor by tensor."))
+    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")  # the swallowed-step warning must reach the user every time
+            summary = extrapolate(args.sft, args.aligned, args.alpha, args.output_dir, out_dtype=args.out_dtype,
+                                  max_shard_size=parse_size(args.max_shard_size),
+                                  swallow_threshold=args.swallow_threshold, overwrite=args.overwrite)
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"wspo-extrapolate: error: {e}", file=sys.stderr)
+        return 1
+    gib = 2**30
+    print(f"alphas: {', '.join(str(a) for a in summary.alphas)}")
+    for d in summary.output_dirs:
+        print(f"  wrote {d}")
+    print(f"tensors: {summary.tensors} per model; bytes written: {summary.bytes_written / gib:.3f} GiB "
+          f"({summary.bytes_written} bytes, all alphas)")
+    print(f"peak RSS: {summary.peak_rss_bytes / gib:.3f} GiB; time: {summary.seconds:.1f} s")
+    for alpha, hits in summary.swallowed.items():
+        if hits:
+            print(f"warning: alpha={alpha}: rounding swallows the step in {len(hits)} tensor(s); "
+                  f"see the warning above, or use --out_dtype float32")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""ExPO, model extrapolation: theta = theta_aligned + alpha * (theta_aligned - theta_sft).
+
+The run has two parts. `make_plan` reads only headers and configs: it checks that the two models
+match (architecture, tensor names, shapes) and decides, for every output tensor, how it is computed
+and in which dtype it is written. `extrapolate` then walks the plan once, reading each tensor in
+pieces of rows from both inputs, and writes the result for every alpha into that alpha's output
+directory, so several alphas cost one pass over the inputs.
+
+When the aligned model is a PEFT LoRA adapter on the SFT model, theta_aligned = W_sft + delta with
+delta = (lora_B @ lora_A) * scaling, and the formula becomes theta = W_sft + (1 + alpha) * delta;
+weights the adapter does not touch are the SFT's (alpha * 0 = 0), weights it replaces
+(`modules_to_save`) are extrapolated like a full model's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .lora import LoraAdapter, check_against_base, is_adapter_dir, load_adapter
+from .tensors import (
+    CheckpointError, LazyCheckpoint, OutputTensor, StreamingShardWriter, plan_shards, row_chunks,
+    shard_file_names, write_index,
+)
+
+OUT_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config fields that must agree: extrapolating between different architectures is meaningless.
+ARCHITECTURE_FIELDS = ("architectures", "model_type")
+# Files never copied into the output: the weights (rewritten) and the model card (would describe
+# the aligned model, not the extrapolated one).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+SKIP_FILES = ("README.md", ".gitattributes")
+
+
+class SwallowedStepWarning(UserWarning):
+    """Rounding the result to a low-precision dtype undoes most of the extrapolation step."""
+
+
+@dataclass(frozen=True)
+class TensorStep:
+    """How one output tensor is made.
+
+    kind "extrapolate": both models store it in full (the aligned one under `aligned_name`);
+    kind "lora": SFT weight plus the adapter's delta; kind "copy": the SFT tensor unchanged (a
+    weight the adapter leaves alone, or a non-float tensor, which must be equal in both models).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    in_dtype: torch.dtype
+    out_dtype: torch.dtype
+    kind: str
+    aligned_name: str | None = None
+
+
+@dataclass
+class Plan:
+    sft: LazyCheckpoint
+    aligned: LazyCheckpoint | None  # None when the aligned model is an adapter
+    adapter: LoraAdapter | None
+    steps: list[TensorStep]
+    files_from: Path  # config, tokenizer and generation config are copied from here
+
+
+def alpha_dir_name(alpha: float) -> str:
+    """OUT/alpha-0.3: Python's shortest round-trip repr, so distinct alphas never share a directory."""
+    return f"alpha-{float(alpha)!r}"
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_configs(sft_dir: Path, aligned_dir: Path) -> None:
+    sft_config, aligned_config = read_json(sft_dir / "config.json"), read_json(aligned_dir / "config.json")
+    for key in ARCHITECTURE_FIELDS:
+        if sft_config.get(key) != aligned_config.get(key):
+            raise CheckpointError(f"config field {key!r} differs: {sft_config.get(key)!r} in the SFT model "
+                                  f"({sft_dir}) but {aligned_config.get(key)!r} in the aligned model ({aligned_dir})")
+
+
+def check_same_tensors(sft: LazyCheckpoint, aligned: LazyCheckpoint) -> None:
+    """Same names and shapes in both models; the first offending tensor is named."""
+    only_aligned = [n for n in aligned.names() if n not in sft.tensors]
+    only_sft = [n for n in sft.names() if n not in aligned.tensors]
+    for names, present, absent in ((only_aligned, "aligned", "SFT"), (only_sft, "SFT", "aligned")):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise CheckpointError(f"tensor {names[0]!r} is in the {present} model but not in the {absent} model{more}")
+    for name in sft.names():
+        if sft.tensors[name].shape != aligned.tensors[name].shape:
+            raise CheckpointError(f"tensor {name!r}: shape {list(sft.tensors[name].shape)} in the SFT model but "
+                                  f"{list(aligned.tensors[name].shape)} in the aligned model")
+
+
+def output_dtype(in_dtype: torch.dtype, out_dtype: str) -> torch.dtype:
+    if not in_dtype.is_floating_point:
+        return in_dtype  # integer buffers are copied as they are
+    return OUT_DTYPES[out_dtype] or in_dtype
+
+
+def make_plan(sft_dir: str | Path, aligned_dir: str | Path, out_dtype: str = "auto") -> Plan:
+    sft_dir, aligned_dir = Path(sft_dir), Path(aligned_dir)
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype {out_dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
+    sft = LazyCheckpoint(sft_dir)
+    steps = []
+    if is_adapter_dir(aligned_dir):
+        adapter = load_adapter(aligned_dir)
+        check_against_base(adapter, sft)
+        for name, info in sft.tensors.items():
+            if name in adapter.weights:
+                kind, aligned_name = "lora", None
+            elif name in adapter.replaced:
+                kind, aligned_name = "extrapolate", adapter.replaced[name]
+            else:
+                kind, aligned_name = "copy", None
+            steps.append(TensorStep(name, info.shape, info.dtype, output_dtype(info.dtype, out_dtype), kind, aligned_name))
+        return Plan(sft, None, adapter, steps, files_from=sft_dir)
+
+    check_configs(sft_dir, aligned_dir)
+    aligned = LazyCheckpoint(aligned_dir)
+    check_same_tensors(sft, aligned)
+    for name in sft.names():
+        info = aligned.tensors[name]  # the output keeps the aligned model's dtype by default
+        kind = "extrapolate" if info.dtype.is_floating_point else "copy"
+        steps.append(TensorStep(name, info.shape, info.dtype, output_dtype(info.dtype, out_dtype), kind, name))
+    return Plan(sft, aligned, None, steps, files_from=aligned_dir)
+
+
+def compute_rows(plan: Plan, step: TensorStep, rows, alphas: list[float]):
+    """(aligned value, [result for each alpha]) for rows [start, end) of one tensor, in float32.
+
+    The formulas are written out as in the paper (no fused multiply-add), so a float32 output is
+    bit-identical to computing them on the whole state dict.
+    """
+    sft = plan.sft.read(step.name, rows)
+    if step.kind == "copy":
+        if plan.aligned is not None and not torch.equal(sft, plan.aligned.read(step.name, rows)):
+            raise CheckpointError(f"tensor {step.name!r} ({sft.dtype}) is not a float tensor and differs between "
+                                  f"the SFT and the aligned model: cannot extrapolate it")
+        return sft, [sft for _ in alphas]
+    sft = sft.to(torch.float32)
+    if step.kind == "lora":
+        delta = plan.adapter.delta_rows(step.name, rows)
+        aligned = sft + delta
+        return aligned, [sft + (1 + alpha) * delta for alpha in alphas]
+    source = plan.aligned if plan.aligned is not None else plan.adapter.reader
+    aligned = source.read(step.aligned_name, rows).to(torch.float32)
+    delta = aligned - sft
+    return aligned, [aligned + alpha * delta for alpha in alphas]
+
+
+@dataclass
+class SwallowCount:
+    """Per tensor and alpha: elements the step changes in float32, and how many of those round
+    back to the aligned model's value in the output dtype."""
+
+    changed: int = 0
+    swallowed: int = 0
+
+    @property
+    def fraction(self) -> float:
+        return self.swallowed / self.changed if self.changed else 0.0
+
+
+def count_swallowed(count: SwallowCount, aligned: torch.Tensor, result: torch.Tensor, dtype: torch.dtype) -> None:
+    changed = result != aligned
+    rounds_back = result.to(dtype) == aligned.to(dtype)
+    count.changed += int(changed.sum())
+    count.swallowed += int((changed & rounds_back).sum())
+
+
+def prepare_output_dirs(output_dir: Path, alphas: list[float], overwrite: bool) -> list[Path]:
+    dirs = [output_dir / alpha_dir_name(alpha) for alpha in alphas]
+    for d in dirs:
+        if d.exists() and any(d.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"{d} exists and is not empty (pass --overwrite to replace it)")
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+    return dirs
+
+
+def copy_model_files(source: Path, out_dir: Path, steps: list[TensorStep]) -> None:
+    """Config, tokenizer, chat template, generation config: every file but the weights and the card.
+
+    When every float tensor is written in one dtype that differs from the config's, the config's
+    dtype is updated so that `from_pretrained(dtype="auto")` loads what is on disk.
+    """
+    for path in sorted(source.iterdir()):
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES + (".index.json",)) \
+                and path.name not in SKIP_FILES and not path.name.startswith("adapter_"):
+            shutil.copy2(path, out_dir / path.name)
+    float_dtypes = {s.out_dtype for s in steps if s.out_dtype.is_floating_point}
+    config_path = out_dir / "config.json"
+    if len(float_dtypes) == 1 and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        dtype_name = str(float_dtypes.pop()).removeprefix("torch.")
+        for key in ("dtype", "torch_dtype"):
+            if key in config and config[key] != dtype_name:
+                config[key] = dtype_name
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+@dataclass
+class Summary:
+    alphas: list[float]
+    output_dirs: list[str]
+    tensors: int
+    bytes_written: int
+    peak_rss_bytes: int
+    seconds: float
+    # alpha -> [(tensor, fraction swallowed)] for tensors above the threshold
+    swallowed: dict[float, list[tuple[str, float]]] = field(default_factory=dict)
+
+
+def extrapolate(sft_dir: str | Path, aligned_dir: str | Path, alphas: list[float], output_dir: str | Path,
+                out_dtype: str = "auto", max_shard_size: int = 5 * 10**9, swallow_threshold: float = 0.5,
+                overwrite: bool = False, progress: bool = True) -> Summary:
+    """Write OUT/alpha-<alpha>/ for every alpha; see the module docstring and README."""
+    start_time = time.perf_counter()
+    alphas = [float(a) for a in alphas]
+    if not alphas:
+        raise ValueError("give at least one --alpha")
+    if len(set(alphas)) != len(alphas) or not all(math.isfinite(a) for a in alphas):
+        raise ValueError(f"alphas {alphas}: must be finite and distinct (each gets its own output directory)")
+    plan = make_plan(sft_dir, aligned_dir, out_dtype)
+    out_dirs = prepare_output_dirs(Path(output_dir), alphas, overwrite)
+
+    # The same shard layout for every alpha: tensors in the SFT checkpoint's order, grouped by size.
+    outputs = [OutputTensor(s.name, s.shape, s.out_dtype) for s in plan.steps]
+    shards = plan_shards(outputs, max_shard_size)
+    file_names = shard_file_names(len(shards))
+    steps_by_name = {s.name: s for s in plan.steps}
+    counts = {(alpha, s.name): SwallowCount() for alpha in alphas for s in plan.steps}
+
+    bar = tqdm(total=len(plan.steps), unit="tensor", desc="extrapolating", disable=not progress)
+    bytes_written = 0
+    for shard, file_name in zip(shards, file_names):
+        writers = [StreamingShardWriter(d / file_name, shard) for d in out_dirs]
+        for tensor in shard:
+            step = steps_by_name[tensor.name]
+            # Rounding can only swallow the step when the output is narrower than the arithmetic.
+            check_rounding = step.kind != "copy" and step.out_dtype.itemsize < 4
+            for rows in row_chunks(step.shape):
+                aligned, results = compute_rows(plan, step, rows, alphas)
+                for alpha, result, writer in zip(alphas, results, writers):
+                    if check_rounding:
+                        count_swallowed(counts[alpha, step.name], aligned, result, step.out_dtype)
+                    writer.write(result.to(step.out_dtype))
+            bar.update(1)
+        for writer in writers:
+            writer.close()
+            bytes_written += writer.total_bytes
+    bar.close()
+
+    # Index, then config and tokenizer: an output directory is complete once its config exists.
+    for d in out_dirs:
+        write_index(d, shards, file_names)
+        copy_model_files(plan.files_from, d, plan.steps)
+    plan.sft.close()
+    if plan.aligned is not None:
+        plan.aligned.close()
+
+    swallowed = {}
+    for alpha in alphas:
+        hits = sorted(((s.name, counts[alpha, s.name].fraction) for s in plan.steps
+                       if counts[alpha, s.name].fraction > swallow_threshold), key=lambda x: -x[1])
+        swallowed[alpha] = hits
+        if hits:
+            worst = ", ".join(f"{name} {100 * frac:.0f}%" for name, frac in hits[:3])
+            warnings.warn(
+                f"alpha={alpha}: in {len(hits)} of {len(plan.steps)} tensors, more than "
+                f"{100 * swallow_threshold:.0f}% of the elements the step changes round back to the aligned "
+                f"model's value in {steps_by_name[hits[0][0]].out_dtype} (worst: {worst}); "
+                f"the output is barely extrapolated. Pass --out_dtype float32 to keep the step.",
+                SwallowedStepWarning, stacklevel=2,
+            )
+    for d, alpha in zip(out_dirs, alphas):
+        record = {"method": "expo", "formula": "theta_aligned + alpha * (theta_aligned - theta_sft)",
+                  "alpha": alpha, "sft": str(sft_dir), "aligned": str(aligned_dir),
+                  "aligned_is_lora_adapter": plan.adapter is not None, "out_dtype": out_dtype,
+                  "tensors_with_swallowed_step": len(swallowed[alpha])}
+        (d / "extrapolation.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    return Summary(alphas, [str(d) for d in out_dirs], len(plan.steps), bytes_written, peak_rss_bytes(),
+                   time.perf_counter() - start_time, swallowed)
