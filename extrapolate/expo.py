@@ -113,6 +113,10 @@ def make_plan(sft_dir: str | Path, aligned_dir: str | Path, out_dtype: str = "au
     sft_dir, aligned_dir = Path(sft_dir), Path(aligned_dir)
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype {out_dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
+    # The output's config is the aligned model's (the SFT model's under an adapter): it must exist.
+    config_source = sft_dir if is_adapter_dir(aligned_dir) else aligned_dir
+    if not (config_source / "config.json").is_file():
+        raise CheckpointError(f"{config_source}: no config.json (not a transformers model directory)")
     sft = LazyCheckpoint(sft_dir)
     steps = []
     if is_adapter_dir(aligned_dir):
@@ -174,11 +178,17 @@ class SwallowCount:
         return self.swallowed / self.changed if self.changed else 0.0
 
 
-def count_swallowed(count: SwallowCount, aligned: torch.Tensor, result: torch.Tensor, dtype: torch.dtype) -> None:
-    changed = result != aligned
-    rounds_back = result.to(dtype) == aligned.to(dtype)
-    count.changed += int(changed.sum())
-    count.swallowed += int((changed & rounds_back).sum())
+def count_swallowed(count: SwallowCount, aligned: torch.Tensor, result: torch.Tensor,
+                    aligned_rounded: torch.Tensor, result_rounded: torch.Tensor) -> None:
+    """Add one piece's elements to `count` (float32 `aligned`/`result` and their output-dtype roundings).
+
+    swallowed = changed and rounds back. An unchanged element always rounds back, so
+    swallowed = (rounding back) - (unchanged): two counts instead of a slow boolean `&` and sum.
+    """
+    changed = int(torch.count_nonzero(result != aligned))
+    rounds_back = int(torch.count_nonzero(result_rounded == aligned_rounded))
+    count.changed += changed
+    count.swallowed += rounds_back - (result.numel() - changed)
 
 
 def prepare_output_dirs(output_dir: Path, alphas: list[float], overwrite: bool) -> list[Path]:
@@ -207,14 +217,26 @@ def copy_model_files(source: Path, out_dir: Path, steps: list[TensorStep]) -> No
     if len(float_dtypes) == 1 and config_path.is_file():
         config = json.loads(config_path.read_text())
         dtype_name = str(float_dtypes.pop()).removeprefix("torch.")
-        for key in ("dtype", "torch_dtype"):
-            if key in config and config[key] != dtype_name:
-                config[key] = dtype_name
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        stale = [key for key in ("dtype", "torch_dtype") if key in config and config[key] != dtype_name]
+        if stale:
+            config.update({key: dtype_name for key in stale})
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """This process's peak resident set size.
+
+    Linux: VmHWM from /proc/self/status. Not ru_maxrss: the kernel carries the pre-exec image's
+    peak into ru_maxrss, so a tool started from a 3 GB Python process would report >= 3 GB.
+    Elsewhere ru_maxrss (bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -261,10 +283,12 @@ def extrapolate(sft_dir: str | Path, aligned_dir: str | Path, alphas: list[float
             check_rounding = step.kind != "copy" and step.out_dtype.itemsize < 4
             for rows in row_chunks(step.shape):
                 aligned, results = compute_rows(plan, step, rows, alphas)
+                aligned_rounded = aligned.to(step.out_dtype) if check_rounding else None
                 for alpha, result, writer in zip(alphas, results, writers):
+                    rounded = result.to(step.out_dtype)
                     if check_rounding:
-                        count_swallowed(counts[alpha, step.name], aligned, result, step.out_dtype)
-                    writer.write(result.to(step.out_dtype))
+                        count_swallowed(counts[alpha, step.name], aligned, result, aligned_rounded, rounded)
+                    writer.write(rounded)
             bar.update(1)
         for writer in writers:
             writer.close()
@@ -275,9 +299,6 @@ def extrapolate(sft_dir: str | Path, aligned_dir: str | Path, alphas: list[float
     for d in out_dirs:
         write_index(d, shards, file_names)
         copy_model_files(plan.files_from, d, plan.steps)
-    plan.sft.close()
-    if plan.aligned is not None:
-        plan.aligned.close()
 
     swallowed = {}
     for alpha in alphas:
