@@ -51,7 +51,7 @@ def test_train_end_to_end_without_weak_models(train_setup, tmp_path, capsys):  #
                                            eval_strategy="steps", eval_steps=20))
     assert rc == 0, err
 
-    record = json.loads((out / "wspo_run.json").read_text())
+    record = json.loads((out / "wspo_run.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in wspo_run.json"))
     train_logs = [h for h in record["log_history"] if "loss" in h]
     losses = [h["loss"] for h in train_logs]
     assert len(losses) == 40
@@ -75,6 +75,23 @@ def test_train_end_to_end_without_weak_models(train_setup, tmp_path, capsys):  #
     trained = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     start = AutoModelForCausalLM.from_pretrained(str(train_setup["strong_sft"]), dtype=torch.float32)
     assert not torch.equal(trained.lm_head.weight, start.lm_head.weight)
+
+
+def test_gradient_accumulation_matches_one_big_batch(train_setup, tmp_path, capsys):  # noqa: F811
+    """2 micro-batches of 2 with accumulation = 1 batch of 4: the same rows, the same per-sequence
+    mean (the Trainer divides each micro-batch's mean by 2), so the same loss and weights
+    (tolerance 1e-6 on the loss, 1e-5 per weight: only the summation order differs)."""
+    from safetensors.torch import load_file
+
+    big, small = tmp_path / "big", tmp_path / "accumulated"
+    assert run_train(capsys, train_argv(train_setup, big, max_steps=2, per_device_train_batch_size=4))[0] == 0
+    assert run_train(capsys, train_argv(train_setup, small, max_steps=2, per_device_train_batch_size=2,
+                                        gradient_accumulation_steps=2))[0] == 0
+    losses = [[h["loss"] for h in json.loads((d / "wspo_run.json").read_text())["log_history"] if "loss" in h] for d in (big, small)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    a, b = load_file(str(big / "model.safetensors")), load_file(str(small / "model.safetensors"))
+    for name in a:
+        assert (a[name] - b[name]).abs().max() < 1e-5, name
 
 
 def test_held_out_split_is_by_example():
@@ -147,6 +164,14 @@ def test_recipes_parse():
         assert args.loss == "wspo" and args.gamma == 0.1
     lora, _ = parse_config([WSPOArguments, TrainingArguments], [str(path.parent / "train_wspo_qwen2_7b_lora.yaml"), "--bf16", "false", "--use_cpu", "true"])
     assert lora.use_lora and lora.lora_r == 8 and lora.max_length == 4096
+
+
+def test_console_scripts_installed():
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts["wspo-train"] == "wspo.train.cli:main"
+    assert scripts["wspo-export"] == "wspo.train.export:main"
 
 
 # -- bad input ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ TRAIN_MAX_LENGTH = 128  # shorter than the shards': responses (and rewards) are 
 
 
 def precompute(out: Path, weak_ref: Path | None, weak_aligned: Path | None, samples: int = SAMPLES,
-               tokenizer: Path | None = None, slots: str = "chosen") -> Path:
+               tokenizer: Path | None = None, slots: str = "chosen", strong_ref: Path | None = None) -> Path:
     from wspo.precompute.cli import main
 
     argv = ["--dataset", "embedded", "--output_dir", str(out), "--max_samples", str(samples), "--slots", slots,
@@ -29,6 +29,8 @@ def precompute(out: Path, weak_ref: Path | None, weak_aligned: Path | None, samp
         argv += ["--weak_ref", str(weak_ref)]
     if weak_aligned:
         argv += ["--weak_aligned", str(weak_aligned)]
+    if strong_ref:
+        argv += ["--strong_ref", str(strong_ref)]
     if tokenizer:
         argv += ["--tokenizer", str(tokenizer)]
     assert main(argv) == 0

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 LOSSES = ("wspo", "sft")
 REWARD_PROJECTIONS = ("none", "chunks")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+REFERENCE_SOURCES = ("model", "shards")
 
 
 @dataclass
@@ -39,6 +40,16 @@ class WSPOArguments:
         default="none",
         metadata={"help": "'none': the strong tokenizer must equal the shards'. 'chunks': project rewards onto another tokenizer (not implemented yet)."},
     )
+    reference_logps: str = field(
+        default="model",
+        metadata={"help": "Where the strong reference's log-probs come from: 'model' (computed in the job: LoRA with adapters "
+                  "off, else a frozen copy) or 'shards' (column logp_strong_ref, scored in phase one with --strong_ref: "
+                  "no reference model in training memory, one forward less per step)."},
+    )
+    reference_shards: list[str] | None = field(
+        default=None,
+        metadata={"help": "reference_logps shards: shard sets holding logp_strong_ref, joined on row id (default: `shards` themselves)."},
+    )
     model_dtype: str = field(
         default="auto",
         metadata={"help": "dtype to load the model in: auto (LoRA: the bf16/fp16 training dtype; full fine-tuning: float32), float32, bfloat16, float16."},
@@ -53,6 +64,12 @@ class WSPOArguments:
             raise ValueError(f"loss: {self.loss!r}; choose from {', '.join(LOSSES)}")
         if self.reward_projection not in REWARD_PROJECTIONS:
             raise ValueError(f"reward_projection: {self.reward_projection!r}; choose from {', '.join(REWARD_PROJECTIONS)}")
+        if self.reference_logps not in REFERENCE_SOURCES:
+            raise ValueError(f"reference_logps: {self.reference_logps!r}; choose from {', '.join(REFERENCE_SOURCES)}")
+        if isinstance(self.reference_shards, str):
+            self.reference_shards = [self.reference_shards]
+        if self.reference_shards and self.reference_logps != "shards":
+            raise ValueError("reference_shards is set but reference_logps is 'model': set --reference_logps shards to use them")
         if self.model_dtype not in MODEL_DTYPES:
             raise ValueError(f"model_dtype: {self.model_dtype!r}; choose from {', '.join(MODEL_DTYPES)}")
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -5,6 +5,8 @@
                       differs from the shards' unless reward projection is allowed
     load_examples     re-tokenize each chosen row with the strong tokenizer, check the ids equal
                       the stored ones, cut to the training max_length (rewards too)
+    reference_logps   optionally, the strong reference's log-probs scored in phase one
+                      (logp_strong_ref), checked to come from the model being trained
     split_examples    held-out evaluation rows, chosen by a hash of example_id
     Collator          pad a list of examples; rewards and sequence indices flattened in the
                       order `response_logprobs` returns its log-probs
@@ -25,11 +27,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from wspo.shards.schema import has_reward
-from wspo.shards.store import ShardError, ShardSet, list_arrays
+from wspo.models import model_fingerprint
+from wspo.shards.schema import has_reward, logp_column
+from wspo.shards.store import ShardSet, list_arrays
 from wspo.shards.tokenization import ResponseTokenizer
 
 TRAIN_SLOTS = ["chosen"]  # WSPO and SFT learn from chosen responses only (DESIGN section 1)
+REFERENCE_SCORER = "strong_ref"  # phase one's name for the strong SFT model (column logp_strong_ref)
 
 
 class DataError(Exception):
@@ -44,6 +48,7 @@ class Example:
     input_ids: list[int]  # prompt ids + response ids (end-of-turn included unless cut)
     prompt_length: int
     rewards: np.ndarray | None  # float32, one per response token; None for shards without reward
+    ref_logps: np.ndarray | None = None  # float32 strong-reference log-probs from shards, else None
 
 
 # -- shard sets ---------------------------------------------------------------------------------
@@ -92,13 +97,49 @@ def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_p
     return rule
 
 
+# -- reference log-probs from shards ------------------------------------------------------------
+
+
+def reference_logps(paths: list[str], train_sets: list[ShardSet], model_dir: Path) -> tuple[dict[str, np.ndarray], list[ShardSet]]:
+    """Row id -> logp_strong_ref, from shard sets scored in phase one with the strong SFT model
+    (and those sets, for the run record).
+
+    They stand in for the reference model only if they were scored with exactly the weights
+    training starts from (the scorer fingerprint in the manifest) and the same tokenizer.
+    """
+    by_root = {str(s.root): s for s in train_sets}
+    sets = [by_root.get(str(Path(path))) or ShardSet.open(path).check() for path in paths]
+    weights = model_fingerprint(model_dir)
+    column = logp_column(REFERENCE_SCORER)
+    logps = {}
+    for shard_set in sets:
+        scorer = next((sc for sc in shard_set.scorers if sc["name"] == REFERENCE_SCORER), None)
+        if scorer is None:
+            raise DataError(
+                f"shard set {shard_set.root} has no {column} column (scored with: {', '.join(shard_set.scorer_names)}); "
+                "score the strong SFT model in phase one (wspo-precompute --strong_ref MODEL), or use --reference_logps model"
+            )
+        if scorer["fingerprint"] != weights:
+            raise DataError(
+                f"{column} of {shard_set.root} was scored with {scorer['model']}, whose weights differ from "
+                f"model_name_or_path ({model_dir}); the reference must be the model training starts from"
+            )
+        if shard_set.tokenizer["fingerprint"] != train_sets[0].tokenizer["fingerprint"]:
+            raise DataError(f"shard set {shard_set.root} was tokenized differently from the training shards")
+        table = shard_set.read_table(columns=["id", column])
+        logps.update(zip(table["id"].to_pylist(), list_arrays(table[column])))
+    return logps, sets
+
+
 # -- rows -> examples ---------------------------------------------------------------------------
 
 
 def load_examples(
-    shard_sets: list[ShardSet], rule: ResponseTokenizer, with_rewards: bool
+    shard_sets: list[ShardSet], rule: ResponseTokenizer, with_rewards: bool, reference: dict[str, np.ndarray] | None = None
 ) -> tuple[list[Example], Counter]:
     """Chosen rows of every set, re-tokenized with the strong tokenizer and checked against the shards.
+
+    `reference`: row id -> strong-reference log-probs (see `reference_logps`), attached to each row.
 
     Returns the examples and counts: rows read per slot, rows skipped by reason, responses cut
     further than phase one cut them.
@@ -125,9 +166,17 @@ def load_examples(
             full_response, _, _ = rule.response_tokens(row["response"])
             stored = stored_ids[k].tolist()
             _check_retokenized(row, stored, full_response, shard_set.root)
+            if rewards[k] is not None and len(rewards[k]) != len(stored):
+                raise DataError(f"row {row['id']} of {shard_set.root}: {len(rewards[k])} rewards for {len(stored)} tokens")
             # Phase one may have cut the response (truncated); a shorter training max_length cuts
             # it further, and the rewards of the cut tokens go with it.
             keep = min(len(stored), rule.max_length - len(prompt))
+            ref = None
+            if reference is not None:
+                ref = reference.get(row["id"])
+                if ref is None:
+                    raise DataError(f"row {row['id']} (example {row['example_id']}) of {shard_set.root} has no logp_strong_ref in the reference shards")
+                keep = min(keep, len(ref))  # scored under a shorter max_length: cut like a truncation
             if keep <= 0:
                 counts["skipped_prompt_too_long"] += 1
                 continue
@@ -141,6 +190,7 @@ def load_examples(
                     input_ids=prompt + stored[:keep],
                     prompt_length=len(prompt),
                     rewards=None if rewards[k] is None else rewards[k][:keep].astype(np.float32),
+                    ref_logps=None if ref is None else ref[:keep].astype(np.float32),
                 )
             )
     return examples, counts
@@ -200,7 +250,7 @@ class Collator:
     """Right-pads a list of examples into one batch.
 
     input_ids, attention_mask, target_mask: [batch, length]; target_mask marks response tokens.
-    rewards, seq_ids: [response tokens of the batch], row-major (row 0 first), the order in which
+    rewards, seq_ids (and ref_logps): [response tokens of the batch], row-major (row 0 first), the order in which
     `response_logprobs` returns log-probs. row_index: [batch] dataset positions (for logs/tests).
     """
 
@@ -227,6 +277,8 @@ class Collator:
         }
         if examples[0].rewards is not None:
             batch["rewards"] = torch.from_numpy(np.concatenate([e.rewards for e in examples]))
+        if examples[0].ref_logps is not None:
+            batch["ref_logps"] = torch.from_numpy(np.concatenate([e.ref_logps for e in examples]))
         return batch
 
 
@@ -244,16 +296,3 @@ def describe_shards(shard_sets: list[ShardSet]) -> list[dict]:
         for s in shard_sets
     ]
 
-
-__all__ = [
-    "DataError",
-    "ShardError",
-    "Example",
-    "ExampleDataset",
-    "Collator",
-    "open_shard_sets",
-    "strong_rule",
-    "load_examples",
-    "split_examples",
-    "describe_shards",
-]

@@ -27,8 +27,8 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
     base = base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     base_dir = resolve_model_dir(base, option="base model (adapter_config.json base_model_name_or_path, or --base_model)")
     if dtype == "auto":  # the dtype the base model was saved in
-        dtype = json.loads((base_dir / "config.json").read_text()).get("dtype") or json.loads(
-            (base_dir / "config.json").read_text()).get("torch_dtype") or "float32"
+        config = json.loads((base_dir / "config.json").read_text())
+        dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=getattr(torch, dtype))
     model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     output_dir = Path(output_dir)

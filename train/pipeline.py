@@ -5,7 +5,8 @@
       2. load the strong tokenizer, check it is the shards' tokenizer, re-tokenize the chosen rows
          and split off the held-out examples (data.py);
       3. load the policy (LoRA adapters on the strong model, or the whole model) and, for full
-         fine-tuning with WSPO, a frozen reference copy;
+         fine-tuning with WSPO, a frozen reference copy (none when the reference log-probs come
+         from the shards: `reference_logps shards`);
       4. train with WSPOTrainer (trainer.py), evaluate, save the model, tokenizer and wspo_run.json.
 
 Reads nothing but the shards and the strong model directory.
@@ -14,6 +15,7 @@ Reads nothing but the shards and the strong model directory.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -26,7 +28,17 @@ import wspo
 from wspo.models import load_tokenizer, read_config, resolve_model_dir
 
 from .config import WSPOArguments
-from .data import Collator, DataError, ExampleDataset, describe_shards, load_examples, open_shard_sets, split_examples, strong_rule
+from .data import (
+    Collator,
+    DataError,
+    ExampleDataset,
+    describe_shards,
+    load_examples,
+    open_shard_sets,
+    reference_logps,
+    split_examples,
+    strong_rule,
+)
 from .trainer import WSPOTrainer
 
 RUN_FILE = "wspo_run.json"
@@ -45,7 +57,8 @@ def model_dtype(args: WSPOArguments, training_args: TrainingArguments) -> torch.
 
 
 def load_models(args: WSPOArguments, training_args: TrainingArguments, model_dir: Path):
-    """(policy, reference): the reference is None with LoRA (adapters off) and for SFT.
+    """(policy, reference): the reference is None with LoRA (adapters off), for SFT, and when
+    its log-probs come from the shards.
 
     Under ZeRO-3 the TrainingArguments (created before this) make `from_pretrained` partition
     the weights while loading, so neither model is ever whole on one rank.
@@ -67,11 +80,22 @@ def load_models(args: WSPOArguments, training_args: TrainingArguments, model_dir
         if training_args.gradient_checkpointing:
             policy.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         return policy, None
-    if args.loss == "sft":
+    if args.loss == "sft" or args.reference_logps == "shards":
         return policy, None
     reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     reference.config.use_cache = False
     return policy, reference
+
+
+def _finite_or_null(obj):
+    """NaN (e.g. the correlation at step 1, when policy == reference) as null: strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 def _init_deepspeed_comm(training_args: TrainingArguments) -> None:
@@ -97,7 +121,10 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
     vocab = read_config(model_dir).get("vocab_size")
     if vocab is not None and len(tokenizer) > vocab:
         raise DataError(f"model {model_dir} has {vocab} embeddings but its tokenizer has {len(tokenizer)} tokens")
-    examples, counts = load_examples(shard_sets, rule, with_rewards=args.loss == "wspo")
+    ref_logps_by_id, reference_sets = None, []
+    if args.loss == "wspo" and args.reference_logps == "shards":
+        ref_logps_by_id, reference_sets = reference_logps(args.reference_shards or args.shards, shard_sets, model_dir)
+    examples, counts = load_examples(shard_sets, rule, with_rewards=args.loss == "wspo", reference=ref_logps_by_id)
     if not examples:
         slots = {k.removeprefix("rows_"): v for k, v in counts.items() if k.startswith("rows_")}
         raise DataError(
@@ -117,7 +144,7 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
     # 3. models
     _init_deepspeed_comm(training_args)
     set_seed(training_args.seed)  # LoRA initialisation
-    policy, reference = load_models(args, training_args, model_dir)
+    policy, reference_model = load_models(args, training_args, model_dir)
 
     # 4. training
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else rule.end_of_turn_id
@@ -126,7 +153,8 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
         training_args,
         loss=args.loss,
         gamma=args.gamma,
-        ref_model=reference,
+        ref_model=reference_model,
+        reference_from_shards=ref_logps_by_id is not None,
         data_collator=Collator(pad_id),
         train_dataset=train_set,
         eval_dataset=eval_set,
@@ -165,6 +193,7 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
             "deepspeed_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         },
         "shards": describe_shards(shard_sets),
+        "reference_shards": describe_shards(reference_sets),
         "data": {
             "max_length": max_length,
             "train_rows": len(train_set),
@@ -179,5 +208,5 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
     }
     if trainer.is_world_process_zero():
         path = Path(training_args.output_dir) / RUN_FILE
-        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        path.write_text(json.dumps(_finite_or_null(record), indent=2, default=str, allow_nan=False) + "\n")
     return record

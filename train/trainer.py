@@ -7,7 +7,8 @@ resuming, `report_to`) is the stock Trainer. What this class adds:
   then a pure loss function from `losses.py`;
 - the strong reference: with LoRA, the policy itself with its adapters disabled (one model in
   memory); with full fine-tuning, a frozen copy, wrapped by DeepSpeed like the policy when
-  DeepSpeed is on (ZeRO-3 partitions it across ranks too);
+  DeepSpeed is on (ZeRO-3 partitions it across ranks too); or, with `reference_from_shards`,
+  log-probs scored in phase one that arrive in the batch (`ref_logps`): no reference forward;
 - extra logged values: mean weak reward, mean scaled strong log-ratio (gamma * logratio), their
   per-token Pearson correlation, tokens/s; summed over every micro-batch and rank of a log period.
 """
@@ -32,7 +33,8 @@ class WSPOTrainer(Trainer):
     # gradient-accumulation steps, so the step's loss is the mean over its micro-batches.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model, args, *, loss: str = "wspo", gamma: float = 0.1, ref_model: torch.nn.Module | None = None, **kwargs):
+    def __init__(self, model, args, *, loss: str = "wspo", gamma: float = 0.1, ref_model: torch.nn.Module | None = None,
+                 reference_from_shards: bool = False, **kwargs):
         # Batches carry keys the model's forward does not take (target_mask, rewards, ...); the
         # Trainer must not drop them.
         args.remove_unused_columns = False
@@ -40,11 +42,14 @@ class WSPOTrainer(Trainer):
         self.loss_name = loss
         self.gamma = gamma
         self.uses_lora = isinstance(self.model, PeftModel)
-        if loss == "wspo" and not self.uses_lora and ref_model is None:
-            raise ValueError("loss wspo with full fine-tuning needs ref_model (a frozen copy of the strong model)")
+        self.reference_from_shards = reference_from_shards
+        if loss == "wspo" and not self.uses_lora and ref_model is None and not reference_from_shards:
+            raise ValueError("loss wspo with full fine-tuning needs ref_model (a frozen copy of the strong model) or reference_from_shards")
         self.ref_model = self._prepare_ref_model(ref_model) if ref_model is not None and not self.uses_lora else None
         if loss == "sft":
             self.reference_kind = None
+        elif reference_from_shards:
+            self.reference_kind = "logp_strong_ref from shards"
         elif self.uses_lora:
             self.reference_kind = "policy with adapters disabled"
         else:
@@ -103,8 +108,11 @@ class WSPOTrainer(Trainer):
         if self.loss_name == "sft":
             loss = sft_loss(policy_logps)
         else:
-            with torch.no_grad(), self._reference_context(model):
-                ref_logps = response_logprobs(self.ref_model if self.ref_model is not None else model, ids, mask, target)
+            if self.reference_from_shards:
+                ref_logps = inputs["ref_logps"].float()
+            else:
+                with torch.no_grad(), self._reference_context(model):
+                    ref_logps = response_logprobs(self.ref_model if self.ref_model is not None else model, ids, mask, target)
             rewards = inputs["rewards"].float()
             loss = wspo_loss(policy_logps, ref_logps, rewards, inputs["seq_ids"], ids.shape[0], self.gamma)
             scaled = self.gamma * (policy_logps.detach() - ref_logps)
