@@ -121,8 +121,18 @@ def build_weak_pair(root: str | Path) -> dict[str, Path]:
     return paths
 
 
+def build_embedded(root: str | Path) -> dict[str, Path]:
+    """The embedded default's models under `root`: the weak pair and a larger strong SFT model
+    sharing their tokenizer (reused when already built)."""
+    paths = build_weak_pair(root)
+    paths["strong_sft"] = Path(root) / "strong_sft"
+    if not (paths["strong_sft"] / "config.json").exists():
+        build_model(paths["strong_sft"], paths["tokenizer"], "strong", seed=0)
+    return paths
+
+
 if __name__ == "__main__":
     import sys
 
-    for name, path in build_weak_pair(sys.argv[1] if len(sys.argv) > 1 else "outputs/embedded/models").items():
+    for name, path in build_embedded(sys.argv[1] if len(sys.argv) > 1 else "outputs/embedded/models").items():
         print(f"{name}: {path}")

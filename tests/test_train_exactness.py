@@ -113,7 +113,7 @@ def shard_batch(setup):
 
     sets = open_shard_sets([str(setup["shards"])], "wspo")
     tokenizer = load_tokenizer(setup["strong_sft"])
-    rule = strong_rule(sets, tokenizer, TRAIN_MAX_LENGTH, "none")
+    rule, _ = strong_rule(sets, tokenizer, TRAIN_MAX_LENGTH, "none")
     examples, _ = load_examples(sets, rule, with_rewards=True)
     train, _ = split_examples(examples, 0.0)
     chosen = train[:BATCH]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-LOSSES = ("wspo", "sft")
+LOSSES = ("wspo", "sft", "dpo", "wrpo")
+PREFERENCE_LOSSES = ("dpo", "wrpo")  # pairs / triples of one example, reference log-probs from shards (logp_ref)
+DEFAULT_BETA = {"dpo": 0.1, "wrpo": 0.01}  # Zephyr / the WSPO paper's weak DPO; the WRPO paper
+ALPHA_SCHEDULES = ("linear", "fixed")
 REWARD_PROJECTIONS = ("none", "chunks")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 REFERENCE_SOURCES = ("model", "shards")
@@ -18,8 +21,27 @@ class WSPOArguments:
     shards: list[str] = field(
         metadata={"help": "One or more shard set directories written by wspo-precompute (YAML list or space-separated)."}
     )
-    loss: str = field(default="wspo", metadata={"help": f"Objective: {', '.join(LOSSES)}. Both use the chosen rows only."})
+    loss: str = field(
+        default="wspo",
+        metadata={"help": f"Objective: {', '.join(LOSSES)}. wspo and sft use the chosen rows only; dpo pairs the chosen and "
+                  "rejected rows of one example_id; wrpo the chosen_source, chosen_target and rejected rows. dpo and wrpo "
+                  "read the reference's log-probs from the shards (column logp_ref: wspo-precompute --ref_model)."},
+    )
     gamma: float = field(default=0.1, metadata={"help": "wspo: scale of the strong log-ratio matched to the weak reward."})
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "dpo, wrpo: scale of the summed log-ratio inside the sigmoid (default: 0.1 for dpo, 0.01 for wrpo)."},
+    )
+    wrpo_alpha: float = field(
+        default=0.1,
+        metadata={"help": "wrpo: weight of the source models' chosen response y_ws (1 - alpha on the target's y_wt); with "
+                  "the linear schedule, the value reached at the last optimizer step."},
+    )
+    wrpo_alpha_schedule: str = field(
+        default="linear",
+        metadata={"help": "wrpo: 'linear' (alpha = wrpo_alpha * step / (max_steps - 1), step = optimizer step from 0, so "
+                  "every micro-batch of one accumulated step uses the same alpha) or 'fixed' (wrpo_alpha throughout)."},
+    )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (reference = adapters off) instead of every weight."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
@@ -38,17 +60,25 @@ class WSPOArguments:
     )
     reward_projection: str = field(
         default="none",
-        metadata={"help": "'none': the strong tokenizer must equal the shards'. 'chunks': project rewards onto another tokenizer (not implemented yet)."},
+        metadata={"help": "'none': the strong tokenizer must equal the shards'. 'chunks': a strong model with another tokenizer; "
+                  "rewards are summed over chunks both tokenizations agree on (DESIGN section 5)."},
     )
-    reference_logps: str = field(
-        default="model",
+    reference_logps: str | None = field(
+        default=None,
         metadata={"help": "Where the strong reference's log-probs come from: 'model' (computed in the job: LoRA with adapters "
                   "off, else a frozen copy) or 'shards' (column logp_strong_ref, scored in phase one with --strong_ref: "
-                  "no reference model in training memory, one forward less per step)."},
+                  "no reference model in training memory, one forward less per step). Default: model for wspo; dpo and "
+                  "wrpo always use shards (column logp_ref)."},
     )
     reference_shards: list[str] | None = field(
         default=None,
-        metadata={"help": "reference_logps shards: shard sets holding logp_strong_ref, joined on row id (default: `shards` themselves)."},
+        metadata={"help": "reference_logps shards: shard sets holding logp_strong_ref (wspo) or logp_ref (dpo, wrpo), joined on "
+                  "row id (default: `shards` themselves)."},
+    )
+    allow_reference_mismatch: bool = field(
+        default=False,
+        metadata={"help": "dpo, wrpo: train although logp_ref was scored with other weights than model_name_or_path (the "
+                  "reference is then not the policy's starting point; the scorer is recorded in wspo_run.json)."},
     )
     model_dtype: str = field(
         default="auto",
@@ -64,6 +94,21 @@ class WSPOArguments:
             raise ValueError(f"loss: {self.loss!r}; choose from {', '.join(LOSSES)}")
         if self.reward_projection not in REWARD_PROJECTIONS:
             raise ValueError(f"reward_projection: {self.reward_projection!r}; choose from {', '.join(REWARD_PROJECTIONS)}")
+        if self.reference_logps is None:
+            self.reference_logps = "shards" if self.loss in PREFERENCE_LOSSES else "model"
+        if self.loss in PREFERENCE_LOSSES and self.reference_logps != "shards":
+            raise ValueError(
+                f"loss {self.loss} reads the reference's log-probs from the shards (column logp_ref, wspo-precompute "
+                "--ref_model MODEL); reference_logps model is not supported for it"
+            )
+        if self.beta is None:
+            self.beta = DEFAULT_BETA.get(self.loss, 0.1)
+        if self.beta <= 0:
+            raise ValueError(f"beta must be positive, got {self.beta}")
+        if not 0.0 <= self.wrpo_alpha <= 1.0:
+            raise ValueError(f"wrpo_alpha must be in [0, 1], got {self.wrpo_alpha}")
+        if self.wrpo_alpha_schedule not in ALPHA_SCHEDULES:
+            raise ValueError(f"wrpo_alpha_schedule: {self.wrpo_alpha_schedule!r}; choose from {', '.join(ALPHA_SCHEDULES)}")
         if self.reference_logps not in REFERENCE_SOURCES:
             raise ValueError(f"reference_logps: {self.reference_logps!r}; choose from {', '.join(REFERENCE_SOURCES)}")
         if isinstance(self.reference_shards, str):

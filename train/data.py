@@ -3,6 +3,7 @@
     open_shard_sets   open and verify every shard set; check they suit the loss
     strong_rule       the tokenization rule under the strong tokenizer; refuse a tokenizer that
                       differs from the shards' unless reward projection is allowed
+    project_row       with another strong tokenizer: rewards summed over chunks (DESIGN section 5)
     load_examples     re-tokenize each chosen row with the strong tokenizer, check the ids equal
                       the stored ones, cut to the training max_length (rewards too)
     reference_logps   optionally, the strong reference's log-probs scored in phase one
@@ -28,6 +29,7 @@ import pyarrow.compute as pc
 import torch
 
 from wspo.models import model_fingerprint
+from wspo.shards.projection import EXCLUDED, chunk_rewards, chunk_tokens, roundtrip_ok
 from wspo.shards.schema import has_reward, logp_column
 from wspo.shards.store import ShardSet, list_arrays
 from wspo.shards.tokenization import ResponseTokenizer
@@ -47,8 +49,11 @@ class Example:
     example_id: str
     input_ids: list[int]  # prompt ids + response ids (end-of-turn included unless cut)
     prompt_length: int
-    rewards: np.ndarray | None  # float32, one per response token; None for shards without reward
+    rewards: np.ndarray | None  # float32, one per segment (= response token, or chunk); None without reward
     ref_logps: np.ndarray | None = None  # float32 strong-reference log-probs from shards, else None
+    # Reward projection (DESIGN section 5): the chunk of each strong response token; `rewards` then
+    # holds one summed weak reward per chunk. None: one segment per token.
+    token_segments: np.ndarray | None = None
 
 
 # -- shard sets ---------------------------------------------------------------------------------
@@ -70,59 +75,65 @@ def open_shard_sets(paths: list[str], loss: str) -> list[ShardSet]:
     return sets
 
 
-def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_projection: str) -> ResponseTokenizer:
-    """The shared tokenization rule under the strong tokenizer, after checking it matches the shards'.
+def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_projection: str) -> tuple[ResponseTokenizer, bool]:
+    """The shared tokenization rule under the strong tokenizer, and whether rewards are projected.
 
-    The end-of-turn token is the shards' (it is part of the fingerprint). The prompt bound is
-    max_length - 1: a prompt that leaves no room for one response token cannot be trained on.
+    Same fingerprint as the shards': rewards are used token for token, with the shards'
+    end-of-turn token. Otherwise, with `reward_projection chunks`, the strong tokenizer applies
+    the rule with its own end-of-turn token and rewards are projected onto chunks; without it,
+    an error that says how to allow it. The prompt bound is max_length - 1: a prompt that leaves
+    no room for one response token cannot be trained on.
     """
     shard_tok = shard_sets[0].tokenizer
     try:
         rule = ResponseTokenizer(tokenizer, max_length, max_length - 1, shard_tok["end_of_turn_token"])
-        same = rule.fingerprint == shard_tok["fingerprint"]
+        if rule.fingerprint == shard_tok["fingerprint"]:
+            return rule, False
     except ValueError:  # the shards' end-of-turn token is not even in the strong vocabulary
-        rule, same = None, False
+        pass
     if reward_projection == "chunks":
-        raise DataError(
-            "reward_projection chunks (rewards projected onto another tokenizer, DESIGN section 5) is not "
-            "implemented yet; use reward_projection none with a strong model that shares the shards' tokenizer"
-        )
-    if not same:
-        raise DataError(
-            f"the strong model's tokenizer ({tokenizer.name_or_path}) differs from the tokenizer the shards were "
-            f"scored with ({shard_tok['name']}, fingerprint {shard_tok['fingerprint'][:12]}); rewards are per token "
-            "of the shards' tokenizer. Use a strong model with the same tokenizer, or allow projecting the rewards "
-            "with --reward_projection chunks."
-        )
-    return rule
+        return ResponseTokenizer(tokenizer, max_length, max_length - 1), True
+    raise DataError(
+        f"the strong model's tokenizer ({tokenizer.name_or_path}) differs from the tokenizer the shards were "
+        f"scored with ({shard_tok['name']}, fingerprint {shard_tok['fingerprint'][:12]}); rewards are per token "
+        "of the shards' tokenizer. Use a strong model with the same tokenizer, or allow projecting the rewards "
+        "onto chunks with --reward_projection chunks (see `wspo-shards project --tokenizer` for how lossy it is)."
+    )
 
 
 # -- reference log-probs from shards ------------------------------------------------------------
 
 
-def reference_logps(paths: list[str], train_sets: list[ShardSet], model_dir: Path) -> tuple[dict[str, np.ndarray], list[ShardSet]]:
+def reference_logps(paths: list[str], train_sets: list[ShardSet], model_dir: Path, scorer_name: str = REFERENCE_SCORER,
+                    allow_other_weights: bool = False) -> tuple[dict[str, np.ndarray], list[ShardSet]]:
     """Row id -> logp_strong_ref, from shard sets scored in phase one with the strong SFT model
-    (and those sets, for the run record).
+    (and those sets, for the run record). DPO and WRPO use it with scorer_name 'ref' (logp_ref).
 
     They stand in for the reference model only if they were scored with exactly the weights
-    training starts from (the scorer fingerprint in the manifest) and the same tokenizer.
+    training starts from (the scorer fingerprint in the manifest; `allow_other_weights` lifts
+    this check) and the same tokenizer.
     """
     by_root = {str(s.root): s for s in train_sets}
     sets = [by_root.get(str(Path(path))) or ShardSet.open(path).check() for path in paths]
-    weights = model_fingerprint(model_dir)
-    column = logp_column(REFERENCE_SCORER)
+    weights = None if allow_other_weights else model_fingerprint(model_dir)
+    column = logp_column(scorer_name)
     logps = {}
     for shard_set in sets:
-        scorer = next((sc for sc in shard_set.scorers if sc["name"] == REFERENCE_SCORER), None)
+        scorer = next((sc for sc in shard_set.scorers if sc["name"] == scorer_name), None)
         if scorer is None:
-            raise DataError(
-                f"shard set {shard_set.root} has no {column} column (scored with: {', '.join(shard_set.scorer_names)}); "
+            hint = (
                 "score the strong SFT model in phase one (wspo-precompute --strong_ref MODEL), or use --reference_logps model"
+                if scorer_name == REFERENCE_SCORER
+                else "score the reference (the model training starts from) in phase one: wspo-precompute --ref_model MODEL"
             )
-        if scorer["fingerprint"] != weights:
+            raise DataError(
+                f"shard set {shard_set.root} has no {column} column (scored with: {', '.join(shard_set.scorer_names)}); {hint}"
+            )
+        if weights is not None and scorer["fingerprint"] != weights:
+            hint = "" if scorer_name == REFERENCE_SCORER else " (to train against another reference: --allow_reference_mismatch true)"
             raise DataError(
                 f"{column} of {shard_set.root} was scored with {scorer['model']}, whose weights differ from "
-                f"model_name_or_path ({model_dir}); the reference must be the model training starts from"
+                f"model_name_or_path ({model_dir}); the reference must be the model training starts from{hint}"
             )
         if shard_set.tokenizer["fingerprint"] != train_sets[0].tokenizer["fingerprint"]:
             raise DataError(f"shard set {shard_set.root} was tokenized differently from the training shards")
@@ -135,11 +146,13 @@ def reference_logps(paths: list[str], train_sets: list[ShardSet], model_dir: Pat
 
 
 def load_examples(
-    shard_sets: list[ShardSet], rule: ResponseTokenizer, with_rewards: bool, reference: dict[str, np.ndarray] | None = None
+    shard_sets: list[ShardSet], rule: ResponseTokenizer, with_rewards: bool, reference: dict[str, np.ndarray] | None = None,
+    project: bool = False,
 ) -> tuple[list[Example], Counter]:
     """Chosen rows of every set, re-tokenized with the strong tokenizer and checked against the shards.
 
     `reference`: row id -> strong-reference log-probs (see `reference_logps`), attached to each row.
+    `project`: the strong tokenizer differs; rewards are projected onto chunks (`project_row`).
 
     Returns the examples and counts: rows read per slot, rows skipped by reason, responses cut
     further than phase one cut them.
@@ -147,6 +160,10 @@ def load_examples(
     columns = ["id", "example_id", "slot", "messages", "response", "token_ids", "truncated"]
     if with_rewards:
         columns.append("reward")
+    if project:
+        if reference is not None:
+            raise DataError("reference log-probs from shards are per token of the shards' tokenizer; with reward projection use --reference_logps model")
+        return _load_projected(shard_sets, rule, columns + ["token_start", "token_end"])
     examples, counts, seen = [], Counter(), {}
     for shard_set in shard_sets:
         table = shard_set.read_table(columns=columns)
@@ -194,6 +211,68 @@ def load_examples(
                 )
             )
     return examples, counts
+
+
+def _load_projected(shard_sets: list[ShardSet], rule: ResponseTokenizer, columns: list[str]) -> tuple[list[Example], Counter]:
+    """Chosen rows re-tokenized with a different strong tokenizer, rewards summed per chunk."""
+    examples, counts = [], Counter()
+    for shard_set in shard_sets:
+        # Identical vocabularies (a forced projection, as in the exactness test) may use token ids
+        # as pieces: then every chunk is one token of each side.
+        same_vocab = rule.fingerprint == shard_set.tokenizer["fingerprint"]
+        table = shard_set.read_table(columns=columns)
+        for slot, n in Counter(table["slot"].to_pylist()).items():
+            counts[f"rows_{slot}"] += n
+        table = table.filter(pc.is_in(table["slot"], value_set=pa.array(TRAIN_SLOTS)))
+        weak = {c: list_arrays(table[c]) for c in ("token_ids", "token_start", "token_end", "reward") if c in columns}
+        for k, row in enumerate(table.select(["id", "example_id", "messages", "response", "truncated"]).to_pylist()):
+            example = project_row(row, rule, {c: v[k] for c, v in weak.items()}, same_vocab, counts)
+            if example is not None:
+                example.index = len(examples)
+                examples.append(example)
+    return examples, counts
+
+
+def project_row(row: dict, rule: ResponseTokenizer, weak: dict, same_vocab: bool, counts: Counter) -> Example | None:
+    """One shard row under another tokenizer: strong ids, chunk of each strong token, chunk rewards.
+
+    Skipped (counted) when the response does not round-trip through the strong tokenizer, when
+    no strong response token fits max_length, or when no chunk is usable.
+    """
+    response = row["response"]
+    if not roundtrip_ok(rule.tokenizer, response):
+        counts["skipped_not_roundtrip"] += 1
+        return None
+    prompt = rule.prompt_ids(json.loads(row["messages"]))
+    ids, starts, ends = rule.response_tokens(response)
+    keep = min(len(ids), rule.max_length - len(prompt))
+    if keep <= 0:
+        counts["skipped_prompt_too_long"] += 1
+        return None
+    if keep < len(ids):
+        counts["cut_to_max_length"] += 1
+    if "reward" not in weak:  # sft: the strong ids are all it needs
+        return Example(index=0, row_id=row["id"], example_id=row["example_id"], input_ids=prompt + ids[:keep],
+                       prompt_length=len(prompt), rewards=None)
+    chunking = chunk_tokens(
+        len(response), weak["token_start"], weak["token_end"], starts[:keep], ends[:keep],
+        weak_has_end_of_turn=not row["truncated"], strong_has_end_of_turn=keep == len(ids),
+        weak_pieces=weak["token_ids"] if same_vocab else None, strong_pieces=ids[:keep] if same_vocab else None,
+    )
+    # Excluded tokens (past the text both sides cover) are always a suffix: drop them.
+    included = int((chunking.strong_chunk != EXCLUDED).sum())
+    if chunking.num_chunks == 0 or included == 0:
+        counts["skipped_no_chunk"] += 1
+        return None
+    return Example(
+        index=0,
+        row_id=row["id"],
+        example_id=row["example_id"],
+        input_ids=prompt + ids[:included],
+        prompt_length=len(prompt),
+        rewards=chunk_rewards(chunking, weak["reward"]).astype(np.float32),
+        token_segments=chunking.strong_chunk[:included].astype(np.int64),
+    )
 
 
 def _check_retokenized(row: dict, stored: list[int], full: list[int], root: Path) -> None:
@@ -277,6 +356,12 @@ class Collator:
         }
         if examples[0].rewards is not None:
             batch["rewards"] = torch.from_numpy(np.concatenate([e.rewards for e in examples]))
+        if examples[0].token_segments is not None:
+            # Chunk indices made global over the batch; segment_seq_ids: the row of each chunk.
+            n_chunks = [len(e.rewards) for e in examples]
+            offsets = np.cumsum([0] + n_chunks[:-1])
+            batch["token_segments"] = torch.from_numpy(np.concatenate([e.token_segments + o for e, o in zip(examples, offsets)]))
+            batch["segment_seq_ids"] = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(n_chunks))
         if examples[0].ref_logps is not None:
             batch["ref_logps"] = torch.from_numpy(np.concatenate([e.ref_logps for e in examples]))
         return batch

@@ -13,11 +13,15 @@ strong log-ratio are compared:
   reward the sum of its weak token rewards (computed by the data step, since rewards are data).
 
 With one segment per token the formula is exactly DESIGN section 1.
+
+DPO and WRPO (`dpo_loss`, `wrpo_loss`) take one value per *response*: its token log-probs summed
+(`segment_sums` over the sequence index), under the policy and under the reference.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def segment_sums(values: torch.Tensor, segment_ids: torch.Tensor, n_segments: int) -> torch.Tensor:
@@ -63,6 +67,60 @@ def sft_loss(policy_logps: torch.Tensor) -> torch.Tensor:
     Hugging Face causal-LM loss, not per sequence as in `wspo_loss`.
     """
     return -policy_logps.mean()
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Sigmoid DPO: mean over pairs of  -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))).
+
+    Every argument is [pairs]: a response's log-probs summed over its tokens, under the policy
+    (with gradient) or the reference (without). The implicit reward of a response is
+    beta * (pi - ref); see `implicit_rewards`.
+    """
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def wrpo_loss(
+    policy_source: torch.Tensor,
+    policy_target: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_source: torch.Tensor,
+    ref_target: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    alpha: float,
+) -> torch.Tensor:
+    """WRPO: mean over triples of  -log sigmoid(beta * (alpha * D(y_ws) + (1 - alpha) * D(y_wt) - D(y_l))),
+
+    D(y) = pi(y) - ref(y), the summed log-ratio of policy to reference; y_ws the source models'
+    chosen response, y_wt the target model's chosen response, y_l the rejected one. Arguments as
+    in `dpo_loss`; alpha = 0 is DPO on (y_wt, y_l).
+    """
+    chosen = alpha * (policy_source - ref_source) + (1.0 - alpha) * (policy_target - ref_target)
+    return -F.logsigmoid(beta * (chosen - (policy_rejected - ref_rejected))).mean()
+
+
+def implicit_rewards(policy_sums: torch.Tensor, ref_sums: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta * (pi - ref) per response (no gradient): the rewards DPO-style losses compare."""
+    return beta * (policy_sums.detach() - ref_sums)
+
+
+def wrpo_alpha(step: int, max_steps: int, alpha_max: float, schedule: str = "linear") -> float:
+    """The WRPO weight at optimizer step `step` (0-based, `TrainerState.global_step` while the
+    step's micro-batches run): 0 at the first step, rising linearly to `alpha_max` at the last
+    (step max_steps - 1), `alpha_max` after it (evaluation at the end) and for schedule 'fixed'.
+    """
+    if schedule == "fixed" or max_steps <= 1:
+        return float(alpha_max)
+    if schedule != "linear":
+        raise ValueError(f"unknown wrpo_alpha_schedule {schedule!r}")
+    return float(alpha_max) * min(1.0, max(0, step) / (max_steps - 1))
 
 
 def pearson_sums(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

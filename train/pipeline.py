@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 import wspo
 from wspo.models import load_tokenizer, read_config, resolve_model_dir
 
-from .config import WSPOArguments
+from .config import PREFERENCE_LOSSES, WSPOArguments
 from .data import (
     Collator,
     DataError,
@@ -39,6 +39,7 @@ from .data import (
     split_examples,
     strong_rule,
 )
+from .pairs import PreferenceCollator, PreferenceDataset, preference_examples
 from .trainer import WSPOTrainer
 
 RUN_FILE = "wspo_run.json"
@@ -117,14 +118,20 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
     model_dir = resolve_model_dir(args.model_name_or_path, option="model_name_or_path").resolve()
     tokenizer = load_tokenizer(model_dir)
     max_length = args.max_length or shard_sets[0].tokenizer["max_length"]
-    rule = strong_rule(shard_sets, tokenizer, max_length, args.reward_projection)
+    rule, projected = strong_rule(shard_sets, tokenizer, max_length, args.reward_projection)
     vocab = read_config(model_dir).get("vocab_size")
     if vocab is not None and len(tokenizer) > vocab:
         raise DataError(f"model {model_dir} has {vocab} embeddings but its tokenizer has {len(tokenizer)} tokens")
     ref_logps_by_id, reference_sets = None, []
     if args.loss == "wspo" and args.reference_logps == "shards":
         ref_logps_by_id, reference_sets = reference_logps(args.reference_shards or args.shards, shard_sets, model_dir)
-    examples, counts = load_examples(shard_sets, rule, with_rewards=args.loss == "wspo", reference=ref_logps_by_id)
+    preference = None  # dpo / wrpo: what wspo_run.json records of the pairs and their reference
+    if args.loss in PREFERENCE_LOSSES:
+        examples, counts, ref_logps_by_id, reference_sets, preference = preference_examples(
+            args, shard_sets, rule, projected, model_dir)
+    else:
+        examples, counts = load_examples(shard_sets, rule, with_rewards=args.loss == "wspo", reference=ref_logps_by_id,
+                                         project=projected)
     if not examples:
         slots = {k.removeprefix("rows_"): v for k, v in counts.items() if k.startswith("rows_")}
         raise DataError(
@@ -139,7 +146,8 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
             f"eval_strategy is {training_args.eval_strategy.value} but no held-out rows: raise eval_fraction "
             f"(now {args.eval_fraction}) or set eval_strategy no"
         )
-    train_set, eval_set = ExampleDataset(train_examples), ExampleDataset(eval_examples) if eval_examples else None
+    dataset_class = PreferenceDataset if preference else ExampleDataset
+    train_set, eval_set = dataset_class(train_examples), dataset_class(eval_examples) if eval_examples else None
 
     # 3. models
     _init_deepspeed_comm(training_args)
@@ -155,7 +163,10 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
         gamma=args.gamma,
         ref_model=reference_model,
         reference_from_shards=ref_logps_by_id is not None,
-        data_collator=Collator(pad_id),
+        beta=args.beta,
+        wrpo_alpha=args.wrpo_alpha,
+        wrpo_alpha_schedule=args.wrpo_alpha_schedule,
+        data_collator=(PreferenceCollator if preference else Collator)(pad_id),
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
@@ -194,8 +205,10 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
         },
         "shards": describe_shards(shard_sets),
         "reference_shards": describe_shards(reference_sets),
+        "preference": preference,
         "data": {
             "max_length": max_length,
+            "reward_projection": "chunks" if projected else "none (same tokenizer: rewards token for token)",
             "train_rows": len(train_set),
             "train_response_tokens": train_set.num_tokens,
             "eval_rows": len(eval_set) if eval_set else 0,

@@ -25,22 +25,25 @@ from transformers import Trainer
 
 from wspo.logprobs import response_logprobs
 
-from .losses import pearson_from_sums, pearson_sums, sft_loss, wspo_loss
+from .losses import pearson_from_sums, pearson_sums, segment_sums, sft_loss, wspo_loss
+from .preference import PreferenceMixin
 
 
-class WSPOTrainer(Trainer):
+class WSPOTrainer(PreferenceMixin, Trainer):
     # compute_loss returns the mean over one micro-batch; the Trainer divides by the number of
     # gradient-accumulation steps, so the step's loss is the mean over its micro-batches.
     loss_is_scaled_for_ga = False
 
     def __init__(self, model, args, *, loss: str = "wspo", gamma: float = 0.1, ref_model: torch.nn.Module | None = None,
-                 reference_from_shards: bool = False, **kwargs):
+                 reference_from_shards: bool = False, beta: float = 0.1, wrpo_alpha: float = 0.1,
+                 wrpo_alpha_schedule: str = "linear", **kwargs):
         # Batches carry keys the model's forward does not take (target_mask, rewards, ...); the
         # Trainer must not drop them.
         args.remove_unused_columns = False
         super().__init__(model=model, args=args, **kwargs)
         self.loss_name = loss
         self.gamma = gamma
+        self._init_preference(loss, beta, wrpo_alpha, wrpo_alpha_schedule)  # dpo / wrpo (preference.py)
         self.uses_lora = isinstance(self.model, PeftModel)
         self.reference_from_shards = reference_from_shards
         if loss == "wspo" and not self.uses_lora and ref_model is None and not reference_from_shards:
@@ -48,6 +51,8 @@ class WSPOTrainer(Trainer):
         self.ref_model = self._prepare_ref_model(ref_model) if ref_model is not None and not self.uses_lora else None
         if loss == "sft":
             self.reference_kind = None
+        elif self.is_preference_loss:
+            self.reference_kind = "logp_ref from shards"
         elif reference_from_shards:
             self.reference_kind = "logp_strong_ref from shards"
         elif self.uses_lora:
@@ -104,6 +109,9 @@ class WSPOTrainer(Trainer):
         ids, mask, target = inputs["input_ids"], inputs["attention_mask"], inputs["target_mask"]
         mode = "train" if model.training else "eval"
         self._tokens[mode] += int(target.sum())
+        if self.is_preference_loss:  # dpo / wrpo: preference.py
+            loss = self.preference_loss(model, inputs, mode)
+            return (loss, {}) if return_outputs else loss
         policy_logps = response_logprobs(model, ids, mask, target)
         if self.loss_name == "sft":
             loss = sft_loss(policy_logps)
@@ -114,9 +122,14 @@ class WSPOTrainer(Trainer):
                 with torch.no_grad(), self._reference_context(model):
                     ref_logps = response_logprobs(self.ref_model if self.ref_model is not None else model, ids, mask, target)
             rewards = inputs["rewards"].float()
-            loss = wspo_loss(policy_logps, ref_logps, rewards, inputs["seq_ids"], ids.shape[0], self.gamma)
-            scaled = self.gamma * (policy_logps.detach() - ref_logps)
-            self._sums[mode] += pearson_sums(rewards, scaled).cpu()
+            # Reward projection: one segment per chunk of strong tokens; else one per token.
+            segments = inputs.get("token_segments")
+            seq_of_segment = inputs.get("segment_seq_ids", inputs["seq_ids"])
+            loss = wspo_loss(policy_logps, ref_logps, rewards, seq_of_segment, ids.shape[0], self.gamma, token_segments=segments)
+            logratio = policy_logps.detach() - ref_logps
+            if segments is not None:
+                logratio = segment_sums(logratio, segments, rewards.shape[0])
+            self._sums[mode] += pearson_sums(rewards, self.gamma * logratio).cpu()
         return (loss, {}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -1,0 +1,120 @@
+"""DPO and WRPO inside `WSPOTrainer`: the loss from a preference batch, and TRL-style logs.
+
+A mixin, so `trainer.py` only routes to it. Batches come from `pairs.PreferenceCollator`: the
+responses of each example in slot order, the reference's per-token log-probs (`ref_logps`, read
+from the shards) beside them. Per response, policy and reference log-probs are summed in float64
+(`segment_sums`), reshaped to [examples, slots], and handed to a pure loss from `losses.py`.
+
+WRPO's alpha follows `losses.wrpo_alpha` at `state.global_step`, which the Trainer advances once
+per optimizer step: all micro-batches of one accumulated step use the same alpha.
+
+Logged (per log period, summed over micro-batches and ranks; `eval_` prefix in evaluation), with
+implicit reward r(y) = beta * (pi(y) - ref(y)) summed over the response:
+    rewards/<slot>, logps/<slot>   mean per response of each slot
+    rewards/chosen                 wrpo: alpha * r(y_ws) + (1 - alpha) * r(y_wt)
+    rewards/margins                mean of chosen - rejected (the loss's sigmoid argument)
+    rewards/accuracies             fraction of examples with chosen > rejected
+    wrpo_alpha                     wrpo: the alpha of the last micro-batch of the period
+"""
+
+from __future__ import annotations
+
+import torch
+
+from wspo.logprobs import response_logprobs
+
+from . import losses
+from .config import PREFERENCE_LOSSES
+from .losses import implicit_rewards, segment_sums
+from .pairs import PREFERENCE_SLOTS
+
+# Batch values whose precision matters: under DeepSpeed the stock `_prepare_inputs` casts every
+# floating-point tensor to the engine's dtype (bf16 would round a log-prob of -7.6 by 0.03 and a
+# summed reference of a long response by whole units). These keep float32 and only move device.
+EXACT_FLOAT_KEYS = ("ref_logps",)
+
+
+class PreferenceMixin:
+    def _init_preference(self, loss: str, beta: float, wrpo_alpha: float, wrpo_alpha_schedule: str) -> None:
+        self.beta = beta
+        self.wrpo_alpha_max = wrpo_alpha
+        self.wrpo_alpha_schedule = wrpo_alpha_schedule
+        self.preference_slots = PREFERENCE_SLOTS.get(loss, ())
+        k = len(self.preference_slots)
+        # Per mode: [examples, correct, sum margin, sum r per slot (k), sum logp per slot (k)].
+        self._pref_sums = {mode: torch.zeros(3 + 2 * k, dtype=torch.float64) for mode in ("train", "eval")}
+        self._pref_alpha = {"train": None, "eval": None}
+
+    @property
+    def is_preference_loss(self) -> bool:
+        return self.loss_name in PREFERENCE_LOSSES
+
+    def current_wrpo_alpha(self) -> float:
+        """The alpha of the optimizer step now running (see `losses.wrpo_alpha`)."""
+        return losses.wrpo_alpha(self.state.global_step, self.state.max_steps, self.wrpo_alpha_max, self.wrpo_alpha_schedule)
+
+    def _prepare_inputs(self, inputs):
+        if not self.is_preference_loss:
+            return super()._prepare_inputs(inputs)
+        exact = {k: inputs[k] for k in EXACT_FLOAT_KEYS if k in inputs}
+        prepared = super()._prepare_inputs({k: v for k, v in inputs.items() if k not in exact})
+        prepared.update({k: v.to(self.args.device) for k, v in exact.items()})
+        return prepared
+
+    def preference_loss(self, model, inputs, mode: str) -> torch.Tensor:
+        ids, mask, target, seq_ids = inputs["input_ids"], inputs["attention_mask"], inputs["target_mask"], inputs["seq_ids"]
+        k = len(self.preference_slots)
+        policy_logps = response_logprobs(model, ids, mask, target)
+        # float64 sums: a long response's summed log-prob is in the thousands, and DPO compares
+        # differences of such sums.
+        pol = segment_sums(policy_logps.double(), seq_ids, ids.shape[0]).view(-1, k)
+        ref = segment_sums(inputs["ref_logps"].double(), seq_ids, ids.shape[0]).view(-1, k)
+        rewards = implicit_rewards(pol, ref, self.beta)  # [examples, k]
+        if self.loss_name == "dpo":
+            loss = losses.dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], self.beta)
+            chosen = rewards[:, 0]
+        else:
+            alpha = self.current_wrpo_alpha()
+            self._pref_alpha[mode] = alpha
+            loss = losses.wrpo_loss(pol[:, 0], pol[:, 1], pol[:, 2], ref[:, 0], ref[:, 1], ref[:, 2], self.beta, alpha)
+            chosen = alpha * rewards[:, 0] + (1.0 - alpha) * rewards[:, 1]
+        margin = chosen - rewards[:, -1]
+        stats = torch.cat([
+            margin.new_tensor([margin.numel(), float((margin > 0).sum()), float(margin.sum())]),
+            rewards.sum(0),
+            pol.detach().sum(0),
+        ])
+        self._pref_sums[mode] += stats.cpu()
+        return loss.float()
+
+    def _preference_metrics(self, mode: str) -> dict[str, float]:
+        """The log period's DPO/WRPO values, summed over ranks (every rank logs at the same points), then reset."""
+        sums = self._pref_sums[mode]
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").cpu()
+        self._pref_sums[mode].zero_()
+        n = sums[0].item()
+        if n == 0:
+            return {}
+        k = len(self.preference_slots)
+        prefix = "eval_" if mode == "eval" else ""
+        metrics = {
+            f"{prefix}rewards/accuracies": sums[1].item() / n,
+            f"{prefix}rewards/margins": sums[2].item() / n,
+        }
+        for j, slot in enumerate(self.preference_slots):
+            metrics[f"{prefix}rewards/{slot}"] = sums[3 + j].item() / n
+            metrics[f"{prefix}logps/{slot}"] = sums[3 + k + j].item() / n
+        if self.loss_name == "wrpo":
+            metrics[f"{prefix}rewards/chosen"] = metrics[f"{prefix}rewards/margins"] + metrics[f"{prefix}rewards/rejected"]
+            if self._pref_alpha[mode] is not None:
+                metrics[f"{prefix}wrpo_alpha"] = self._pref_alpha[mode]
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.is_preference_loss:
+            if "loss" in logs:
+                logs.update(self._preference_metrics("train"))
+            elif "eval_loss" in logs:
+                logs.update(self._preference_metrics("eval"))
+        super().log(logs, start_time)
