@@ -131,8 +131,27 @@ def build_embedded(root: str | Path) -> dict[str, Path]:
     return paths
 
 
-if __name__ == "__main__":
-    import sys
+def build_bases(root: str | Path) -> dict[str, Path]:
+    """Untrained starting points for the whole pipeline (scripts/pipeline.sh): the tokenizer, a
+    weak base and a strong base with random weights, which the pipeline itself SFTs."""
+    root = Path(root)
+    paths = {name: root / name for name in ("tokenizer", "weak_base", "strong_base")}
+    if not (paths["tokenizer"] / "tokenizer.json").exists():
+        build_tokenizer(paths["tokenizer"])
+    for name, size in (("weak_base", "weak"), ("strong_base", "strong")):
+        if not (paths[name] / "config.json").exists():
+            build_model(paths[name], paths["tokenizer"], size, seed=0)
+    return paths
 
-    for name, path in build_embedded(sys.argv[1] if len(sys.argv) > 1 else "outputs/embedded/models").items():
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the tiny local models of the embedded default.")
+    parser.add_argument("root", nargs="?", default="outputs/embedded/models")
+    parser.add_argument("--bases", action="store_true",
+                        help="untrained weak and strong bases for scripts/pipeline.sh, instead of "
+                             "weak_ref / weak_aligned / strong_sft stand-ins")
+    cli = parser.parse_args()
+    for name, path in (build_bases if cli.bases else build_embedded)(cli.root).items():
         print(f"{name}: {path}")

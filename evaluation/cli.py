@@ -1,0 +1,72 @@
+"""`wspo-eval rewards|generate [CONFIG.yaml] [--key value ...]` (see README, "Evaluation")."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from wspo.args import parse_config
+from wspo.shards.store import ShardError
+
+from .config import GenerateArguments, RewardsArguments
+from .rewards import EvalError
+
+USAGE = """usage: wspo-eval {rewards,generate} [CONFIG.yaml] [--key value ...]
+
+  rewards   implicit-reward accuracy and margins of a (policy, reference) pair on preference pairs
+            (a dataset split or a shard set with chosen and rejected rows); JSON summary on stdout
+  generate  completions for a prompt set (a dataset split or a JSON list of instructions) with
+            transformers or vLLM, written in AlpacaEval's JSON layout; JSON summary on stdout
+
+`wspo-eval rewards --help` and `wspo-eval generate --help` list every key."""
+
+TASKS = {
+    "rewards": (RewardsArguments, "wspo-eval rewards: implicit-reward accuracy and margins of a (policy, reference) pair."),
+    "generate": (GenerateArguments, "wspo-eval generate: completions for a prompt set in AlpacaEval's JSON layout."),
+}
+
+
+def _write_json(obj, path: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    task, rest = argv[0], argv[1:]
+    if task not in TASKS:
+        print(f"{USAGE}\nwspo-eval: error: unknown task {task!r}; choose rewards or generate", file=sys.stderr)
+        return 2
+    dataclass_type, description = TASKS[task]
+    program, sys.argv[0] = sys.argv[0], f"wspo-eval {task}"  # argparse's prog: usage and errors name the task
+    try:
+        (args,) = parse_config([dataclass_type], rest, description=description)
+        if task == "rewards":
+            from .rewards import run
+
+            summary, pairs = run(args)
+            if args.pairs_file:
+                Path(args.pairs_file).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.pairs_file).write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+        else:
+            from .generate import run
+
+            summary, _ = run(args)
+        if getattr(args, "output_file", None) and task == "rewards":
+            _write_json(summary, args.output_file)
+    except (EvalError, ShardError, FileNotFoundError, ValueError) as e:
+        print(f"wspo-eval {task}: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        sys.argv[0] = program
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

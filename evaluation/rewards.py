@@ -1,0 +1,284 @@
+"""Implicit-reward accuracy and margins of a (policy, reference) pair on preference pairs.
+
+The implicit reward of a response y to a conversation x is the summed log-ratio over its response
+tokens (the tokenization rule's response ids, end-of-turn token included):
+
+    R(x, y) = sum_t ( log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) )
+
+(DPO's reward is beta * R; accuracy does not depend on beta). A pair counts as a win when
+R(chosen) > R(rejected) strictly: a tie is not a win, so policy == reference scores accuracy 0.
+
+Pairs come from a preference set (`load_rows` + `to_example`, every layout phase one reads) or
+from a shard set with `chosen` and `rejected` rows (paired by `example_id`). Both models are
+scored with the `hf` scorer (length-sorted batches, `response_logprobs`, inference mode), one
+after the other, so they never share memory; or the reference log-probs come from a shard column.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wspo.models import default_device, load_tokenizer, model_fingerprint, read_config, resolve_dtype, resolve_model_dir
+from wspo.precompute.data import detect_format, load_rows, to_example
+from wspo.precompute.scorers import HFScorer
+from wspo.shards.schema import logp_column
+from wspo.shards.store import ShardSet, list_arrays
+from wspo.shards.tokenization import ResponseTokenizer, Skip
+
+from .config import RewardsArguments
+
+SLOTS = ["chosen", "rejected"]
+
+
+class EvalError(Exception):
+    """A problem with the user's input; the CLI prints it as one line."""
+
+
+@dataclass
+class Response:
+    prompt_ids: list[int]
+    token_ids: list[int]  # response ids, end-of-turn included unless truncated
+    truncated: bool
+    ref_logps: np.ndarray | None = None  # from a shard column
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.token_ids
+
+
+@dataclass
+class Pair:
+    example_id: str
+    chosen: Response
+    rejected: Response
+
+
+# -- tokenizer ----------------------------------------------------------------------------------
+
+
+def check_tokenizer(name: str, model_dir: Path, rule: ResponseTokenizer) -> None:
+    """A model must share the rule's tokenizer (same ids mean the same text) and hold every id."""
+    vocab = read_config(model_dir).get("vocab_size")
+    if vocab is not None and len(rule.tokenizer) > vocab:
+        raise EvalError(f"{name}: model {model_dir} has {vocab} embeddings but the tokenizer has {len(rule.tokenizer)} tokens")
+    if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
+        theirs = ResponseTokenizer(load_tokenizer(model_dir), rule.max_length, rule.max_prompt_length, rule.end_of_turn_token)
+        if theirs.fingerprint != rule.fingerprint:
+            raise EvalError(f"{name}: the tokenizer of {model_dir} differs from the one applied ({rule.tokenizer.name_or_path}); "
+                            "policy and reference must score the same token ids")
+
+
+def _rule(args: RewardsArguments, source: str, end_of_turn_token: str | None) -> ResponseTokenizer:
+    return ResponseTokenizer(load_tokenizer(source), args.max_length, args.max_prompt_length, end_of_turn_token)
+
+
+# -- pairs from a preference set ----------------------------------------------------------------
+
+
+def pairs_from_dataset(args: RewardsArguments, rule: ResponseTokenizer) -> tuple[list[Pair], Counter, str]:
+    rows = load_rows(args.dataset, args.dataset_split, args.max_samples)
+    if not rows:
+        raise EvalError(f"dataset {args.dataset} split {args.dataset_split} is empty")
+    columns = sorted(set().union(*(r.keys() for r in rows[:100] if isinstance(r, dict))))
+    no_rejected = ("rejected" not in columns if args.dataset_format != "columns"
+                   else "rejected=" not in (args.column_map or "").replace(" ", ""))
+    if no_rejected:
+        raise EvalError(f"dataset {args.dataset} split {args.dataset_split} has no rejected responses (columns: "
+                        f"{', '.join(columns)}); the reward task needs preference pairs (chosen and rejected)")
+    layout = detect_format(rows) if args.dataset_format == "auto" else args.dataset_format
+    pairs, skipped = [], Counter()
+    for index, row in enumerate(rows):
+        try:
+            example = to_example(index, row, layout, SLOTS, args.column_map)
+            sides = {slot: rule(*example.responses[slot]) for slot in SLOTS}
+        except Skip as skip:
+            skipped[skip.reason] += 1
+            continue
+        pairs.append(Pair(example.example_id, *(Response(t.prompt_ids, t.token_ids, t.truncated) for t in sides.values())))
+    return pairs, skipped, layout
+
+
+# -- pairs from a shard set ---------------------------------------------------------------------
+
+
+def _shard_response(row: dict, stored: list[int] | None, ref: np.ndarray | None, rule: ResponseTokenizer, root: Path) -> Response:
+    """A shard row under `rule`: its stored ids (checked against re-tokenizing) when the rule has
+    the shards' fingerprint, else the rule's own tokenization of its text."""
+    messages = json.loads(row["messages"])
+    if stored is None:
+        tok = rule(messages, row["response"])
+        return Response(tok.prompt_ids, tok.token_ids, tok.truncated)
+    prompt = rule.prompt_ids(messages)
+    if len(prompt) > rule.max_prompt_length:
+        raise Skip("prompt_too_long")
+    full, _, _ = rule.response_tokens(row["response"])
+    if full[: len(stored)] != stored or (len(stored) < len(full) and not row["truncated"]):
+        raise EvalError(f"row {row['id']} (example {row['example_id']}) of {root}: re-tokenizing its response does not give "
+                        "the stored token_ids although the tokenizers share a fingerprint; the shard row or the tokenizer "
+                        "files were altered")
+    keep = min(len(stored), rule.max_length - len(prompt))
+    return Response(prompt, stored[:keep], bool(row["truncated"]) or keep < len(stored),
+                    None if ref is None else ref[:keep].astype(np.float64))
+
+
+def pairs_from_shards(args: RewardsArguments, policy_dir: Path) -> tuple[list[Pair], Counter, dict]:
+    shard_set = ShardSet.open(args.shards).check()
+    info = {"shards": str(args.shards), "fingerprint": shard_set.fingerprint}
+    shard_tok = shard_set.tokenizer
+    ref_column = None
+    if args.reference_column:
+        name = args.reference_column.removeprefix("logp_")
+        ref_column = logp_column(name)
+        scorer = next((s for s in shard_set.scorers if s["name"] == name), None)
+        if scorer is None:
+            raise EvalError(f"shard set {shard_set.root} has no column {ref_column} (scorers: {', '.join(shard_set.scorer_names)})")
+        info["reference_scorer"] = {k: scorer.get(k) for k in ("name", "model", "fingerprint", "dtype", "backend")}
+
+    # The shards' rule under the policy's tokenizer: same fingerprint -> stored ids are used.
+    source = args.tokenizer or str(policy_dir)
+    try:
+        rule = _rule(args, source, args.end_of_turn_token or shard_tok["end_of_turn_token"])
+        same = rule.fingerprint == shard_tok["fingerprint"]
+    except ValueError:  # the shards' end-of-turn token is not in this vocabulary
+        same = False
+    if not same:
+        if ref_column:
+            raise EvalError(f"reference_column {ref_column}: the tokenization here ({source}, end-of-turn "
+                            f"{args.end_of_turn_token or shard_tok['end_of_turn_token']!r}) differs from the shards' "
+                            f"({shard_tok['name']}, end-of-turn {shard_tok['end_of_turn_token']!r}); stored log-probs are per "
+                            "token of the shards' tokenization, so give the reference as a model instead")
+        rule = _rule(args, source, args.end_of_turn_token)
+    info["token_ids"] = "stored" if same else "re-tokenized"
+
+    columns = ["id", "example_id", "slot", "messages", "response", "token_ids", "truncated"] + ([ref_column] if ref_column else [])
+    table = shard_set.read_table(columns=columns, slots=SLOTS)
+    slots = Counter(table["slot"].to_pylist())
+    if not slots["rejected"]:
+        present = Counter(shard_set.read_table(columns=["slot"])["slot"].to_pylist())
+        raise EvalError(f"shard set {shard_set.root} has no rejected rows (slots: {', '.join(f'{k}={v}' for k, v in present.items()) or 'none'}); "
+                        "score them with wspo-precompute --slots chosen,rejected")
+    stored = list_arrays(table["token_ids"])
+    refs = list_arrays(table[ref_column]) if ref_column else [None] * table.num_rows
+    text = table.select(["id", "example_id", "slot", "messages", "response", "truncated"]).to_pylist()
+    by_example: dict[str, dict[str, list[int]]] = {}
+    for k, row in enumerate(text):
+        by_example.setdefault(row["example_id"], {"chosen": [], "rejected": []})[row["slot"]].append(k)
+
+    pairs, skipped = [], Counter()
+    for example_id, ks in by_example.items():
+        if args.max_samples is not None and len(pairs) >= args.max_samples:
+            break
+        n = min(len(ks["chosen"]), len(ks["rejected"]))
+        for slot in SLOTS:
+            if len(ks[slot]) > n:
+                skipped[f"unpaired_{slot}"] += len(ks[slot]) - n
+        for kc, kr in zip(ks["chosen"][:n], ks["rejected"][:n]):
+            try:
+                sides = [_shard_response(text[k], stored[k].tolist() if same else None, refs[k], rule, shard_set.root)
+                         for k in (kc, kr)]
+            except Skip as skip:
+                skipped[skip.reason] += 1
+                continue
+            pairs.append(Pair(example_id, *sides))
+    return pairs, skipped, {**info, "rule": rule}
+
+
+# -- scoring and figures ------------------------------------------------------------------------
+
+
+def score_pairs(model_dir: Path, pairs: list[Pair], args: RewardsArguments, name: str) -> list[np.ndarray]:
+    """Per-token log-probs of every response, [chosen 0, rejected 0, chosen 1, ...]; one model in memory."""
+    responses = [r for p in pairs for r in (p.chosen, p.rejected)]
+    scorer = HFScorer(model_dir, dtype=args.dtype, batch_tokens=args.batch_tokens)
+    try:
+        logps = scorer.score([r.input_ids for r in responses], [len(r.prompt_ids) for r in responses])
+    finally:
+        scorer.close()
+    bad = [pairs[i // 2].example_id for i, lp in enumerate(logps) if not np.isfinite(lp).all()]
+    if bad:
+        raise EvalError(f"{name} ({model_dir}) gave NaN or infinite log-probs for example(s) {', '.join(sorted(set(bad))[:10])}; "
+                        "check the weights and dtype (float16 overflows are common)")
+    return logps
+
+
+def _mean(values) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def figures(chosen: np.ndarray, rejected: np.ndarray) -> dict:
+    """Accuracy (strict: ties are not wins), ties, margins and mean rewards of paired rewards."""
+    margin = chosen - rejected
+    return {
+        "accuracy": _mean(margin > 0),
+        "ties": int((margin == 0).sum()),
+        "margin_mean": _mean(margin),
+        "margin_std": float(np.std(margin)) if len(margin) else None,
+        "chosen_reward_mean": _mean(chosen),
+        "rejected_reward_mean": _mean(rejected),
+    }
+
+
+def run(args: RewardsArguments) -> tuple[dict, list[dict]]:
+    """Evaluate; returns the summary and one record per pair."""
+    started = time.perf_counter()
+    policy_dir = resolve_model_dir(args.policy, option="policy")
+    reference_dir = resolve_model_dir(args.reference, option="reference") if args.reference else None
+    if args.shards is not None:
+        pairs, skipped, info = pairs_from_shards(args, policy_dir)
+        rule = info.pop("rule")
+        source = info
+    else:
+        rule = _rule(args, args.tokenizer or str(policy_dir), args.end_of_turn_token)
+        pairs, skipped, layout = pairs_from_dataset(args, rule)
+        source = {"dataset": args.dataset, "split": args.dataset_split, "format": layout}
+    if not pairs:
+        where = args.shards if args.shards is not None else f"{args.dataset} split {args.dataset_split}"
+        raise EvalError(f"no pairs to evaluate in {where} (skipped: {dict(skipped) or 'none'})")
+    check_tokenizer("policy", policy_dir, rule)
+    if reference_dir is not None:
+        check_tokenizer("reference", reference_dir, rule)
+
+    policy = score_pairs(policy_dir, pairs, args, "policy")
+    if reference_dir is not None:
+        reference = score_pairs(reference_dir, pairs, args, "reference")
+    else:
+        reference = [r.ref_logps for p in pairs for r in (p.chosen, p.rejected)]
+    # Summed in float64; log-probs are float32 per token.
+    rewards = np.array([np.sum(lp.astype(np.float64) - ref.astype(np.float64)) for lp, ref in zip(policy, reference)])
+    lengths = np.array([len(lp) for lp in policy])
+    chosen, rejected = rewards[0::2], rewards[1::2]
+    n_chosen, n_rejected = lengths[0::2], lengths[1::2]
+
+    summary = {
+        "task": "rewards",
+        "policy": args.policy,
+        "reference": args.reference if reference_dir is not None else {"column": logp_column(args.reference_column.removeprefix("logp_")),
+                                                                      **source.pop("reference_scorer", {})},
+        "source": source,
+        "pairs": len(pairs),
+        "skipped": dict(sorted(skipped.items())),
+        "truncated_responses": int(sum(r.truncated for p in pairs for r in (p.chosen, p.rejected))),
+        "response_tokens": {"chosen": int(n_chosen.sum()), "rejected": int(n_rejected.sum())},
+        **figures(chosen, rejected),
+        "per_token": figures(chosen / n_chosen, rejected / n_rejected),
+        "beta": args.beta,
+        "scaled": {k: v * args.beta for k, v in figures(chosen, rejected).items() if k.endswith("_mean")},
+        "policy_fingerprint": model_fingerprint(policy_dir),
+        "reference_fingerprint": model_fingerprint(reference_dir) if reference_dir is not None else None,
+        "dtype": str(resolve_dtype(args.dtype, default_device())).removeprefix("torch."),
+        "tokenizer_fingerprint": rule.fingerprint,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    records = [
+        {"example_id": p.example_id, "chosen_reward": float(c), "rejected_reward": float(r), "margin": float(c - r),
+         "chosen_tokens": int(nc), "rejected_tokens": int(nr), "chosen_truncated": p.chosen.truncated,
+         "rejected_truncated": p.rejected.truncated}
+        for p, c, r, nc, nr in zip(pairs, chosen, rejected, n_chosen, n_rejected)
+    ]
+    return summary, records
