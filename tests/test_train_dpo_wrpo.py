@@ -208,6 +208,7 @@ def test_trainer_loss_equals_direct_computation(train_setup, dpo_shards, wrpo_sh
 
     direct = direct_loss(loss, groups, tokenizer, load(train_setup["strong_sft"]), policy, beta, alpha)
     direct.backward()
+    print(f"{loss}: trainer {got.item():.9f}, direct {direct.item():.9f}, |diff| {abs(got.item() - direct.item()):.2e}")
     assert got.dtype == torch.float32
     assert abs(got.item() - math.log(2)) > 1e-3  # the perturbation moved the loss off log 2
     assert abs(got.item() - direct.item()) < 1e-5, (got.item(), direct.item())
@@ -340,3 +341,60 @@ def test_preference_input_errors(train_setup, dpo_shards, tmp_path, capsys):  # 
 
     err = error(train_argv(train_setup, tmp_path / "out", loss="dpo", reference_logps="model"))
     assert "reference_logps model is not supported" in err
+
+
+def test_preference_recipes_parse():
+    from transformers import TrainingArguments
+
+    from wspo.args import parse_config
+    from wspo.train.config import WSPOArguments
+
+    configs = Path(__file__).parents[1] / "configs"
+    argv = ["--bf16", "false", "--use_cpu", "true"]
+    wrpo, training = parse_config([WSPOArguments, TrainingArguments], [str(configs / "train_wrpo.yaml"), *argv])
+    assert (wrpo.loss, wrpo.beta, wrpo.wrpo_alpha, wrpo.wrpo_alpha_schedule, wrpo.reference_logps) == ("wrpo", 0.01, 0.1, "linear", "shards")
+    assert (training.learning_rate, training.num_train_epochs, training.lr_scheduler_type.value, training.warmup_steps) == (3e-7, 1, "cosine", 0.1)
+    assert training.deepspeed.endswith("deepspeed_zero3.json")
+    dpo, training = parse_config([WSPOArguments, TrainingArguments], [str(configs / "train_dpo_weak.yaml"), *argv])
+    assert (dpo.loss, dpo.beta, training.learning_rate) == ("dpo", 0.1, 5e-7)
+
+
+def test_examples_missing_a_side_are_skipped_and_counted(train_setup, tmp_path):  # noqa: F811
+    """Two shard sets: chosen rows of 8 examples, rejected rows of the first 4: 4 pairs, 4 counted."""
+    from wspo.models import load_tokenizer
+    from wspo.train.data import open_shard_sets, reference_logps, strong_rule
+    from wspo.train.pairs import load_preference_examples
+
+    chosen = precompute_ref(tmp_path / "chosen", train_setup["strong_sft"], "chosen", 8)
+    rejected = precompute_ref(tmp_path / "rejected", train_setup["strong_sft"], "rejected", 4)
+    paths = [str(chosen), str(rejected)]
+    sets = open_shard_sets(paths, "dpo")
+    rule, _ = strong_rule(sets, load_tokenizer(train_setup["strong_sft"]), TRAIN_MAX_LENGTH, "none")
+    ref, _ = reference_logps(paths, sets, train_setup["strong_sft"], scorer_name="ref")
+    examples, counts = load_preference_examples(sets, rule, "dpo", ref)
+    assert len(examples) == 4 and counts["skipped_missing_rejected"] == 4 and counts["unpaired_rows"] == 4
+    assert counts["rows_chosen"] == 8 and counts["rows_rejected"] == 4
+    for e in examples:
+        assert [len(r.ref_logps) for r in e.responses] == [len(r.input_ids) - r.prompt_length for r in e.responses]
+
+
+def test_reference_logps_keep_float32_when_inputs_are_cast(train_setup, dpo_shards, tmp_path, monkeypatch):  # noqa: F811
+    """Under DeepSpeed the stock Trainer casts every float input to the engine dtype (bf16); the
+    summed reference must not be rounded that way."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from wspo.train.trainer import WSPOTrainer
+
+    original = Trainer._prepare_input
+
+    def cast_like_deepspeed(self, data):
+        data = original(self, data)
+        return data.to(torch.bfloat16) if isinstance(data, torch.Tensor) and data.is_floating_point() else data
+
+    monkeypatch.setattr(Trainer, "_prepare_input", cast_like_deepspeed)
+    batch, *_ = preference_batch(train_setup, dpo_shards, "dpo")
+    policy = AutoModelForCausalLM.from_pretrained(str(train_setup["strong_sft"]), dtype=torch.float32)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True)
+    trainer = WSPOTrainer(policy, args, loss="dpo", reference_from_shards=True, train_dataset=[0])
+    prepared = trainer._prepare_inputs(batch)
+    assert prepared["ref_logps"].dtype == torch.float32 and torch.equal(prepared["ref_logps"], batch["ref_logps"])

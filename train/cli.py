@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, training_args = parse_config(
             [WSPOArguments, TrainingArguments], argv,
-            description="Train the strong model from wspo-precompute shards (WSPO or SFT; LoRA or full; DeepSpeed).",
+            description="Train from wspo-precompute shards (WSPO, SFT, DPO or WRPO; LoRA or full; DeepSpeed).",
         )
         from .pipeline import run  # after parsing, so `--help` and argument errors stay fast
 

@@ -113,7 +113,9 @@ def load_preference_examples(
             counts["unpaired_rows"] += sum(len(v) for v in by_slot.values())
             continue
         n = min(len(v) for v in by_slot.values())
-        counts["unpaired_rows"] += sum(len(v) - n for v in by_slot.values())
+        extra = sum(len(v) - n for v in by_slot.values())
+        if extra:
+            counts["unpaired_rows"] += extra
         for j in range(n):
             responses = [by_slot[s][j] for s in slots]
             if any(r is None for r in responses):

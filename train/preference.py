@@ -89,7 +89,7 @@ class PreferenceMixin:
 
     def _preference_metrics(self, mode: str) -> dict[str, float]:
         """The log period's DPO/WRPO values, summed over ranks (every rank logs at the same points), then reset."""
-        sums = self._pref_sums[mode]
+        sums = self._pref_sums[mode].clone()  # the accumulator is reset below
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").cpu()
         self._pref_sums[mode].zero_()

@@ -1,4 +1,5 @@
-"""A thin `transformers.Trainer` subclass: the WSPO / SFT loss from shard batches.
+"""A thin `transformers.Trainer` subclass: the WSPO / SFT loss from shard batches (DPO and WRPO:
+`preference.PreferenceMixin`, which `compute_loss` routes to).
 
 Everything else (optimizer, schedule, gradient accumulation, DDP / DeepSpeed, checkpoints,
 resuming, `report_to`) is the stock Trainer. What this class adds:
