@@ -99,3 +99,25 @@ def test_train_a_strong_model_of_another_tokenizer_family(train_setup, tmp_path,
     assert len(losses) == 30
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.8 * first, (first, last)
+
+
+def test_rewards_keep_float32_when_inputs_are_cast(train_setup, tmp_path, monkeypatch):  # noqa: F811
+    """Under DeepSpeed bf16 the stock Trainer casts float inputs to bf16; weak rewards stay float32."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from wspo.train.trainer import WSPOTrainer
+
+    original = Trainer._prepare_input
+
+    def cast_like_deepspeed(self, data):
+        data = original(self, data)
+        return data.to(torch.bfloat16) if isinstance(data, torch.Tensor) and data.is_floating_point() else data
+
+    monkeypatch.setattr(Trainer, "_prepare_input", cast_like_deepspeed)
+    token_batch, chunk_batch, _ = batches(train_setup)
+    policy = AutoModelForCausalLM.from_pretrained(str(train_setup["strong_sft"]), dtype=torch.float32)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True)
+    trainer = WSPOTrainer(policy, args, loss="wspo", ref_model=policy, train_dataset=[0])
+    for batch in (token_batch, chunk_batch):
+        prepared = trainer._prepare_inputs(batch)
+        assert prepared["rewards"].dtype == torch.float32 and torch.equal(prepared["rewards"], batch["rewards"])

@@ -31,7 +31,7 @@ from .pairs import PREFERENCE_SLOTS
 # Batch values whose precision matters: under DeepSpeed the stock `_prepare_inputs` casts every
 # floating-point tensor to the engine's dtype (bf16 would round a log-prob of -7.6 by 0.03 and a
 # summed reference of a long response by whole units). These keep float32 and only move device.
-EXACT_FLOAT_KEYS = ("ref_logps",)
+EXACT_FLOAT_KEYS = ("ref_logps", "rewards")  # WSPO rewards, reference log-probs from shards
 
 
 class PreferenceMixin:
@@ -54,8 +54,8 @@ class PreferenceMixin:
         return losses.wrpo_alpha(self.state.global_step, self.state.max_steps, self.wrpo_alpha_max, self.wrpo_alpha_schedule)
 
     def _prepare_inputs(self, inputs):
-        if not self.is_preference_loss:
-            return super()._prepare_inputs(inputs)
+        # The stock Trainer casts every float batch tensor to the DeepSpeed dtype; in bf16 that
+        # would round rewards and shard log-probs to ~3 significant digits. They stay float32.
         exact = {k: inputs[k] for k in EXACT_FLOAT_KEYS if k in inputs}
         prepared = super()._prepare_inputs({k: v for k, v in inputs.items() if k not in exact})
         prepared.update({k: v.to(self.args.device) for k, v in exact.items()})
