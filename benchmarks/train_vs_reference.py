@@ -28,9 +28,10 @@ optimizer (AdamW) and number of steps:
   frozen reference model in the job (or LoRA adapters off) computing the reference log-probs.
 
 Time per example = the median seconds per optimizer step (data loading included) / pairs per
-step (one chosen response per pair), warm-up steps excluded. Peak memory: VmHWM of the child process on CPU (also reported above the
-RSS after imports, which strips the fixed ~0.5 GB of Python, torch and transformers), or
-`torch.cuda.max_memory_allocated` on GPU. The first optimizer step's loss of the two WSPO paths
+step (one chosen response per pair), warm-up steps excluded; `tokens_per_step_per_model` is what
+each model in the path forwards per step. Peak memory: VmHWM of the path's process on CPU (also
+above its RSS after imports, which strips the fixed ~0.5 GB of Python, torch and transformers),
+or `torch.cuda.max_memory_allocated` on GPU. The first optimizer step's loss of the two WSPO paths
 (and of the two DPO paths) must agree, |diff| < 1e-4 in float32 (2% in bfloat16): the same
 objective on the same batch. Shard building (models, `wspo-precompute`) is outside every timing.
 With --dtype bfloat16 every model is loaded in bf16 (`--model_dtype bfloat16 --bf16 true`).
@@ -157,7 +158,8 @@ def make_trainers():
                 weak_ref_logps, weak_aligned_logps = (response_logprobs(m, ids, mask, target) for m in self.weak_models)
             chosen = seq_ids % 2 == 0  # example-major, slot order (chosen, rejected)
             rewards = (weak_aligned_logps - weak_ref_logps)[chosen]
-            loss = wspo_loss(policy_logps[chosen], ref_logps[chosen], rewards, seq_ids[chosen] // 2, ids.shape[0] // 2, self.gamma)
+            loss = wspo_loss(policy_logps[chosen], ref_logps[chosen], rewards, seq_ids[chosen] // 2, ids.shape[0] // 2,
+                             self.gamma)
             return (loss, {}) if return_outputs else loss
 
     class DPOReferenceInMemoryTrainer(WSPOTrainer):
@@ -367,23 +369,25 @@ def summarize(result: dict, warmup: int, pairs: int, gpu: bool) -> dict:
 
 
 def compare(results: dict, paths: dict, toolkit: str, reference: str, check: bool) -> dict:
+    """The reference approach over the toolkit path; fails unless both began with the same loss."""
     a, b = results[toolkit], results[reference]
     if a["first_batch"] != b["first_batch"]:
-        raise SystemExit(f"{toolkit} and {reference} trained on different first batches: {a['first_batch']} vs {b['first_batch']}")
-    diff = abs(a["losses"][0] - b["losses"][0])
-    tolerance = LOSS_TOLERANCE if check else BF16_LOSS_TOLERANCE * max(1.0, abs(a["losses"][0]))
+        raise SystemExit(f"{toolkit} and {reference} trained on different first batches: "
+                         f"{a['first_batch']} vs {b['first_batch']}")
+    first_a, first_b = a["losses"][0], b["losses"][0]
+    diff = abs(first_a - first_b)
+    tolerance = LOSS_TOLERANCE if check else BF16_LOSS_TOLERANCE * max(1.0, abs(first_a))
     if diff >= tolerance:
-        raise SystemExit(f"first-step losses differ: {toolkit} {a['losses'][0]!r}, {reference} {b['losses'][0]!r} (|diff| {diff:.2e})")
-    n = min(len(a["losses"]), len(b["losses"]))
+        raise SystemExit(f"first-step losses differ: {toolkit} {first_a!r}, {reference} {first_b!r} (|diff| {diff:.2e})")
+    ratio = lambda key: round(paths[reference][key] / paths[toolkit][key], 3)  # noqa: E731
     out = {
-        f"{reference}_over_{toolkit}_time_per_example": round(paths[reference]["seconds_per_example"] / paths[toolkit]["seconds_per_example"], 3),
-        f"{reference}_over_{toolkit}_peak_memory": round(paths[reference]["peak_mib"] / paths[toolkit]["peak_mib"], 3),
+        f"{reference}_over_{toolkit}_time_per_example": ratio("seconds_per_example"),
+        f"{reference}_over_{toolkit}_peak_memory": ratio("peak_mib"),
         "first_step_loss_abs_diff": diff,
-        "max_loss_abs_diff_all_steps": max(abs(x - y) for x, y in zip(a["losses"][:n], b["losses"][:n])),
+        "max_loss_abs_diff_all_steps": max(abs(x - y) for x, y in zip(a["losses"], b["losses"])),
     }
     if "peak_above_baseline_mib" in paths[toolkit]:
-        out[f"{reference}_over_{toolkit}_peak_memory_above_baseline"] = round(
-            paths[reference]["peak_above_baseline_mib"] / paths[toolkit]["peak_above_baseline_mib"], 3)
+        out[f"{reference}_over_{toolkit}_peak_memory_above_baseline"] = ratio("peak_above_baseline_mib")
     return out
 
 
@@ -393,9 +397,9 @@ def main() -> None:
     parser.add_argument("--weak_config", choices=list(PRESETS), default="cpu-weak")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="models' dtype for scoring and for the weak models in the job; bfloat16 also trains with --bf16 (mixed precision)")
+                        help="every model's dtype, in phase one and in the job (bfloat16: pure bf16 training)")
     parser.add_argument("--batch_pairs", type=int, default=4, help="preference pairs (= chosen responses) per optimizer step")
-    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
     parser.add_argument("--warmup_steps", type=int, default=1, help="untimed optimizer steps first")
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--batch_tokens", type=int, default=8192, help="phase one's scoring batch (not timed)")

@@ -1,0 +1,56 @@
+"""`response_logprobs`: equal to a full-logits computation, and refusing heads it cannot reproduce."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from wspo.logprobs import response_logprobs
+
+
+def batch():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 2000, (3, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding
+    target = torch.zeros_like(ids, dtype=torch.bool)
+    target[0, 4:] = True
+    target[1, 6:9] = True
+    target[2, 1:] = True
+    return ids, mask, target
+
+
+def test_equals_full_logits_with_padding_and_gradients(tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["weak_ref"], dtype=torch.float32)
+    ids, mask, target = batch()
+    ours = response_logprobs(model, ids, mask, target)
+    full = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+    rows, cols = target.nonzero(as_tuple=True)
+    expected = full[rows, cols - 1].gather(1, ids[rows, cols][:, None])[:, 0]
+    assert ours.shape == expected.shape == (int(target.sum()),)
+    assert (ours - expected).abs().max() < 1e-5
+    ours.sum().backward()  # gradients flow (the trainer uses the same function)
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_forward_passes_the_self_check(tiny_models):
+    """accelerate's mixed precision autocasts the model's forward only, not our head call."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["weak_ref"], dtype=torch.float32)
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    ids, mask, target = batch()
+    with torch.no_grad():
+        ours = response_logprobs(model, ids, mask, target)
+    assert torch.isfinite(ours).all()
+
+
+def test_a_head_transform_we_do_not_reproduce_is_refused(tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["weak_ref"], dtype=torch.float32)
+    with torch.no_grad():  # logits large enough that a soft cap changes them visibly
+        model.lm_head.weight.mul_(50)
+    model.config.final_logit_softcapping = 1.0  # we would apply a cap the Qwen2 forward does not
+    ids, mask, target = batch()
+    with pytest.raises(RuntimeError, match="does not reproduce the model's logits"):
+        response_logprobs(model, ids, mask, target)
+    with pytest.raises(ValueError, match="position 0"):
+        response_logprobs(model, ids, mask, torch.ones_like(target))
