@@ -21,7 +21,8 @@ ROWS = [
     ("weak_dpo", "weak DPO", "weak SFT"),
     ("weak_expo", "weak ExPO (alpha 0.3)", "weak SFT"),
     ("strong_sft", "strong SFT", None),
-    ("strong_wspo", "strong WSPO", "strong SFT"),
+    ("strong_wspo", "strong WSPO (gamma 0.1)", "strong SFT"),
+    ("strong_wspo_g1", "strong WSPO (gamma 1.0)", "strong SFT"),
 ]
 
 
@@ -48,7 +49,7 @@ def table(eval_dir: Path) -> str:
     if wspo and dpo:
         lines.append("")
         lines.append(
-            f"headline: strong WSPO's held-out accuracy {wspo['accuracy']:.3f} vs chance 0.500 and weak DPO "
+            f"headline: strong WSPO's (gamma 0.1) held-out accuracy {wspo['accuracy']:.3f} vs chance 0.500 and weak DPO "
             f"{dpo['accuracy']:.3f} ({wspo['pairs']} held-out pairs)"
         )
     return "\n".join(lines)
