@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -267,3 +268,13 @@ def test_empty_selection_of_rows(train_setup, tmp_path, capsys):  # noqa: F811
 def test_bad_settings_are_one_line_errors(train_setup, tmp_path, capsys, keys, message):  # noqa: F811
     rc, err = run_train(capsys, train_argv(train_setup, tmp_path / "out", **keys))
     assert rc == 1 and message in error_line(err)
+
+
+def test_full_fine_tuning_with_bf16_mixed_precision(train_setup, tmp_path, capsys):  # noqa: F811
+    """fp32 weights, bf16 autocast (accelerate wraps the model's forward only): the log-prob
+    self-check must accept the mixed-precision logits, and the run must train."""
+    rc, err = run_train(capsys, train_argv(train_setup, tmp_path / "out", bf16="true", max_steps=2))
+    assert rc == 0, err
+    record = json.loads((tmp_path / "out" / "wspo_run.json").read_text())
+    assert record["config"]["training"]["bf16"] is True
+    assert all(math.isfinite(h["loss"]) for h in record["log_history"] if "loss" in h)
