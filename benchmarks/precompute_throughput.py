@@ -120,7 +120,8 @@ def child(path: str, workdir: Path, device: str, batch_tokens: int) -> None:
     np.save(workdir / f"scores-{path}.npy", np.concatenate(scores))
     peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(json.dumps({"path": path, "seconds": seconds, "tokens": sum(map(len, sequences)), "peak_bytes": peak}))
+    # vLLM logs to stdout too: the result line is marked.
+    print("RESULT " + json.dumps({"path": path, "seconds": seconds, "tokens": sum(map(len, sequences)), "peak_bytes": peak}), flush=True)
     if path == "vllm":
         scorer.close()
 
@@ -149,8 +150,10 @@ def main() -> None:
         results = {}
         for path in ["naive", "hf"] + (["vllm"] if args.vllm else []):
             done = subprocess.run([sys.executable, __file__, "--child", path, "--workdir", tmp, "--device", args.device,
-                                   "--batch_tokens", str(args.batch_tokens)], check=True, capture_output=True, text=True)
-            results[path] = json.loads(done.stdout.strip().splitlines()[-1])
+                                   "--batch_tokens", str(args.batch_tokens)], capture_output=True, text=True)
+            if not any(line.startswith("RESULT ") for line in done.stdout.splitlines()):
+                sys.exit(f"path {path} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+            results[path] = json.loads(next(line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")))
             results[path]["tokens_per_second"] = results[path]["tokens"] / results[path]["seconds"]
         naive = np.load(workdir / "scores-naive.npy")
         report = {
