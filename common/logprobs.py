@@ -28,6 +28,23 @@ def _softcap(logits: torch.Tensor, config) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+def right_pad(sequences: list[list[int]], prompt_lengths: list[int], pad_token_id: int = 0):
+    """The inputs of `response_logprobs` for a list of sequences: input_ids, attention_mask and
+    target_mask (the response positions, from each prompt length on), all [batch, longest].
+
+    Right padding: with a causal mask, real tokens never attend to the pads after them.
+    """
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    target_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
+        input_ids[row, : len(sequence)] = torch.as_tensor(sequence)
+        attention_mask[row, : len(sequence)] = 1
+        target_mask[row, prompt_length : len(sequence)] = True
+    return input_ids, attention_mask, target_mask
+
+
 def response_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wspo.models import default_device, load_tokenizer, model_fingerprint, read_config, resolve_dtype, resolve_model_dir
+from wspo.models import default_device, load_tokenizer, model_fingerprint, resolve_dtype, resolve_model_dir
 from wspo.precompute.data import detect_format, load_rows, to_example
 from wspo.precompute.scorers import HFScorer
 from wspo.shards.schema import logp_column
@@ -64,14 +64,10 @@ class Pair:
 
 def check_tokenizer(name: str, model_dir: Path, rule: ResponseTokenizer) -> None:
     """A model must share the rule's tokenizer (same ids mean the same text) and hold every id."""
-    vocab = read_config(model_dir).get("vocab_size")
-    if vocab is not None and len(rule.tokenizer) > vocab:
-        raise EvalError(f"{name}: model {model_dir} has {vocab} embeddings but the tokenizer has {len(rule.tokenizer)} tokens")
-    if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
-        theirs = ResponseTokenizer(load_tokenizer(model_dir), rule.max_length, rule.max_prompt_length, rule.end_of_turn_token)
-        if theirs.fingerprint != rule.fingerprint:
-            raise EvalError(f"{name}: the tokenizer of {model_dir} differs from the one applied ({rule.tokenizer.name_or_path}); "
-                            "policy and reference must score the same token ids")
+    try:
+        rule.check_model(model_dir)
+    except ValueError as e:
+        raise EvalError(f"{name}: {e}; policy and reference must score the same token ids") from None
 
 
 def _rule(args: RewardsArguments, source: str, end_of_turn_token: str | None) -> ResponseTokenizer:

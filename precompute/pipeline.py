@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 import wspo
-from wspo.models import default_device, load_tokenizer, resolve_dtype, model_fingerprint, read_config, resolve_model_dir
+from wspo.models import default_device, load_tokenizer, resolve_dtype, model_fingerprint, resolve_model_dir
 from wspo.shards.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -249,7 +249,10 @@ def run(args: PrecomputeArguments) -> dict:
     tokenizer_source = args.tokenizer or str(scorer_dirs[next(iter(scorer_dirs))])
     tokenize = ResponseTokenizer(load_tokenizer(tokenizer_source), args.max_length, args.max_prompt_length, args.end_of_turn_token)
     for name, model_dir in scorer_dirs.items():
-        _check_scorer_matches(name, model_dir, tokenize)
+        try:
+            tokenize.check_model(model_dir)
+        except ValueError as e:
+            raise PrecomputeError(f"{name}: {e}; every scorer must score the same token ids") from None
 
     rows = load_rows(args.dataset, args.dataset_split, args.max_samples)
     sequences, layout, skipped = build_sequences(args, rows, tokenize)
@@ -330,17 +333,3 @@ def _sha(text: str) -> str:
     import hashlib
 
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _check_scorer_matches(name: str, model_dir: Path, tokenize: ResponseTokenizer) -> None:
-    """A scorer must share the shard tokenizer, and its embedding table must hold every id."""
-    vocab = read_config(model_dir).get("vocab_size")
-    if vocab is not None and len(tokenize.tokenizer) > vocab:
-        raise PrecomputeError(f"{name}: model {model_dir} has {vocab} embeddings but the tokenizer has {len(tokenize.tokenizer)} tokens")
-    if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
-        theirs = ResponseTokenizer(load_tokenizer(model_dir), tokenize.max_length, tokenize.max_prompt_length, tokenize.end_of_turn_token)
-        if theirs.fingerprint != tokenize.fingerprint:
-            raise PrecomputeError(
-                f"{name}: the tokenizer of {model_dir} differs from the shard tokenizer "
-                f"({tokenize.tokenizer.name_or_path}); every scorer must score the same token ids"
-            )

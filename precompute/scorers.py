@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from wspo.logprobs import response_logprobs
+from wspo.logprobs import response_logprobs, right_pad
 from wspo.models import default_device, load_causal_lm, resolve_dtype
 
 
@@ -64,15 +64,7 @@ class HFScorer:
     def score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[np.ndarray]:
         results: list[np.ndarray | None] = [None] * len(sequences)
         for batch in length_batches([len(s) for s in sequences], self.batch_tokens):
-            width = max(len(sequences[i]) for i in batch)
-            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-            attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
-            target_mask = torch.zeros(len(batch), width, dtype=torch.bool)
-            for row, i in enumerate(batch):  # right padding: real tokens never attend to pads
-                n = len(sequences[i])
-                input_ids[row, :n] = torch.tensor(sequences[i])
-                attention_mask[row, :n] = 1
-                target_mask[row, prompt_lengths[i] : n] = True
+            input_ids, attention_mask, target_mask = right_pad([sequences[i] for i in batch], [prompt_lengths[i] for i in batch])
             flat = response_logprobs(
                 self.model, input_ids.to(self.device), attention_mask.to(self.device), target_mask.to(self.device)
             ).cpu().numpy()

@@ -101,8 +101,6 @@ def file_record(path: Path, tokens: int) -> dict:
 
 def list_arrays(column: pa.ChunkedArray | pa.Array) -> list:
     """A list<float|int> column as one numpy array per row (views, no Python floats)."""
-    import numpy as np
-
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     offsets = column.offsets.to_numpy()

@@ -120,6 +120,24 @@ class ResponseTokenizer:
             **self.settings(),
         }
 
+    def check_model(self, model_dir) -> None:
+        """Raise ValueError unless the model in `model_dir` can score this rule's ids: its
+        embedding table holds every id, and its own tokenizer (if it ships one) has the same
+        fingerprint (same ids mean the same text)."""
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        model_dir = Path(model_dir)
+        vocab = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
+        if vocab is not None and len(self.tokenizer) > vocab:
+            raise ValueError(f"model {model_dir} has {vocab} embeddings but the tokenizer has {len(self.tokenizer)} tokens")
+        if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
+            theirs = ResponseTokenizer(AutoTokenizer.from_pretrained(str(model_dir)), self.max_length,
+                                       self.max_prompt_length, self.end_of_turn_token)
+            if theirs.fingerprint != self.fingerprint:
+                raise ValueError(f"the tokenizer of {model_dir} differs from the one applied ({self.tokenizer.name_or_path})")
+
     # -- the rule -----------------------------------------------------------------------------
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from wspo.logprobs import right_pad
 from wspo.models import model_fingerprint
 from wspo.shards.projection import EXCLUDED, chunk_rewards, chunk_tokens, roundtrip_ok
 from wspo.shards.schema import has_reward, logp_column
@@ -145,6 +146,33 @@ def reference_logps(paths: list[str], train_sets: list[ShardSet], model_dir: Pat
 # -- rows -> examples ---------------------------------------------------------------------------
 
 
+def checked_rows(shard_sets: list[ShardSet], rule: ResponseTokenizer, slots, counts: Counter, extra_columns=()):
+    """The rows of `slots` of every set, each re-tokenized with the strong tokenizer and checked
+    against its stored ids (`_check_retokenized`).
+
+    Yields (shard set, row dict, prompt ids, stored response ids, {extra column: array}); counts
+    the rows read per slot into `counts`. The same (messages, response) in two shard sets would
+    be trained on twice, so it is an error; within one set it is the dataset's own duplicate.
+    """
+    columns = ["id", "example_id", "slot", "messages", "response", "token_ids", "truncated", *extra_columns]
+    seen: dict[str, Path] = {}
+    for shard_set in shard_sets:
+        table = shard_set.read_table(columns=columns)
+        for slot, n in Counter(table["slot"].to_pylist()).items():
+            counts[f"rows_{slot}"] += n
+        table = table.filter(pc.is_in(table["slot"], value_set=pa.array(list(slots))))
+        arrays = {c: list_arrays(table[c]) for c in ("token_ids", *extra_columns)}
+        for k, row in enumerate(table.select(["id", "example_id", "slot", "messages", "response", "truncated"]).to_pylist()):
+            if seen.get(row["id"], shard_set.root) != shard_set.root:
+                raise DataError(f"row {row['id']} (example {row['example_id']}) is in both {seen[row['id']]} and {shard_set.root}")
+            seen[row["id"]] = shard_set.root
+            prompt = rule.prompt_ids(json.loads(row["messages"]))
+            full_response, _, _ = rule.response_tokens(row["response"])
+            stored = arrays["token_ids"][k].tolist()
+            _check_retokenized(row, stored, full_response, shard_set.root)
+            yield shard_set, row, prompt, stored, {c: arrays[c][k] for c in extra_columns}
+
+
 def load_examples(
     shard_sets: list[ShardSet], rule: ResponseTokenizer, with_rewards: bool, reference: dict[str, np.ndarray] | None = None,
     project: bool = False,
@@ -157,59 +185,42 @@ def load_examples(
     Returns the examples and counts: rows read per slot, rows skipped by reason, responses cut
     further than phase one cut them.
     """
-    columns = ["id", "example_id", "slot", "messages", "response", "token_ids", "truncated"]
-    if with_rewards:
-        columns.append("reward")
     if project:
         if reference is not None:
             raise DataError("reference log-probs from shards are per token of the shards' tokenizer; with reward projection use --reference_logps model")
-        return _load_projected(shard_sets, rule, columns + ["token_start", "token_end"])
-    examples, counts, seen = [], Counter(), {}
-    for shard_set in shard_sets:
-        table = shard_set.read_table(columns=columns)
-        for slot, n in Counter(table["slot"].to_pylist()).items():
-            counts[f"rows_{slot}"] += n
-        table = table.filter(pc.is_in(table["slot"], value_set=pa.array(TRAIN_SLOTS)))
-        stored_ids = list_arrays(table["token_ids"])
-        rewards = list_arrays(table["reward"]) if with_rewards else [None] * table.num_rows
-        text = table.select(["id", "example_id", "messages", "response", "truncated"]).to_pylist()
-        for k, row in enumerate(text):
-            # The same (messages, response) in two shard sets would be trained on twice; within
-            # one set it is the dataset's own duplicate and stays.
-            if seen.get(row["id"], shard_set.root) != shard_set.root:
-                raise DataError(f"row {row['id']} (example {row['example_id']}) is in both {seen[row['id']]} and {shard_set.root}")
-            seen[row["id"]] = shard_set.root
-            prompt = rule.prompt_ids(json.loads(row["messages"]))
-            full_response, _, _ = rule.response_tokens(row["response"])
-            stored = stored_ids[k].tolist()
-            _check_retokenized(row, stored, full_response, shard_set.root)
-            if rewards[k] is not None and len(rewards[k]) != len(stored):
-                raise DataError(f"row {row['id']} of {shard_set.root}: {len(rewards[k])} rewards for {len(stored)} tokens")
-            # Phase one may have cut the response (truncated); a shorter training max_length cuts
-            # it further, and the rewards of the cut tokens go with it.
-            keep = min(len(stored), rule.max_length - len(prompt))
-            ref = None
-            if reference is not None:
-                ref = reference.get(row["id"])
-                if ref is None:
-                    raise DataError(f"row {row['id']} (example {row['example_id']}) of {shard_set.root} has no logp_strong_ref in the reference shards")
-                keep = min(keep, len(ref))  # scored under a shorter max_length: cut like a truncation
-            if keep <= 0:
-                counts["skipped_prompt_too_long"] += 1
-                continue
-            if keep < len(stored):
-                counts["cut_to_max_length"] += 1
-            examples.append(
-                Example(
-                    index=len(examples),
-                    row_id=row["id"],
-                    example_id=row["example_id"],
-                    input_ids=prompt + stored[:keep],
-                    prompt_length=len(prompt),
-                    rewards=None if rewards[k] is None else rewards[k][:keep].astype(np.float32),
-                    ref_logps=None if ref is None else ref[:keep].astype(np.float32),
-                )
+        columns = ["id", "example_id", "slot", "messages", "response", "token_ids", "truncated", "token_start", "token_end"]
+        return _load_projected(shard_sets, rule, columns + (["reward"] if with_rewards else []))
+    examples, counts = [], Counter()
+    extra = ("reward",) if with_rewards else ()
+    for shard_set, row, prompt, stored, arrays in checked_rows(shard_sets, rule, TRAIN_SLOTS, counts, extra):
+        reward = arrays.get("reward")
+        if reward is not None and len(reward) != len(stored):
+            raise DataError(f"row {row['id']} of {shard_set.root}: {len(reward)} rewards for {len(stored)} tokens")
+        # Phase one may have cut the response (truncated); a shorter training max_length cuts
+        # it further, and the rewards of the cut tokens go with it.
+        keep = min(len(stored), rule.max_length - len(prompt))
+        ref = None
+        if reference is not None:
+            ref = reference.get(row["id"])
+            if ref is None:
+                raise DataError(f"row {row['id']} (example {row['example_id']}) of {shard_set.root} has no logp_strong_ref in the reference shards")
+            keep = min(keep, len(ref))  # scored under a shorter max_length: cut like a truncation
+        if keep <= 0:
+            counts["skipped_prompt_too_long"] += 1
+            continue
+        if keep < len(stored):
+            counts["cut_to_max_length"] += 1
+        examples.append(
+            Example(
+                index=len(examples),
+                row_id=row["id"],
+                example_id=row["example_id"],
+                input_ids=prompt + stored[:keep],
+                prompt_length=len(prompt),
+                rewards=None if reward is None else reward[:keep].astype(np.float32),
+                ref_logps=None if ref is None else ref[:keep].astype(np.float32),
             )
+        )
     return examples, counts
 
 
@@ -337,15 +348,9 @@ class Collator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        length = max(len(e.input_ids) for e in examples)
-        input_ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-        target_mask = torch.zeros((len(examples), length), dtype=torch.bool)
-        for b, e in enumerate(examples):
-            n = len(e.input_ids)
-            input_ids[b, :n] = torch.tensor(e.input_ids)
-            attention_mask[b, :n] = 1
-            target_mask[b, e.prompt_length : n] = True
+        input_ids, attention_mask, target_mask = right_pad(
+            [e.input_ids for e in examples], [e.prompt_length for e in examples], self.pad_token_id
+        )
         n_response = [len(e.input_ids) - e.prompt_length for e in examples]
         batch = {
             "input_ids": input_ids,

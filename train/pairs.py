@@ -20,19 +20,17 @@ complete set, paired in reading order, and the rest are counted as `unpaired_row
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
-from wspo.shards.store import ShardSet, list_arrays
+from wspo.logprobs import right_pad
+from wspo.shards.store import ShardSet
 from wspo.shards.tokenization import ResponseTokenizer
 
-from .data import DataError, ExampleDataset, _check_retokenized
+from .data import DataError, ExampleDataset, checked_rows
 
 PREFERENCE_SLOTS = {"dpo": ("chosen", "rejected"), "wrpo": ("chosen_source", "chosen_target", "rejected")}
 PREFERENCE_REFERENCE = "ref"  # phase one's name for the single DPO/WRPO reference (column logp_ref)
@@ -69,40 +67,25 @@ def load_preference_examples(
     is complete (saying which slots the shards hold and how to score the missing ones).
     """
     slots = PREFERENCE_SLOTS[loss]
-    columns = ["id", "example_id", "slot", "messages", "response", "token_ids", "truncated"]
     counts: Counter = Counter()
     groups: dict[str, dict[str, list[Response | None]]] = {}  # example_id -> slot -> responses, reading order
-    seen: dict[str, object] = {}
-    for shard_set in shard_sets:
-        table = shard_set.read_table(columns=columns)
-        for slot, n in Counter(table["slot"].to_pylist()).items():
-            counts[f"rows_{slot}"] += n
-        table = table.filter(pc.is_in(table["slot"], value_set=pa.array(list(slots))))
-        stored_ids = list_arrays(table["token_ids"])
-        for k, row in enumerate(table.select(["id", "example_id", "slot", "messages", "response", "truncated"]).to_pylist()):
-            if seen.get(row["id"], shard_set.root) != shard_set.root:
-                raise DataError(f"row {row['id']} (example {row['example_id']}) is in both {seen[row['id']]} and {shard_set.root}")
-            seen[row["id"]] = shard_set.root
-            prompt = rule.prompt_ids(json.loads(row["messages"]))
-            full_response, _, _ = rule.response_tokens(row["response"])
-            stored = stored_ids[k].tolist()
-            _check_retokenized(row, stored, full_response, shard_set.root)
-            ref = reference.get(row["id"])
-            if ref is None:
-                raise DataError(
-                    f"row {row['id']} (example {row['example_id']}, slot {row['slot']}) of {shard_set.root} has no "
-                    "logp_ref in the reference shards"
-                )
-            # Phase one may have cut the response; a shorter training max_length (or a reference
-            # scored under a shorter one) cuts it further. Policy and reference sums then run
-            # over the same kept tokens.
-            keep = min(len(stored), rule.max_length - len(prompt), len(ref))
-            response = None
-            if keep > 0:
-                if keep < len(stored):
-                    counts["cut_to_max_length"] += 1
-                response = Response(row["id"], prompt + stored[:keep], len(prompt), ref[:keep].astype(np.float32))
-            groups.setdefault(row["example_id"], {s: [] for s in slots})[row["slot"]].append(response)
+    for shard_set, row, prompt, stored, _ in checked_rows(shard_sets, rule, slots, counts):
+        ref = reference.get(row["id"])
+        if ref is None:
+            raise DataError(
+                f"row {row['id']} (example {row['example_id']}, slot {row['slot']}) of {shard_set.root} has no "
+                "logp_ref in the reference shards"
+            )
+        # Phase one may have cut the response; a shorter training max_length (or a reference
+        # scored under a shorter one) cuts it further. Policy and reference sums then run
+        # over the same kept tokens.
+        keep = min(len(stored), rule.max_length - len(prompt), len(ref))
+        response = None
+        if keep > 0:
+            if keep < len(stored):
+                counts["cut_to_max_length"] += 1
+            response = Response(row["id"], prompt + stored[:keep], len(prompt), ref[:keep].astype(np.float32))
+        groups.setdefault(row["example_id"], {s: [] for s in slots})[row["slot"]].append(response)
 
     examples: list[PreferenceExample] = []
     for example_id, by_slot in groups.items():
@@ -155,15 +138,9 @@ class PreferenceCollator:
 
     def __call__(self, examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
         seqs = [r for e in examples for r in e.responses]
-        length = max(len(r.input_ids) for r in seqs)
-        input_ids = torch.full((len(seqs), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
-        target_mask = torch.zeros((len(seqs), length), dtype=torch.bool)
-        for b, r in enumerate(seqs):
-            n = len(r.input_ids)
-            input_ids[b, :n] = torch.tensor(r.input_ids)
-            attention_mask[b, :n] = 1
-            target_mask[b, r.prompt_length : n] = True
+        input_ids, attention_mask, target_mask = right_pad(
+            [r.input_ids for r in seqs], [r.prompt_length for r in seqs], self.pad_token_id
+        )
         n_response = [len(r.input_ids) - r.prompt_length for r in seqs]
         return {
             "input_ids": input_ids,
