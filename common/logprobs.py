@@ -60,6 +60,8 @@ def response_logprobs(
     """
     if target_mask[:, 0].any():
         raise ValueError("target_mask marks position 0, which has no preceding context")
+    if not bool(attention_mask[:, 0].all()):  # no position_ids are passed: pads must come last
+        raise ValueError("left-padded batch: response_logprobs needs right padding (see right_pad)")
     inner = unwrap_model(model)
     decoder = inner.get_decoder()
     head = inner.get_output_embeddings()

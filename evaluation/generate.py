@@ -175,7 +175,11 @@ def run(args: GenerateArguments) -> tuple[dict, list[dict]]:
     prompts, skipped = prompts_from_dataset(args) if args.dataset is not None else prompts_from_instructions(args)
     kept, prompt_ids = [], []
     for prompt in prompts:
-        ids = rule.prompt_ids(prompt.messages)
+        try:
+            ids = rule.prompt_ids(prompt.messages)
+        except Skip as skip:  # the chat template rejects this conversation
+            skipped[skip.reason] += 1
+            continue
         if len(ids) > args.max_prompt_length:
             skipped["prompt_too_long"] += 1
             continue

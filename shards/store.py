@@ -144,9 +144,14 @@ class ShardSet:
         if not root.is_dir():
             raise ShardError(f"{root}: no such shard directory")
         single = root / "manifest.json"
+        paths = sorted(root.glob("manifest-*-of-*.json"))
+        if single.exists() and paths:
+            raise ShardError(
+                f"{root}: holds both manifest.json (one worker) and worker manifests ({paths[0].name}, ...): two runs "
+                "with different num_workers wrote here; rerun phase one with --overwrite true, or use another directory"
+            )
         if single.exists():
             return cls(root, [_load_manifest(single)])
-        paths = sorted(root.glob("manifest-*-of-*.json"))
         if not paths:
             raise ShardError(
                 f"{root}: no manifest.json or worker manifests: not a shard set, or phase one has "
@@ -201,28 +206,30 @@ class ShardSet:
 
     # -- checks --
 
-    def verify(self, checksums: bool = True) -> list[str]:
-        """Everything wrong with the set's files, one line each (empty: the set verifies)."""
-        problems = []
+    def file_problems(self, checksums: bool = True) -> dict[str, str]:
+        """File name -> what is wrong with it, for every file that does not verify."""
+        problems = {}
         for record in self.files:
             path = self.root / record["path"]
             if not path.exists():
-                problems.append(f"{path}: missing")
-                continue
-            if path.stat().st_size != record["bytes"]:
-                problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {record['bytes']} (truncated or altered)")
-                continue
-            if checksums and sha256_file(path) != record["sha256"]:
-                problems.append(f"{path}: sha256 does not match the manifest (altered after writing)")
-                continue
-            try:
-                rows = pq.ParquetFile(path).metadata.num_rows
-            except Exception as e:  # pyarrow raises several types for corrupt files
-                problems.append(f"{path}: unreadable Parquet ({e})")
-                continue
-            if rows != record["rows"]:
-                problems.append(f"{path}: {rows} rows, manifest says {record['rows']}")
+                problems[record["path"]] = "missing"
+            elif path.stat().st_size != record["bytes"]:
+                problems[record["path"]] = f"{path.stat().st_size} bytes, manifest says {record['bytes']} (truncated or altered)"
+            elif checksums and sha256_file(path) != record["sha256"]:
+                problems[record["path"]] = "sha256 does not match the manifest (altered after writing)"
+            else:
+                try:
+                    rows = pq.ParquetFile(path).metadata.num_rows
+                except Exception as e:  # pyarrow raises several types for corrupt files
+                    problems[record["path"]] = f"unreadable Parquet ({e})"
+                    continue
+                if rows != record["rows"]:
+                    problems[record["path"]] = f"{rows} rows, manifest says {record['rows']}"
         return problems
+
+    def verify(self, checksums: bool = True) -> list[str]:
+        """Everything wrong with the set's files, one line each (empty: the set verifies)."""
+        return [f"{self.root / name}: {problem}" for name, problem in self.file_problems(checksums).items()]
 
     def check(self, checksums: bool = True) -> "ShardSet":
         problems = self.verify(checksums)

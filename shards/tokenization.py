@@ -141,9 +141,14 @@ class ResponseTokenizer:
     # -- the rule -----------------------------------------------------------------------------
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
-        )
+        from jinja2.exceptions import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+            )
+        except TemplateError as e:  # e.g. a template that refuses a system turn
+            raise Skip("template_error", f"the chat template rejects this conversation: {e}") from None
         # The template writes any BOS itself; adding special tokens here would double it.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -54,3 +54,6 @@ def test_a_head_transform_we_do_not_reproduce_is_refused(tiny_models):
         response_logprobs(model, ids, mask, target)
     with pytest.raises(ValueError, match="position 0"):
         response_logprobs(model, ids, mask, torch.ones_like(target))
+    left = mask.flip(1)
+    with pytest.raises(ValueError, match="left-padded"):
+        response_logprobs(model, ids, left, target & left.bool())

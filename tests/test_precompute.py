@@ -293,3 +293,45 @@ def test_reference_scoring_and_wrpo_layout(tiny_models, tmp_path):
     assert table["slot"].to_pylist()[:3] == ["chosen_source", "chosen_target", "rejected"]
     assert table["response"].to_pylist()[:3] == ["Blue 0.", "Red 0!", "No."]
     assert table["example_id"].to_pylist() == ["w0"] * 3 + ["w1"] * 3 + ["w2"] * 3
+
+
+def test_rerun_rebuilds_files_that_no_longer_verify(shards, tiny_models, tmp_path):
+    out = tmp_path / "o"
+    shutil.copytree(shards.root, out)
+    names = [f["path"] for f in shards.files]
+    original = {name: (out / name).read_bytes() for name in names}
+    damaged = bytearray(original[names[1]])
+    damaged[200] ^= 0xFF
+    (out / names[1]).write_bytes(bytes(damaged))
+    (out / names[2]).unlink()
+    run(make_args(tiny_models, out, slots="chosen,rejected"))  # the same command again
+    ShardSet.open(out).check()
+    assert {name: (out / name).read_bytes() for name in names} == original
+
+
+def test_another_number_of_workers_in_the_same_directory(shards, tiny_models, tmp_path):
+    out = tmp_path / "o"
+    shutil.copytree(shards.root, out)
+    with pytest.raises(PrecomputeError, match="another number of workers .*manifest.json"):
+        run(make_args(tiny_models, out, slots="chosen,rejected", num_workers=2, worker_index=0))
+    (out / "manifest-00000-of-00002.json").write_text((out / "manifest.json").read_text())
+    with pytest.raises(ShardError, match="both manifest.json .* and worker manifests"):
+        ShardSet.open(out)
+
+
+def test_chat_template_that_rejects_a_row(tiny_models, tmp_path):
+    strict_template = tmp_path / "tok"
+    shutil.copytree(tiny_models["weak_ref"], strict_template)
+    tokenizer = AutoTokenizer.from_pretrained(strict_template)
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                               + tokenizer.chat_template)
+    tokenizer.save_pretrained(strict_template)
+    rows = [{"instruction": "Hi?", "chosen": "Hello!", "rejected": "No."},
+            {"instruction": "Hi?", "system": "Be brief.", "chosen": "Hello.", "rejected": "No."}]
+    data = write_jsonl(tmp_path / "lf.jsonl", rows)
+    manifest = run(make_args(tiny_models, tmp_path / "out", dataset=str(data), dataset_split="train",
+                             weak_ref=None, ref_model=str(strict_template), weak_aligned=None))
+    assert manifest["counts"]["skipped"] == {"template_error": 1} and manifest["counts"]["rows_written"] == 1
+    with pytest.raises(PrecomputeError, match="row 1: template_error: .*System role not supported"):
+        run(make_args(tiny_models, tmp_path / "strict", dataset=str(data), dataset_split="train", strict=True,
+                      weak_ref=None, ref_model=str(strict_template), weak_aligned=None))

@@ -192,6 +192,11 @@ def test_shards_that_do_not_verify(train_setup, tmp_path, capsys):  # noqa: F811
     rc, err = run_train(capsys, train_argv(train_setup, tmp_path / "out", shards=tmp_path / "missing"))
     assert rc == 1 and "no such shard directory" in error_line(err)
 
+    from wspo.train.data import DataError, open_shard_sets
+
+    with pytest.raises(DataError, match="given more than once"):
+        open_shard_sets([str(train_setup["shards"]), str(train_setup["shards"]) + "/"], "wspo")
+
 
 def test_strong_tokenizer_differs_from_shards(train_setup, tmp_path, capsys):  # noqa: F811
     from wspo.embedded.models import build_model, build_tokenizer

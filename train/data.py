@@ -33,7 +33,7 @@ from wspo.models import model_fingerprint
 from wspo.shards.projection import EXCLUDED, chunk_rewards, chunk_tokens, roundtrip_ok
 from wspo.shards.schema import has_reward, logp_column
 from wspo.shards.store import ShardSet, list_arrays
-from wspo.shards.tokenization import ResponseTokenizer
+from wspo.shards.tokenization import ResponseTokenizer, Skip
 
 TRAIN_SLOTS = ["chosen"]  # WSPO and SFT learn from chosen responses only (DESIGN section 1)
 REFERENCE_SCORER = "strong_ref"  # phase one's name for the strong SFT model (column logp_strong_ref)
@@ -62,6 +62,10 @@ class Example:
 
 def open_shard_sets(paths: list[str], loss: str) -> list[ShardSet]:
     """Open and fully verify every shard set (sha256 of each file), and check it suits `loss`."""
+    resolved = [Path(path).resolve() for path in paths]
+    repeated = sorted({str(r) for r in resolved if resolved.count(r) > 1})
+    if repeated:
+        raise DataError(f"shards: {', '.join(repeated)} given more than once (its rows would be trained on twice)")
     sets = [ShardSet.open(path).check() for path in paths]
     for shard_set in sets:
         if loss == "wspo" and not has_reward(shard_set.scorer_names):
@@ -166,7 +170,11 @@ def checked_rows(shard_sets: list[ShardSet], rule: ResponseTokenizer, slots, cou
             if seen.get(row["id"], shard_set.root) != shard_set.root:
                 raise DataError(f"row {row['id']} (example {row['example_id']}) is in both {seen[row['id']]} and {shard_set.root}")
             seen[row["id"]] = shard_set.root
-            prompt = rule.prompt_ids(json.loads(row["messages"]))
+            try:
+                prompt = rule.prompt_ids(json.loads(row["messages"]))
+            except Skip as skip:  # the strong chat template rejects this conversation
+                counts[f"skipped_{skip.reason}"] += 1
+                continue
             full_response, _, _ = rule.response_tokens(row["response"])
             stored = arrays["token_ids"][k].tolist()
             _check_retokenized(row, stored, full_response, shard_set.root)
@@ -254,7 +262,11 @@ def project_row(row: dict, rule: ResponseTokenizer, weak: dict, same_vocab: bool
     if not roundtrip_ok(rule.tokenizer, response):
         counts["skipped_not_roundtrip"] += 1
         return None
-    prompt = rule.prompt_ids(json.loads(row["messages"]))
+    try:
+        prompt = rule.prompt_ids(json.loads(row["messages"]))
+    except Skip as skip:
+        counts[f"skipped_{skip.reason}"] += 1
+        return None
     ids, starts, ends = rule.response_tokens(response)
     keep = min(len(ids), rule.max_length - len(prompt))
     if keep <= 0:
