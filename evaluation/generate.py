@@ -127,8 +127,9 @@ def generate_vllm(model_dir: Path, prompt_ids: list[list[int]], args: GenerateAr
     # vLLM logs to stdout by default; keep stdout for the JSON summary (unless the user chose).
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     from vllm import LLM, SamplingParams
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
     from vllm.inputs import TokensPrompt
+
+    from wspo.precompute.vllm_scorer import shutdown_engine
 
     longest = max(len(p) for p in prompt_ids) + args.max_new_tokens
     positions = read_config(model_dir).get("max_position_embeddings")
@@ -158,9 +159,7 @@ def generate_vllm(model_dir: Path, prompt_ids: list[list[int]], args: GenerateAr
             results.append(list(out.outputs[0].token_ids))
         return results
     finally:
-        llm.llm_engine.engine_core.shutdown(timeout=60)  # see precompute/vllm_scorer.py close()
-        del llm
-        cleanup_dist_env_and_memory()
+        shutdown_engine(llm)
 
 
 # -- the task -----------------------------------------------------------------------------------

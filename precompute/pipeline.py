@@ -16,6 +16,7 @@ scoring batches never cross parts, so a part's numbers do not depend on what ran
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -41,7 +42,7 @@ from wspo.shards.schema import (
     row_id,
     row_schema,
 )
-from wspo.shards.store import ShardSet, file_record, list_arrays, manifest_name, part_name, write_json, write_parquet
+from wspo.shards.store import ShardSet, file_record, list_arrays, reward_statistics, manifest_name, part_name, write_json, write_parquet
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
 from .config import PrecomputeArguments
@@ -193,25 +194,6 @@ def part_table(part: list[Sequence], scorers: list[str], logps: dict[str, list])
     return pa.table(columns, schema=row_schema(scorers))
 
 
-def reward_summary(tables: list[pa.Table]) -> dict | None:
-    if not tables or "reward" not in tables[0].column_names:
-        return None
-    tokens = np.concatenate([t["reward"].combine_chunks().flatten().to_numpy() for t in tables]).astype(np.float64)
-    sums = np.concatenate([t["reward_sum"].to_numpy() for t in tables])
-    if tokens.size == 0:
-        return None
-    return {
-        "tokens": int(tokens.size),
-        "token_mean": float(tokens.mean()),
-        "token_std": float(tokens.std()),
-        "token_min": float(tokens.min()),
-        "token_max": float(tokens.max()),
-        "sum_mean": float(sums.mean()),
-        "sum_std": float(sums.std()),
-        "positive_sum_fraction": float((sums > 0).mean()),
-    }
-
-
 # -- the run ------------------------------------------------------------------------------------
 
 
@@ -297,7 +279,7 @@ def run(args: PrecomputeArguments) -> dict:
     }
     identity = {"run_settings": run_settings, "tokenizer": tokenize.describe(), "scorers": scorers,
                 "workers": {"num_workers": args.num_workers, "worker_index": args.worker_index}}
-    run_fp = _sha(canonical_json(identity))
+    run_fp = hashlib.sha256(canonical_json(identity).encode()).hexdigest()
 
     out.mkdir(parents=True, exist_ok=True)
     work = out / f"_work-{args.worker_index:05d}"
@@ -344,7 +326,7 @@ def run(args: PrecomputeArguments) -> dict:
             "skipped": dict(sorted(skipped.items())),
         },
         "files": files,
-        "reward": reward_summary(tables),
+        "reward": reward_statistics(tables),
         "timing": {"seconds": round(seconds, 3), "sequence_tokens": tokens_scored,
                    "tokens_per_second": round(tokens_scored * len(names) / seconds, 1)},
     }
@@ -353,7 +335,3 @@ def run(args: PrecomputeArguments) -> dict:
     return manifest
 
 
-def _sha(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()

@@ -91,13 +91,16 @@ class VLLMScorer:
 
     def close(self) -> None:
         """Stop the engine (its worker processes exit) and free its memory for the next model."""
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
         llm = self.__dict__.pop("llm", None)
-        if llm is None:
-            return
-        # The engine process first waits up to VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS (5 s) for its
-        # workers; with the default 5 s timeout here it is SIGKILLed mid-way and could orphan them.
-        llm.llm_engine.engine_core.shutdown(timeout=60)
-        del llm
-        cleanup_dist_env_and_memory()  # in-process parallel state (if any), gc.collect, empty_cache
+        if llm is not None:
+            shutdown_engine(llm)
+
+
+def shutdown_engine(llm) -> None:
+    """Stop an offline engine and release its memory (also used by `wspo-eval generate`)."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    # The engine process first waits up to VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS (5 s) for its
+    # workers; with the default 5 s timeout here it is SIGKILLed mid-way and could orphan them.
+    llm.llm_engine.engine_core.shutdown(timeout=60)
+    cleanup_dist_env_and_memory()  # in-process parallel state (if any), gc.collect, empty_cache

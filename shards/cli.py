@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from .schema import COLUMNS, has_reward, logp_column
-from .store import ShardError, ShardSet, list_arrays
+from .store import ShardError, ShardSet, list_arrays, reward_statistics
 
 
 def cmd_info(shards: ShardSet, args) -> int:
@@ -33,17 +33,10 @@ def cmd_info(shards: ShardSet, args) -> int:
         "tokenizer": {k: m["tokenizer"][k] for k in ("name", "fingerprint", "vocab_size", "end_of_turn_token", "max_length")},
         "scorers": [{k: s[k] for k in ("name", "model", "backend", "dtype")} for s in shards.scorers],
     }
-    table = shards.read_table(columns=["reward", "reward_sum"]) if has_reward(shards.scorer_names) else None
-    if table is not None and table.num_rows:
-        tokens = table["reward"].combine_chunks().flatten().to_numpy().astype(np.float64)
-        sums = table["reward_sum"].to_numpy()
-        info["reward"] = {
-            "token_mean": round(float(tokens.mean()), 6),
-            "token_std": round(float(tokens.std()), 6),
-            "token_p01_p50_p99": [round(float(q), 4) for q in np.quantile(tokens, [0.01, 0.5, 0.99])],
-            "sum_mean": round(float(sums.mean()), 4),
-            "positive_sum_fraction": round(float((sums > 0).mean()), 4),
-        }
+    if has_reward(shards.scorer_names):
+        stats = reward_statistics([shards.read_table(columns=["reward", "reward_sum"])])
+        if stats:
+            info["reward"] = {k: [round(q, 4) for q in v] if isinstance(v, list) else round(v, 6) for k, v in stats.items()}
     print(json.dumps(info, indent=2, ensure_ascii=False))
     return 0
 

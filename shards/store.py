@@ -109,6 +109,29 @@ def list_arrays(column: pa.ChunkedArray | pa.Array) -> list:
     return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
 
 
+def reward_statistics(tables: list[pa.Table]) -> dict | None:
+    """Summary of the `reward` / `reward_sum` columns (the manifest's `reward`, `wspo-shards info`)."""
+    import numpy as np
+
+    if not tables or "reward" not in tables[0].column_names:
+        return None
+    tokens = np.concatenate([np.concatenate(list_arrays(t["reward"]) or [np.zeros(0)]) for t in tables]).astype(np.float64)
+    sums = np.concatenate([t["reward_sum"].to_numpy() for t in tables])
+    if tokens.size == 0:
+        return None
+    return {
+        "tokens": int(tokens.size),
+        "token_mean": float(tokens.mean()),
+        "token_std": float(tokens.std()),
+        "token_min": float(tokens.min()),
+        "token_max": float(tokens.max()),
+        "token_p01_p50_p99": [float(q) for q in np.quantile(tokens, [0.01, 0.5, 0.99])],
+        "sum_mean": float(sums.mean()),
+        "sum_std": float(sums.std()),
+        "positive_sum_fraction": float((sums > 0).mean()),
+    }
+
+
 # -- reading ------------------------------------------------------------------------------------
 
 
