@@ -61,9 +61,6 @@ def resolve_workers(num_workers, worker_index, launcher: str = "none", env=None)
                     "make them equal, or use --num_workers auto"
                 )
         elif K8S_VAR in env:
-            if num_workers == "auto":
-                raise ValueError(f"num_workers auto has no variable to read in a Kubernetes Indexed Job ({K8S_VAR} is "
-                                 "set): give --num_workers N equal to the Job's completions")
             i = _int(env[K8S_VAR], K8S_VAR)
         else:
             raise ValueError(
