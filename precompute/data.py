@@ -96,7 +96,7 @@ class _JsonLines:
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
-            return InvalidRow("invalid_json", f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+            return InvalidRow("invalid_json", f"{where}: invalid JSON ({e.msg}, column {e.colno})")
 
 
 class _JsonList:
