@@ -143,10 +143,10 @@ def test_streaming_reward_statistics_equal_exact_ones():
 
     # Past the sample size, percentiles come from every 2^k-th token, still close; memory stays bounded.
     small = RewardStatistics()
-    small.SAMPLE = 4096
+    small.SAMPLE = 16384
     for t in tables:
         small.add(t)
     s = small.result()
-    assert s["token_percentiles_sampled"] and sum(a.size for a in small._sample) <= 4096 + 300 * 50
+    assert s["token_percentiles_sampled"] and sum(a.size for a in small._sample) <= 16384 + 300 * 50
     assert s["token_mean"] == pytest.approx(tokens.mean(), abs=1e-12)
-    assert s["token_p01_p50_p99"] == pytest.approx(np.quantile(tokens, [0.01, 0.5, 0.99]).tolist(), abs=0.1)
+    assert s["token_p01_p50_p99"] == pytest.approx(np.quantile(tokens, [0.01, 0.5, 0.99]).tolist(), abs=0.15)
