@@ -6,6 +6,7 @@ import json
 import sys
 
 from wspo.args import parse_config
+from wspo.paths import check_output
 from wspo.shards.store import ShardError
 
 from .config import PrecomputeArguments
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
             [PrecomputeArguments], argv,
             description="Score dataset responses under the weak models and write Parquet reward shards.",
         )
+        check_output(args.output_dir, {"dataset": args.dataset, "tokenizer": args.tokenizer, **args.scorer_paths()})
         manifest = run_ray(args) if args.launcher == "ray" else run(args)
     except (PrecomputeError, ShardError, LockError, StorageError, FileNotFoundError, ValueError) as e:
         print(f"wspo-precompute: error: {e}", file=sys.stderr)
