@@ -95,9 +95,11 @@ class PrecomputeArguments:
                 raise ValueError(f"{key} must be >= 0 (got {getattr(self, key)})")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
-        for key in ("batch_tokens", "rows_per_file", "max_length"):
+        for key in ("batch_tokens", "rows_per_file", "max_length", "max_prompt_length", "tensor_parallel_size"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"{key} must be positive")
+                raise ValueError(f"{key} must be positive (got {getattr(self, key)})")
+        if self.max_samples is not None and self.max_samples <= 0:
+            raise ValueError(f"max_samples must be a positive number of rows (got {self.max_samples})")
 
     def scorer_paths(self) -> dict[str, str]:
         """Scorer name -> model, in scoring order (the names become the `logp_<name>` columns)."""
