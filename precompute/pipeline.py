@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -46,8 +47,10 @@ from wspo.shards.schema import (
     row_schema,
 )
 from wspo.shards.store import (
-    RewardStatistics, ShardSet, file_record, list_arrays, manifest_name, part_name, write_json, write_parquet,
+    RewardStatistics, ShardSet, file_record, list_arrays, manifest_name, part_name, write_json, write_manifest,
+    write_parquet,
 )
+from wspo.shards.card import write_card
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
 from .config import PrecomputeArguments
@@ -368,7 +371,7 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
                 table = part_table(sequences, names, logps)
                 write_parquet(table, path, {"wspo.run_fingerprint": run_fp})
             stats.add(table)
-            files.append(file_record(path, tokens=int(pc.sum(table["n_tokens"]).as_py())))
+            files.append(file_record(path, tokens=int(pc.sum(table["n_tokens"]).as_py()), root=out))
             del table
 
         seconds = time.perf_counter() - started
@@ -378,6 +381,7 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
             "toolkit_version": wspo.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "run_fingerprint": run_fp,
+            "command": " ".join(["wspo-precompute", *map(shlex.quote, sys.argv[1:])]),
             **identity,
             "counts": {
                 "rows_in_split": source.num_rows,
@@ -393,6 +397,7 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
             "timing": {"seconds": round(seconds, 3), "sequence_tokens": built.sequence_tokens,
                        "tokens_per_second": round(built.sequence_tokens * len(names) / seconds, 1)},
         }
-        write_json(manifest, manifest_path)
+        write_manifest(manifest, manifest_path)
+        write_card(out)
         shutil.rmtree(work)
         return manifest

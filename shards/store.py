@@ -35,8 +35,12 @@ def manifest_name(num_workers: int, worker_index: int) -> str:
     return f"manifest-{worker_index:05d}-of-{num_workers:05d}.json"
 
 
+DATA_DIR = "data"  # format version 2: Parquet parts under data/, as a Hugging Face dataset folder
+
+
 def part_name(worker_index: int, part_index: int) -> str:
-    return f"part-{worker_index:05d}-{part_index:05d}.parquet"
+    """A part's path relative to the set's root."""
+    return f"{DATA_DIR}/part-{worker_index:05d}-{part_index:05d}.parquet"
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -71,6 +75,7 @@ def write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None =
     floats = [f"{name}.list.element" for name in float_list_columns(table.schema)]
     floats += [f.name for f in table.schema if pa.types.is_floating(f.type)]
     tmp = path.with_name(path.name + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(
         table,
         tmp,
@@ -83,15 +88,30 @@ def write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None =
     _publish(tmp, path)
 
 
-def write_json(obj: dict, path: Path) -> None:
+def write_text(text: str, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     _publish(tmp, path)
 
 
-def file_record(path: Path, tokens: int) -> dict:
+def write_json(obj: dict, path: Path) -> None:
+    write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", path)
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own checksum: an edit after writing shows."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def write_manifest(manifest: dict, path: Path) -> None:
+    """The worker's manifest, with its checksum, written last and atomically."""
+    write_json({**manifest, "checksum": manifest_checksum(manifest)}, path)
+
+
+def file_record(path: Path, tokens: int, root: Path | None = None) -> dict:
     return {
-        "path": path.name,
+        "path": path.relative_to(root).as_posix() if root is not None else path.name,
         "rows": pq.ParquetFile(path).metadata.num_rows,
         "tokens": tokens,
         "bytes": path.stat().st_size,
@@ -205,6 +225,14 @@ def _load_manifest(path: Path) -> dict:
             f"{path}: shard format version {version!r} is newer than this toolkit reads "
             f"(version {FORMAT_VERSION}); upgrade wspo"
         )
+    if "checksum" in manifest and manifest["checksum"] != manifest_checksum(manifest):  # older sets have none
+        raise ShardError(f"{path}: the manifest was edited after it was written (its checksum does not match its content)")
+    files, counts = manifest.get("files", []), manifest.get("counts", {})
+    for key, column in (("rows_written", "rows"), ("response_tokens", "tokens")):
+        listed = sum(f.get(column, 0) for f in files)
+        if key in counts and counts[key] != listed:
+            raise ShardError(f"{path}: counts.{key} is {counts[key]} but its files add up to {listed} "
+                             "(a file entry was removed or a count edited)")
     return manifest
 
 
@@ -307,9 +335,18 @@ class ShardSet:
                     problems[record["path"]] = f"{rows} rows, manifest says {record['rows']}"
         return problems
 
+    def unlisted_parts(self) -> list[str]:
+        """Parquet parts in the set's folders that no manifest lists."""
+        listed = {f["path"] for f in self.files}
+        present = [p.relative_to(self.root).as_posix() for folder in (self.root, self.root / DATA_DIR)
+                   if folder.is_dir() for p in sorted(folder.glob("*.parquet"))]
+        return [p for p in present if p not in listed]
+
     def verify(self, checksums: bool = True) -> list[str]:
         """Everything wrong with the set's files, one line each (empty: the set verifies)."""
-        return [f"{self.root / name}: {problem}" for name, problem in self.file_problems(checksums).items()]
+        problems = [f"{self.root / name}: {problem}" for name, problem in self.file_problems(checksums).items()]
+        problems += [f"{self.root / name}: unlisted: a Parquet part that no manifest lists" for name in self.unlisted_parts()]
+        return problems
 
     def check(self, checksums: bool = True) -> "ShardSet":
         problems = self.verify(checksums)
