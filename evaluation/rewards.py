@@ -70,8 +70,9 @@ def check_tokenizer(name: str, model_dir: Path, rule: ResponseTokenizer) -> None
         raise EvalError(f"{name}: {e}; policy and reference must score the same token ids") from None
 
 
-def _rule(args: RewardsArguments, source: str, end_of_turn_token: str | None) -> ResponseTokenizer:
-    return ResponseTokenizer(load_tokenizer(source), args.max_length, args.max_prompt_length, end_of_turn_token)
+def _rule(args: RewardsArguments, source: str, end_of_turn_token: str | None, rule_version: int | None = None) -> ResponseTokenizer:
+    version = {} if rule_version is None else {"rule_version": rule_version}
+    return ResponseTokenizer(load_tokenizer(source), args.max_length, args.max_prompt_length, end_of_turn_token, **version)
 
 
 # -- pairs from a preference set ----------------------------------------------------------------
@@ -139,7 +140,7 @@ def pairs_from_shards(args: RewardsArguments, policy_dir: Path) -> tuple[list[Pa
     # The shards' rule under the policy's tokenizer: same fingerprint -> stored ids are used.
     source = args.tokenizer or str(policy_dir)
     try:
-        rule = _rule(args, source, args.end_of_turn_token or shard_tok["end_of_turn_token"])
+        rule = _rule(args, source, args.end_of_turn_token or shard_tok["end_of_turn_token"], shard_tok.get("rule_version", 1))
         same = rule.fingerprint == shard_tok["fingerprint"]
     except ValueError:  # the shards' end-of-turn token is not in this vocabulary
         same = False

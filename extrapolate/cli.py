@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from wspo.paths import check_output
+
 from .expo import OUT_DTYPES, extrapolate
 from .tensors import CheckpointError, parse_size
 
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         "ExPO model extrapolation: theta = theta_aligned + alpha * (theta_aligned - theta_sft), tensor by tensor."))
     (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     try:
+        check_output(args.output_dir, {"sft": args.sft, "aligned": args.aligned})
         with warnings.catch_warnings():
             warnings.simplefilter("always")  # the swallowed-step warning must reach the user every time
             summary = extrapolate(args.sft, args.aligned, args.alpha, args.output_dir, out_dtype=args.out_dtype,

@@ -6,9 +6,12 @@ import json
 import sys
 
 from wspo.args import parse_config
+from wspo.paths import check_output
 from wspo.shards.store import ShardError
 
 from .config import PrecomputeArguments
+from .launch import StorageError, run_ray
+from .lock import LockError
 from .pipeline import PrecomputeError, run
 
 
@@ -18,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
             [PrecomputeArguments], argv,
             description="Score dataset responses under the weak models and write Parquet reward shards.",
         )
-        manifest = run(args)
-    except (PrecomputeError, ShardError, FileNotFoundError, ValueError) as e:
+        check_output(args.output_dir, {"dataset": args.dataset, "tokenizer": args.tokenizer, **args.scorer_paths()})
+        manifest = run_ray(args) if args.launcher == "ray" else run(args)
+    except (PrecomputeError, ShardError, LockError, StorageError, FileNotFoundError, ValueError) as e:
         print(f"wspo-precompute: error: {e}", file=sys.stderr)
         return 1
     counts, timing = manifest["counts"], manifest["timing"]

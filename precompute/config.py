@@ -8,6 +8,7 @@ from wspo.shards.schema import SLOTS
 
 DATASET_FORMATS = ("auto", "h4", "llamafactory", "wrpo", "columns")
 BACKENDS = ("hf", "vllm")
+LAUNCHERS = ("none", "ray")
 
 
 @dataclass
@@ -53,8 +54,21 @@ class PrecomputeArguments:
     )
     rows_per_file: int = field(default=2048, metadata={"help": "Rows per Parquet part file (the unit of resuming)."})
     max_samples: int | None = field(default=None, metadata={"help": "Read only the first N dataset rows."})
-    num_workers: int = field(default=1, metadata={"help": "Number of inference nodes writing parts of one shard set."})
-    worker_index: int = field(default=0, metadata={"help": "This node's index in [0, num_workers)."})
+    # Strings on the command line ("auto" reads the scheduler's variables); ints after __post_init__.
+    num_workers: str = field(default="1", metadata={
+        "help": "Number of workers writing parts of one shard set, or 'auto' (SLURM job arrays: SLURM_ARRAY_TASK_COUNT)."})
+    worker_index: str = field(default="0", metadata={
+        "help": "This worker's index in [0, num_workers), or 'auto': from SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN "
+                "(job arrays) or JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs)."})
+    launcher: str = field(default="none", metadata={
+        "help": "'none': this process is one worker. 'ray': run all num_workers workers as tasks on a Ray cluster "
+                "(ray_address / RAY_ADDRESS) or a local Ray instance; needs `pip install \"wspo[ray]\"`."})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "launcher=ray: address of an existing cluster (default: RAY_ADDRESS, else a local instance)."})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "launcher=ray: GPUs each worker task reserves."})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "launcher=ray: CPUs each worker task reserves."})
+    max_retries: int = field(default=3, metadata={
+        "help": "launcher=ray: times a worker task whose process or node died is retried (it resumes its own parts)."})
     strict: bool = field(default=False, metadata={"help": "Fail on the first malformed row (naming it) instead of skipping and counting."})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per engine."})
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vllm: fraction of GPU memory (of RAM on CPU builds) for the engine."})
@@ -71,13 +85,21 @@ class PrecomputeArguments:
             raise ValueError("dataset_format=columns needs column_map, e.g. 'prompt=question,chosen=good,rejected=bad'")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: {self.backend!r}; choose from {', '.join(BACKENDS)}")
-        if not 0 <= self.worker_index < self.num_workers:
-            raise ValueError(f"worker_index {self.worker_index} is not in [0, num_workers={self.num_workers})")
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"launcher: {self.launcher!r}; choose from {', '.join(LAUNCHERS)}")
+        from .launch import resolve_workers
+
+        self.num_workers, self.worker_index = resolve_workers(self.num_workers, self.worker_index, self.launcher)
+        for key in ("gpus_per_worker", "cpus_per_worker", "max_retries"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"{key} must be >= 0 (got {getattr(self, key)})")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
-        for key in ("batch_tokens", "rows_per_file", "max_length"):
+        for key in ("batch_tokens", "rows_per_file", "max_length", "max_prompt_length", "tensor_parallel_size"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"{key} must be positive")
+                raise ValueError(f"{key} must be positive (got {getattr(self, key)})")
+        if self.max_samples is not None and self.max_samples <= 0:
+            raise ValueError(f"max_samples must be a positive number of rows (got {self.max_samples})")
 
     def scorer_paths(self) -> dict[str, str]:
         """Scorer name -> model, in scoring order (the names become the `logp_<name>` columns)."""

@@ -29,80 +29,213 @@ class Example:
 
 
 # -- reading the source -------------------------------------------------------------------------
+#
+# A split is read lazily (DESIGN section 8): `open_source` counts and fingerprints it cheaply (one
+# pass over the raw bytes of local files, the Arrow metadata of Parquet files and hub datasets),
+# and `Source.rows(start, stop)` yields only the rows of one block, one at a time. Nothing holds
+# the whole split in Python objects, so a worker's memory does not grow with the split's size.
 
 _SUFFIXES = (".json", ".jsonl", ".parquet")
+_BATCH = 1024  # rows converted from Arrow to Python at a time
 
 
-def _read_json_file(path: Path) -> list[dict]:
-    """JSON lines or a JSON list, read with `json` so that a row of the wrong type reaches
-    `to_example` (and is skipped, counted) instead of failing Arrow's type unification."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+class InvalidRow:
+    """A line of a JSON-lines file that is not valid JSON or not UTF-8: it keeps its place in the
+    split (so row numbers stay those of the file) and `to_example` turns it into a counted skip."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+
+
+def _split_files(path: Path, split: str) -> list[Path]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _SUFFIXES)
+    if not files or any(p.suffix not in _SUFFIXES for p in files):
+        raise FileNotFoundError(f"dataset: {path} holds no .json, .jsonl or .parquet files")
+    if path.is_dir():
+        # A folder of split files (train_prefs.jsonl, ...) picks the split by file name.
+        named = [p for p in files if p.stem == split or p.stem.startswith(f"{split}-") or p.parent.name == split]
+        if not named:
+            raise FileNotFoundError(
+                f"dataset: {path} has no files for split {split!r} (looked for {split}.jsonl, {split}-*.parquet, {split}/*)"
+            )
+        files = named
+    return files
+
+
+class _JsonLines:
+    """One JSON-lines file: a line index of block boundaries is not kept; `rows` re-scans the raw
+    bytes (fast, in C) to the block's first line and parses only the block's lines."""
+
+    def __init__(self, path: Path, digest):
+        self.path = path
+        self.num_rows = 0
+        with open(path, "rb") as f:
+            for line in f:
+                digest.update(line)
+                if line.strip():
+                    self.num_rows += 1
+
+    def rows(self, start: int, stop: int):
+        index = 0
+        with open(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                if index >= stop:
+                    return
+                if index >= start:
+                    yield self._parse(raw, lineno)
+                index += 1
+
+    def _parse(self, raw: bytes, lineno: int):
+        where = f"{self.path} line {lineno}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return InvalidRow("invalid_text", f"{where}: bytes that are not UTF-8 at column {e.start + 1}")
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
+            return InvalidRow("invalid_json", f"{where}: invalid JSON ({e.msg}, column {e.colno})")
+
+
+class _JsonList:
+    """A `.json` file holding one JSON list: JSON has no streaming parse in the standard library, so
+    this one file is read whole (prefer JSON lines or Parquet for large splits)."""
+
+    def __init__(self, path: Path, digest):
+        raw = path.read_bytes()
+        digest.update(raw)
+        try:
+            self._rows = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"dataset: {path}: bytes that are not UTF-8 at offset {e.start}") from None
+        except json.JSONDecodeError as e:
             raise ValueError(f"dataset: {path}: invalid JSON ({e})") from None
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"dataset: {path} line {lineno}: invalid JSON ({e})") from None
-    return rows
+        if not isinstance(self._rows, list):
+            raise ValueError(f"dataset: {path}: a .json file must hold a list of rows or JSON lines")
+        self.num_rows = len(self._rows)
+
+    def rows(self, start: int, stop: int):
+        yield from self._rows[start:stop]
 
 
-def load_rows(dataset: str, split: str, max_samples: int | None = None) -> list[dict]:
-    """The source split as a list of dicts (hub name, local file or folder, or 'embedded')."""
+class _ParquetFile:
+    """A Parquet file: the row count comes from its footer; `rows` reads only the row groups that
+    overlap the block, a batch at a time."""
+
+    def __init__(self, path: Path, digest):
+        import pyarrow.parquet as pq
+
+        self.path = path
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        try:
+            self.num_rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as e:  # pyarrow raises several types for a damaged footer
+            raise ValueError(f"dataset: {path}: not a readable Parquet file ({e})") from None
+
+    def rows(self, start: int, stop: int):
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(self.path)
+        first = 0
+        for group in range(parquet.num_row_groups):
+            size = parquet.metadata.row_group(group).num_rows
+            if first + size > start and first < stop:
+                table = parquet.read_row_group(group)
+                lo, hi = max(start - first, 0), min(stop - first, size)
+                for offset in range(lo, hi, _BATCH):
+                    yield from table.slice(offset, min(_BATCH, hi - offset)).to_pylist()
+            first += size
+            if first >= stop:
+                return
+
+
+class _HubDataset:
+    """A hub dataset through `datasets`: an Arrow table memory-mapped from its cache."""
+
+    def __init__(self, name: str, split: str):
+        import datasets
+
+        try:
+            self.dataset = datasets.load_dataset(name, split=split)
+        except Exception as e:
+            raise FileNotFoundError(f"dataset: cannot load {name!r} split {split!r} ({type(e).__name__}: {e})") from None
+        self.num_rows = len(self.dataset)
+        self.fingerprint = self.dataset._fingerprint
+
+    def rows(self, start: int, stop: int):
+        for offset in range(start, stop, _BATCH):
+            batch = self.dataset[offset : min(offset + _BATCH, stop)]
+            keys = list(batch)
+            yield from (dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys)))
+
+
+@dataclass
+class Source:
+    """A split, counted and fingerprinted; rows are read by block on demand."""
+
+    name: str
+    split: str
+    parts: list  # the split's files in order (or one hub dataset)
+    num_rows: int  # after max_samples
+    fingerprint: str
+
+    def rows(self, start: int = 0, stop: int | None = None):
+        """Rows [start, stop) of the split, in order; a malformed JSON line is an `InvalidRow`."""
+        stop = self.num_rows if stop is None else min(stop, self.num_rows)
+        first = 0
+        for part in self.parts:
+            lo, hi = max(start - first, 0), min(stop - first, part.num_rows)
+            if lo < hi:
+                yield from part.rows(lo, hi)
+            first += part.num_rows
+            if first >= stop:
+                return
+
+    def head(self, n: int = 100) -> list:
+        return list(self.rows(0, min(n, self.num_rows)))
+
+
+def open_source(dataset: str, split: str, max_samples: int | None = None) -> Source:
+    """The split of a hub dataset, a local file or folder, or 'embedded', ready to read by block."""
     if dataset == "embedded":
         from wspo.embedded.sample import SAMPLE_DIR
 
         dataset = str(SAMPLE_DIR)
     path = Path(dataset).expanduser()
+    digest = hashlib.sha256()
     if path.exists():
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _SUFFIXES)
-        if not files or any(p.suffix not in _SUFFIXES for p in files):
-            raise FileNotFoundError(f"dataset: {path} holds no .json, .jsonl or .parquet files")
-        if path.is_dir():
-            # A folder of split files (train_prefs.jsonl, ...) picks the split by file name.
-            named = [p for p in files if p.stem == split or p.stem.startswith(f"{split}-") or p.parent.name == split]
-            if not named:
-                raise FileNotFoundError(
-                    f"dataset: {path} has no files for split {split!r} (looked for {split}.jsonl, {split}-*.parquet, {split}/*)"
-                )
-            files = named
-        rows = []
-        for p in files:
+        parts = []
+        for p in _split_files(path, split):
+            digest.update(f"{p.name}\0".encode())
             if p.suffix == ".parquet":
-                import pyarrow.parquet as pq
-
-                rows += pq.read_table(p).to_pylist()
+                parts.append(_ParquetFile(p, digest))
+            elif p.suffix == ".json" and p.read_bytes()[:64].lstrip().startswith(b"["):
+                parts.append(_JsonList(p, digest))
             else:
-                rows += _read_json_file(p)
+                parts.append(_JsonLines(p, digest))
+        fingerprint = digest.hexdigest()
     elif path.is_absolute() or dataset.startswith("."):
         raise FileNotFoundError(f"dataset: {dataset} does not exist")
     else:
-        import datasets
-
-        try:
-            rows = datasets.load_dataset(dataset, split=split)
-        except Exception as e:
-            raise FileNotFoundError(f"dataset: cannot load {dataset!r} split {split!r} ({type(e).__name__}: {e})") from None
-        if max_samples is not None:
-            rows = rows.select(range(min(max_samples, len(rows))))
-        return rows.to_list()
-    return rows[:max_samples] if max_samples is not None else rows
+        parts = [_HubDataset(dataset, split)]
+        fingerprint = parts[0].fingerprint
+    num_rows = sum(p.num_rows for p in parts)
+    if max_samples is not None:
+        num_rows = min(num_rows, max_samples)
+    return Source(dataset, split, parts, num_rows, fingerprint)
 
 
-def dataset_fingerprint(rows) -> str:
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(canonical_json(row).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
+def load_rows(dataset: str, split: str, max_samples: int | None = None) -> list:
+    """A whole (small) split as a list, for evaluation sets; phase one reads by block instead."""
+    return list(open_source(dataset, split, max_samples).rows())
 
 
-def detect_format(rows: list[dict]) -> str:
+def detect_format(rows: list) -> str:
+    """The layout of a split from its first rows (`Source.head()`)."""
     cols = set().union(*(row.keys() for row in rows[:100] if isinstance(row, dict)))
     if {"instruction", "chosen", "rejected"} <= cols:
         return "llamafactory"
@@ -166,6 +299,8 @@ def _row_hash(row: dict) -> str:
 
 def to_example(index: int, row: dict, layout: str, slots: list[str], column_map: str | None = None) -> Example:
     """Normalise one source row; raises `Skip` (with a counted reason) when it is malformed."""
+    if isinstance(row, InvalidRow):
+        raise Skip(row.reason, row.detail)
     if not isinstance(row, dict):
         raise Skip("wrong_type", f"row is a {type(row).__name__}, not an object")
     responses: dict[str, tuple[list[dict], str]] = {}

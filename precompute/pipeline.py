@@ -1,10 +1,11 @@
-"""Phase one: dataset -> sequences -> scores -> shard rows (DESIGN sections 3, 4, 7).
+"""Phase one: dataset -> sequences -> scores -> shard rows (DESIGN sections 3, 4, 7, 8).
 
     run(args)
-      1. read the split, keep this worker's block of rows, normalise each row (data.py) and apply
-         the tokenization rule (shards/tokenization.py); malformed rows are counted or, in strict
-         mode, an error naming the row;
-      2. cut the sequences into parts of `rows_per_file` rows: the unit of writing and resuming;
+      1. open the split lazily (data.py: counted and fingerprinted, read by block) and stream this
+         worker's block of rows through the tokenization rule (shards/tokenization.py); malformed
+         rows are counted or, in strict mode, an error naming the row;
+      2. cut the sequences into parts of `rows_per_file` rows, the unit of writing and resuming,
+         each kept on disk in `_work-<worker>/seq-<part>.parquet`: memory holds one part at a time;
       3. for each scorer in turn (one model in memory at a time), score the parts that lack its
          log-probs and keep them in `_work-<worker>/` (atomic files, so a kill loses one part);
       4. assemble each part's rows (log-probs, reward = aligned - ref) into its Parquet file;
@@ -12,12 +13,14 @@
 
 A rerun of the same command skips what is already on disk and ends with byte-identical files:
 scoring batches never cross parts, so a part's numbers do not depend on what ran before it.
+Peak memory is set by the models and `rows_per_file`, never by the number of rows in the split.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -42,16 +46,28 @@ from wspo.shards.schema import (
     row_id,
     row_schema,
 )
-from wspo.shards.store import ShardSet, file_record, list_arrays, reward_statistics, manifest_name, part_name, write_json, write_parquet
+from wspo.shards.store import (
+    RewardStatistics, ShardSet, file_record, list_arrays, manifest_name, part_name, write_json, write_manifest,
+    write_parquet,
+)
+from wspo.shards.card import write_card
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
 from .config import PrecomputeArguments
-from .data import Example, dataset_fingerprint, detect_format, load_rows, to_example
+from .data import Example, Source, detect_format, open_source, to_example
+from .lock import OutputLock
 from .scorers import open_scorer
 
 # Reasons that mean the row itself is malformed: an error in strict mode. Others (a prompt over
 # max_prompt_length) are a property of the settings, counted in every mode.
-MALFORMED = ("missing_field", "wrong_type", "empty_response", "last_turn_not_assistant", "slot_not_in_layout", "template_error")
+MALFORMED = ("missing_field", "wrong_type", "empty_response", "last_turn_not_assistant", "slot_not_in_layout",
+             "template_error", "invalid_json", "invalid_text")
+
+# The columns a part's sequences keep on disk between scorers: the shard row's text columns plus
+# the prompt ids the scorers see.
+SEQUENCE_SCHEMA = pa.schema(
+    [f for f in row_schema([]) if f.name not in ("n_tokens",)] + [pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False)]
+)
 
 
 class PrecomputeError(Exception):
@@ -73,10 +89,6 @@ class Sequence:
     truncated: bool
     prompt_ids: list[int]
 
-    @property
-    def input_ids(self) -> list[int]:
-        return self.prompt_ids + self.token_ids
-
 
 # -- step 1: rows -> sequences ------------------------------------------------------------------
 
@@ -86,13 +98,14 @@ def worker_block(num_rows: int, num_workers: int, worker_index: int) -> range:
     return range(num_rows * worker_index // num_workers, num_rows * (worker_index + 1) // num_workers)
 
 
-def build_sequences(args: PrecomputeArguments, rows: list[dict], tokenize: ResponseTokenizer):
-    """Sequences of this worker's rows, in (row, slot) order, and the skip counts by reason."""
-    layout = detect_format(rows) if args.dataset_format == "auto" else args.dataset_format
-    sequences, skipped = [], Counter()
-    for index in worker_block(len(rows), args.num_workers, args.worker_index):
+def iter_sequences(args: PrecomputeArguments, source: Source, block: range, layout: str,
+                   tokenize: ResponseTokenizer, skipped: Counter, progress=None):
+    """This worker's sequences in (row, slot) order, one row at a time; skips are counted in `skipped`."""
+    for index, row in zip(block, source.rows(block.start, block.stop)):
+        if progress is not None:
+            progress.update(1)
         try:
-            example: Example = to_example(index, rows[index], layout, args.slot_list, args.column_map)
+            example: Example = to_example(index, row, layout, args.slot_list, args.column_map)
             tokenized = {slot: tokenize(*example.responses[slot]) for slot in args.slot_list}
         except Skip as skip:
             if args.strict and skip.reason in MALFORMED:
@@ -101,30 +114,82 @@ def build_sequences(args: PrecomputeArguments, rows: list[dict], tokenize: Respo
             continue
         for slot, tok in tokenized.items():
             messages, response = example.responses[slot]
-            sequences.append(
-                Sequence(
-                    id=row_id(messages, response),
-                    example_id=example.example_id,
-                    slot=slot,
-                    messages=canonical_json(messages),
-                    response=response,
-                    token_ids=tok.token_ids,
-                    token_start=tok.token_start,
-                    token_end=tok.token_end,
-                    truncated=tok.truncated,
-                    prompt_ids=tok.prompt_ids,
-                )
+            yield Sequence(
+                id=row_id(messages, response),
+                example_id=example.example_id,
+                slot=slot,
+                messages=canonical_json(messages),
+                response=response,
+                token_ids=tok.token_ids,
+                token_start=tok.token_start,
+                token_end=tok.token_end,
+                truncated=tok.truncated,
+                prompt_ids=tok.prompt_ids,
             )
-    return sequences, layout, skipped
+
+
+def sequence_table(part: list[Sequence]) -> pa.Table:
+    return pa.table({f.name: [getattr(s, f.name) for s in part] for f in SEQUENCE_SCHEMA}, schema=SEQUENCE_SCHEMA)
+
+
+@dataclass
+class BuildSummary:
+    num_parts: int
+    rows_written: int
+    response_tokens: int
+    sequence_tokens: int  # prompt + response tokens: what every scorer forwards
+    truncated: int
+    skipped: Counter
+
+
+def build_parts(args: PrecomputeArguments, source: Source, block: range, layout: str, tokenize: ResponseTokenizer,
+                out: Path, work: Path, run_fp: str) -> tuple[BuildSummary, set[int]]:
+    """Stream the block into parts of `rows_per_file` sequences, each written to `work/seq-<k>.parquet`
+    unless it is already there or its shard file was assembled: one part in memory at a time.
+
+    The whole block is streamed on every run, resumed or not, so the counts are always complete;
+    tokenizing is cheap next to scoring, and only the missing parts are written. Returns the
+    summary and the parts whose shard file an interrupted run of this command already assembled.
+    """
+    summary, assembled = BuildSummary(0, 0, 0, 0, 0, Counter()), set()
+
+    def flush(part: list[Sequence]) -> None:
+        k = summary.num_parts
+        path = work / f"seq-{k:05d}.parquet"
+        if _has_fingerprint(out / part_name(args.worker_index, k), run_fp):
+            assembled.add(k)
+        elif not _has_fingerprint(path, run_fp):
+            write_parquet(sequence_table(part), path, {"wspo.run_fingerprint": run_fp})
+        summary.num_parts += 1
+
+    part: list[Sequence] = []
+    with tqdm(total=len(block), desc=f"tokenizing{_worker_tag(args)}", unit="row", dynamic_ncols=True, mininterval=1.0) as bar:
+        for seq in iter_sequences(args, source, block, layout, tokenize, summary.skipped, progress=bar):
+            part.append(seq)
+            summary.rows_written += 1
+            summary.response_tokens += len(seq.token_ids)
+            summary.sequence_tokens += len(seq.prompt_ids) + len(seq.token_ids)
+            summary.truncated += seq.truncated
+            if len(part) == args.rows_per_file:
+                flush(part)
+                part = []
+        if part:
+            flush(part)
+    return summary, assembled
+
+
+def _worker_tag(args: PrecomputeArguments) -> str:
+    return f" [worker {args.worker_index}/{args.num_workers}]" if args.num_workers > 1 else ""
 
 
 # -- step 3: scoring ----------------------------------------------------------------------------
 
 
-def check_finite(scorer: str, part: list[Sequence], logps: list[np.ndarray], source: str) -> None:
-    bad = [seq for seq, lp in zip(part, logps) if not np.isfinite(lp).all()]
+def check_finite(scorer: str, part: pa.Table, logps: list[np.ndarray], source: str) -> None:
+    bad = [i for i, lp in enumerate(logps) if not np.isfinite(lp).all()]
     if bad:
-        names = ", ".join(f"{s.example_id}/{s.slot} (id {s.id[:12]})" for s in bad[:10])
+        ids, example_ids, slots = (part[c].to_pylist() for c in ("id", "example_id", "slot"))
+        names = ", ".join(f"{example_ids[i]}/{slots[i]} (id {ids[i][:12]})" for i in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise PrecomputeError(
             f"scorer {scorer} ({source}) returned NaN or infinite log-probs for {len(bad)} row(s): {names}{more}. "
@@ -132,10 +197,10 @@ def check_finite(scorer: str, part: list[Sequence], logps: list[np.ndarray], sou
         )
 
 
-def score_parts(args, scorer_name: str, model_dir: Path, parts: list[list[Sequence]], work: Path, run_fp: str,
+def score_parts(args, scorer_name: str, model_dir: Path, num_parts: int, work: Path, run_fp: str,
                 assembled: set[int]) -> None:
     """Score every part that is neither assembled nor scored by this scorer yet; one model load at most."""
-    todo = [k for k in range(len(parts)) if k not in assembled and not (work / f"{scorer_name}-{k:05d}.parquet").exists()]
+    todo = [k for k in range(num_parts) if k not in assembled and not (work / f"{scorer_name}-{k:05d}.parquet").exists()]
     if not todo:
         return
     scorer = open_scorer(
@@ -144,20 +209,20 @@ def score_parts(args, scorer_name: str, model_dir: Path, parts: list[list[Sequen
             "max_model_len": args.max_length} if args.backend == "vllm" else {}),
     )
     try:
-        rows = sum(len(parts[k]) for k in todo)
-        bar = tqdm(total=rows, desc=f"scoring {scorer_name}", unit="row", dynamic_ncols=True)
+        bar = tqdm(total=len(todo), desc=f"scoring {scorer_name}{_worker_tag(args)}", unit="part", dynamic_ncols=True)
         start, tokens = time.perf_counter(), 0
         for k in todo:
-            part = parts[k]
-            logps = scorer.score([s.input_ids for s in part], [len(s.prompt_ids) for s in part])
+            part = pq.read_table(work / f"seq-{k:05d}.parquet", columns=["id", "example_id", "slot", "token_ids", "prompt_ids"])
+            token_ids, prompt_ids = part["token_ids"].to_pylist(), part["prompt_ids"].to_pylist()
+            logps = scorer.score([p + t for p, t in zip(prompt_ids, token_ids)], [len(p) for p in prompt_ids])
             check_finite(scorer_name, part, logps, str(model_dir))
-            for seq, lp in zip(part, logps):
-                if len(lp) != len(seq.token_ids):
-                    raise PrecomputeError(f"scorer {scorer_name}: {len(lp)} log-probs for {len(seq.token_ids)} tokens (row {seq.id[:12]})")
+            for i, (lp, ids) in enumerate(zip(logps, token_ids)):
+                if len(lp) != len(ids):
+                    raise PrecomputeError(f"scorer {scorer_name}: {len(lp)} log-probs for {len(ids)} tokens (row {part['id'][i]})")
             table = pa.table({logp_column(scorer_name): pa.array([lp.astype(np.float32) for lp in logps], pa.list_(pa.float32()))})
             write_parquet(table, work / f"{scorer_name}-{k:05d}.parquet", {"wspo.run_fingerprint": run_fp})
-            tokens += sum(len(s.input_ids) for s in part)
-            bar.update(len(part))
+            tokens += sum(len(p) + len(t) for p, t in zip(prompt_ids, token_ids))
+            bar.update(1)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
         bar.close()
     finally:
@@ -167,17 +232,9 @@ def score_parts(args, scorer_name: str, model_dir: Path, parts: list[list[Sequen
 # -- step 4: assembling parts -------------------------------------------------------------------
 
 
-def part_table(part: list[Sequence], scorers: list[str], logps: dict[str, list]) -> pa.Table:
-    columns = {
-        "id": [s.id for s in part],
-        "example_id": [s.example_id for s in part],
-        "slot": [s.slot for s in part],
-        "messages": [s.messages for s in part],
-        "response": [s.response for s in part],
-        "token_ids": [s.token_ids for s in part],
-        "token_start": [s.token_start for s in part],
-        "token_end": [s.token_end for s in part],
-    }
+def part_table(sequences: pa.Table, scorers: list[str], logps: dict[str, pa.ChunkedArray]) -> pa.Table:
+    """A part's shard rows: the sequences' text columns, each scorer's log-probs, the reward."""
+    columns = {f.name: sequences[f.name] for f in row_schema([]) if f.name in sequences.column_names}
     for name in scorers:
         columns[logp_column(name)] = logps[name]
     if has_reward(scorers):
@@ -185,23 +242,24 @@ def part_table(part: list[Sequence], scorers: list[str], logps: dict[str, list])
         # so sums are conserved exactly downstream.
         rewards = [
             (np.asarray(a, np.float64) - np.asarray(r, np.float64)).astype(np.float32)
-            for a, r in zip(logps["weak_aligned"], logps["weak_ref"])
+            for a, r in zip(list_arrays(logps["weak_aligned"]), list_arrays(logps["weak_ref"]))
         ]
-        columns["reward"] = rewards
+        columns["reward"] = pa.array(rewards, pa.list_(pa.float32()))
         columns["reward_sum"] = [float(r.astype(np.float64).sum()) for r in rewards]
-    columns["n_tokens"] = [len(s.token_ids) for s in part]
-    columns["truncated"] = [s.truncated for s in part]
-    return pa.table(columns, schema=row_schema(scorers))
+    columns["n_tokens"] = pc.list_value_length(sequences["token_ids"]).cast(pa.int32())
+    columns["truncated"] = sequences["truncated"]
+    schema = row_schema(scorers)
+    return pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
 
 
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _assembled(path: Path, run_fp: str) -> bool:
-    """A part file this run assembled (files appear by rename, so such a file is whole)."""
+def _has_fingerprint(path: Path, run_fp: str) -> bool:
+    """A file this run wrote (files appear by rename, so such a file is whole)."""
     try:
         return pq.read_schema(path).metadata.get(b"wspo.run_fingerprint") == run_fp.encode()
-    except (OSError, pa.ArrowException):
+    except (OSError, pa.ArrowException, AttributeError):
         return False
 
 
@@ -240,13 +298,17 @@ def _resume_state(out: Path, work: Path, manifest_path: Path, run_fp: str, args:
     for path in foreign + [manifest_path]:
         path.unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
-    for path in out.glob(f"part-{args.worker_index:05d}-*.parquet"):
+    for path in (out / part_name(args.worker_index, 0)).parent.glob(f"part-{args.worker_index:05d}-*.parquet"):
         path.unlink()
     return False
 
 
-def run(args: PrecomputeArguments) -> dict:
-    """Run phase one for this worker; returns its manifest."""
+def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
+    """Run phase one for this worker; returns its manifest.
+
+    `lock_owner` names the launch this worker belongs to (the Ray launcher's run id): a retried task
+    of the same launch takes over the lock its dead predecessor left, wherever that ran.
+    """
     started = time.perf_counter()
     out = Path(args.output_dir)
     scorer_paths = args.scorer_paths()
@@ -259,11 +321,9 @@ def run(args: PrecomputeArguments) -> dict:
         except ValueError as e:
             raise PrecomputeError(f"{name}: {e}; every scorer must score the same token ids") from None
 
-    rows = load_rows(args.dataset, args.dataset_split, args.max_samples)
-    sequences, layout, skipped = build_sequences(args, rows, tokenize)
-    if not sequences:
-        raise PrecomputeError(f"no rows to score in {args.dataset} split {args.dataset_split} (skipped: {dict(skipped) or 'none'})")
-    parts = [sequences[i : i + args.rows_per_file] for i in range(0, len(sequences), args.rows_per_file)]
+    source = open_source(args.dataset, args.dataset_split, args.max_samples)
+    layout = detect_format(source.head()) if args.dataset_format == "auto" else args.dataset_format
+    block = worker_block(source.num_rows, args.num_workers, args.worker_index)
 
     scorers = [
         {"name": name, "model": scorer_paths[name], "fingerprint": model_fingerprint(model_dir),
@@ -272,7 +332,7 @@ def run(args: PrecomputeArguments) -> dict:
     ]
     run_settings = {
         "dataset": {"source": args.dataset, "split": args.dataset_split, "format": layout,
-                    "fingerprint": dataset_fingerprint(rows), "slots": args.slot_list,
+                    "fingerprint": source.fingerprint, "slots": args.slot_list,
                     "max_samples": args.max_samples, "column_map": args.column_map},
         "strict": args.strict,
         "rows_per_file": args.rows_per_file,
@@ -284,54 +344,60 @@ def run(args: PrecomputeArguments) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     work = out / f"_work-{args.worker_index:05d}"
     manifest_path = out / manifest_name(args.num_workers, args.worker_index)
-    if _resume_state(out, work, manifest_path, run_fp, args):
-        print(f"{manifest_path} is already complete for these settings; nothing to do.", file=sys.stderr)
-        return json.loads(manifest_path.read_text())
-    work.mkdir(exist_ok=True)
-    write_json({"run_fingerprint": run_fp}, work / "run.json")
+    with OutputLock(out, args.worker_index, owner=lock_owner):
+        if _resume_state(out, work, manifest_path, run_fp, args):
+            print(f"{manifest_path} is already complete for these settings; nothing to do.", file=sys.stderr)
+            return json.loads(manifest_path.read_text())
+        work.mkdir(exist_ok=True)
+        write_json({"run_fingerprint": run_fp}, work / "run.json")
 
-    names = list(scorer_dirs)
-    assembled = {k for k in range(len(parts)) if _assembled(out / part_name(args.worker_index, k), run_fp)}
-    for name in names:
-        score_parts(args, name, scorer_dirs[name], parts, work, run_fp, assembled)
+        built, assembled = build_parts(args, source, block, layout, tokenize, out, work, run_fp)
+        if not built.num_parts:
+            raise PrecomputeError(f"no rows to score in {args.dataset} split {args.dataset_split} "
+                                  f"(skipped: {dict(built.skipped) or 'none'})")
 
-    files, tables = [], []
-    for k, part in enumerate(parts):
-        path = out / part_name(args.worker_index, k)
-        if k in assembled:
-            table = pq.read_table(path)  # assembled before an interruption
-        else:
-            logps = {name: list_arrays(pq.read_table(work / f"{name}-{k:05d}.parquet")[logp_column(name)]) for name in names}
-            table = part_table(part, names, logps)
-            write_parquet(table, path, {"wspo.run_fingerprint": run_fp})
-        tables.append(table)
-        files.append(file_record(path, tokens=sum(len(s.token_ids) for s in part)))
+        names = list(scorer_dirs)
+        for name in names:
+            score_parts(args, name, scorer_dirs[name], built.num_parts, work, run_fp, assembled)
 
-    seconds = time.perf_counter() - started
-    tokens_scored = sum(len(s.input_ids) for s in sequences)
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "toolkit_version": wspo.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run_fingerprint": run_fp,
-        **identity,
-        "counts": {
-            "rows_in_split": len(rows),
-            "rows_read": len(worker_block(len(rows), args.num_workers, args.worker_index)),
-            "sequences_requested": len(worker_block(len(rows), args.num_workers, args.worker_index)) * len(args.slot_list),
-            "rows_written": len(sequences),
-            "response_tokens": sum(len(s.token_ids) for s in sequences),
-            "truncated": sum(s.truncated for s in sequences),
-            "skipped": dict(sorted(skipped.items())),
-        },
-        "files": files,
-        "reward": reward_statistics(tables),
-        "timing": {"seconds": round(seconds, 3), "sequence_tokens": tokens_scored,
-                   "tokens_per_second": round(tokens_scored * len(names) / seconds, 1)},
-    }
-    write_json(manifest, manifest_path)
-    shutil.rmtree(work)
-    return manifest
+        files, stats = [], RewardStatistics()
+        for k in range(built.num_parts):
+            path = out / part_name(args.worker_index, k)
+            if k in assembled:
+                table = pq.read_table(path)  # assembled before an interruption
+            else:
+                sequences = pq.read_table(work / f"seq-{k:05d}.parquet")
+                logps = {name: pq.read_table(work / f"{name}-{k:05d}.parquet")[logp_column(name)] for name in names}
+                table = part_table(sequences, names, logps)
+                write_parquet(table, path, {"wspo.run_fingerprint": run_fp})
+            stats.add(table)
+            files.append(file_record(path, tokens=int(pc.sum(table["n_tokens"]).as_py()), root=out))
+            del table
 
-
+        seconds = time.perf_counter() - started
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "toolkit_version": wspo.__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "run_fingerprint": run_fp,
+            "command": " ".join(["wspo-precompute", *map(shlex.quote, sys.argv[1:])]),
+            **identity,
+            "counts": {
+                "rows_in_split": source.num_rows,
+                "rows_read": len(block),
+                "sequences_requested": len(block) * len(args.slot_list),
+                "rows_written": built.rows_written,
+                "response_tokens": built.response_tokens,
+                "truncated": built.truncated,
+                "skipped": dict(sorted(built.skipped.items())),
+            },
+            "files": files,
+            "reward": stats.result(),
+            "timing": {"seconds": round(seconds, 3), "sequence_tokens": built.sequence_tokens,
+                       "tokens_per_second": round(built.sequence_tokens * len(names) / seconds, 1)},
+        }
+        write_manifest(manifest, manifest_path)
+        write_card(out)
+        shutil.rmtree(work)
+        return manifest

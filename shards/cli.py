@@ -91,7 +91,8 @@ def cmd_project(shards: ShardSet, args) -> int:
         raise ShardError(f"--tokenizer {args.tokenizer}: cannot load it ({e})") from None
     rule = ResponseTokenizer(tokenizer, max_length=shards.tokenizer["max_length"],
                              max_prompt_length=shards.tokenizer["max_prompt_length"],
-                             end_of_turn_token=args.end_of_turn_token)
+                             end_of_turn_token=args.end_of_turn_token,
+                             rule_version=shards.tokenizer.get("rule_version", 1))
     # One vocabulary on both sides: ids name the same pieces, so identical pieces pair one to one.
     same_tokenizer = rule.fingerprint == shards.tokenizer["fingerprint"]
     table = shards.read_table(columns=["id", "response", "token_ids", "token_start", "token_end", "truncated"])

@@ -1,4 +1,4 @@
-"""Shard format version 1: the row schema (DESIGN section 4) and row identity."""
+"""Shard format version 2 (version 1 stays readable): the row schema (DESIGN section 4) and row identity."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pyarrow as pa
 
 FORMAT_NAME = "wspo-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: parts under data/, a dataset card, manifest checksums
 
 SLOTS = ("chosen", "rejected", "chosen_source", "chosen_target")
 

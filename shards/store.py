@@ -35,8 +35,12 @@ def manifest_name(num_workers: int, worker_index: int) -> str:
     return f"manifest-{worker_index:05d}-of-{num_workers:05d}.json"
 
 
+DATA_DIR = "data"  # format version 2: Parquet parts under data/, as a Hugging Face dataset folder
+
+
 def part_name(worker_index: int, part_index: int) -> str:
-    return f"part-{worker_index:05d}-{part_index:05d}.parquet"
+    """A part's path relative to the set's root."""
+    return f"{DATA_DIR}/part-{worker_index:05d}-{part_index:05d}.parquet"
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -71,6 +75,7 @@ def write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None =
     floats = [f"{name}.list.element" for name in float_list_columns(table.schema)]
     floats += [f.name for f in table.schema if pa.types.is_floating(f.type)]
     tmp = path.with_name(path.name + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(
         table,
         tmp,
@@ -83,15 +88,30 @@ def write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None =
     _publish(tmp, path)
 
 
-def write_json(obj: dict, path: Path) -> None:
+def write_text(text: str, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     _publish(tmp, path)
 
 
-def file_record(path: Path, tokens: int) -> dict:
+def write_json(obj: dict, path: Path) -> None:
+    write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", path)
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own checksum: an edit after writing shows."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def write_manifest(manifest: dict, path: Path) -> None:
+    """The worker's manifest, with its checksum, written last and atomically."""
+    write_json({**manifest, "checksum": manifest_checksum(manifest)}, path)
+
+
+def file_record(path: Path, tokens: int, root: Path | None = None) -> dict:
     return {
-        "path": path.name,
+        "path": path.relative_to(root).as_posix() if root is not None else path.name,
         "rows": pq.ParquetFile(path).metadata.num_rows,
         "tokens": tokens,
         "bytes": path.stat().st_size,
@@ -109,27 +129,84 @@ def list_arrays(column: pa.ChunkedArray | pa.Array) -> list:
     return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
 
 
-def reward_statistics(tables: list[pa.Table]) -> dict | None:
-    """Summary of the `reward` / `reward_sum` columns (the manifest's `reward`, `wspo-shards info`)."""
-    import numpy as np
+class RewardStatistics:
+    """The manifest's `reward` summary, accumulated one table at a time in bounded memory.
 
-    if not tables or "reward" not in tables[0].column_names:
-        return None
-    tokens = np.concatenate([np.concatenate(list_arrays(t["reward"]) or [np.zeros(0)]) for t in tables]).astype(np.float64)
-    sums = np.concatenate([t["reward_sum"].to_numpy() for t in tables])
-    if tokens.size == 0:
-        return None
-    return {
-        "tokens": int(tokens.size),
-        "token_mean": float(tokens.mean()),
-        "token_std": float(tokens.std()),
-        "token_min": float(tokens.min()),
-        "token_max": float(tokens.max()),
-        "token_p01_p50_p99": [float(q) for q in np.quantile(tokens, [0.01, 0.5, 0.99])],
-        "sum_mean": float(sums.mean()),
-        "sum_std": float(sums.std()),
-        "positive_sum_fraction": float((sums > 0).mean()),
-    }
+    Counts, mean, standard deviation, min and max are exact (means and squared deviations are
+    merged per table, Chan et al.); the 1/50/99th percentiles are exact up to `SAMPLE` tokens and
+    beyond that come from a systematic sample of every 2^k-th token (at least SAMPLE / 2 of them),
+    so a set of any size costs a few MB here.
+    """
+
+    SAMPLE = 1 << 20
+
+    def __init__(self):
+        import numpy as np
+
+        self._np = np
+        self.tokens, self.mean, self.m2 = 0, 0.0, 0.0
+        self.min, self.max = float("inf"), float("-inf")
+        self.responses, self.sum_mean, self.sum_m2, self.positive = 0, 0.0, 0.0, 0
+        self._sample, self._stride, self._seen = [], 1, 0
+
+    @staticmethod
+    def _merge(n, mean, m2, values):
+        k = values.size
+        if not k:
+            return n, mean, m2
+        batch_mean = float(values.mean())
+        batch_m2 = float(((values - batch_mean) ** 2).sum())
+        total = n + k
+        delta = batch_mean - mean
+        return total, mean + delta * k / total, m2 + batch_m2 + delta * delta * n * k / total
+
+    def add(self, table: pa.Table) -> None:
+        np = self._np
+        if "reward" not in table.column_names:
+            return
+        column = table["reward"].combine_chunks()
+        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+        sums = table["reward_sum"].to_numpy().astype(np.float64)
+        self.tokens, self.mean, self.m2 = self._merge(self.tokens, self.mean, self.m2, values)
+        self.responses, self.sum_mean, self.sum_m2 = self._merge(self.responses, self.sum_mean, self.sum_m2, sums)
+        self.positive += int((sums > 0).sum())
+        if values.size:
+            self.min, self.max = min(self.min, float(values.min())), max(self.max, float(values.max()))
+        # Systematic sample: keep the tokens whose running index is a multiple of the stride;
+        # when the sample is full, keep every other one and double the stride.
+        first = (-self._seen) % self._stride
+        self._sample.append(values[first :: self._stride].astype(np.float32))
+        self._seen += values.size
+        if sum(a.size for a in self._sample) > self.SAMPLE:
+            # The sample holds tokens 0, s, 2s, ... in order: every other one is 0, 2s, 4s, ...
+            self._sample = [np.concatenate(self._sample)[::2]]
+            self._stride *= 2
+
+    def result(self) -> dict | None:
+        np = self._np
+        if not self.tokens:
+            return None
+        sample = np.concatenate(self._sample).astype(np.float64)
+        return {
+            "tokens": int(self.tokens),
+            "token_mean": float(self.mean),
+            "token_std": float(np.sqrt(self.m2 / self.tokens)),
+            "token_min": self.min,
+            "token_max": self.max,
+            "token_p01_p50_p99": [float(q) for q in np.quantile(sample, [0.01, 0.5, 0.99])],
+            "token_percentiles_sampled": self._stride > 1,
+            "sum_mean": float(self.sum_mean),
+            "sum_std": float(np.sqrt(self.sum_m2 / self.responses)),
+            "positive_sum_fraction": float(self.positive / self.responses),
+        }
+
+
+def reward_statistics(tables) -> dict | None:
+    """Summary of the `reward` / `reward_sum` columns over `tables` (any iterable, read one by one)."""
+    stats = RewardStatistics()
+    for table in tables:
+        stats.add(table)
+    return stats.result()
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -148,6 +225,14 @@ def _load_manifest(path: Path) -> dict:
             f"{path}: shard format version {version!r} is newer than this toolkit reads "
             f"(version {FORMAT_VERSION}); upgrade wspo"
         )
+    if "checksum" in manifest and manifest["checksum"] != manifest_checksum(manifest):  # older sets have none
+        raise ShardError(f"{path}: the manifest was edited after it was written (its checksum does not match its content)")
+    files, counts = manifest.get("files", []), manifest.get("counts", {})
+    for key, column in (("rows_written", "rows"), ("response_tokens", "tokens")):
+        listed = sum(f.get(column, 0) for f in files)
+        if key in counts and counts[key] != listed:
+            raise ShardError(f"{path}: counts.{key} is {counts[key]} but its files add up to {listed} "
+                             "(a file entry was removed or a count edited)")
     return manifest
 
 
@@ -250,9 +335,18 @@ class ShardSet:
                     problems[record["path"]] = f"{rows} rows, manifest says {record['rows']}"
         return problems
 
+    def unlisted_parts(self) -> list[str]:
+        """Parquet parts in the set's folders that no manifest lists."""
+        listed = {f["path"] for f in self.files}
+        present = [p.relative_to(self.root).as_posix() for folder in (self.root, self.root / DATA_DIR)
+                   if folder.is_dir() for p in sorted(folder.glob("*.parquet"))]
+        return [p for p in present if p not in listed]
+
     def verify(self, checksums: bool = True) -> list[str]:
         """Everything wrong with the set's files, one line each (empty: the set verifies)."""
-        return [f"{self.root / name}: {problem}" for name, problem in self.file_problems(checksums).items()]
+        problems = [f"{self.root / name}: {problem}" for name, problem in self.file_problems(checksums).items()]
+        problems += [f"{self.root / name}: unlisted: a Parquet part that no manifest lists" for name in self.unlisted_parts()]
+        return problems
 
     def check(self, checksums: bool = True) -> "ShardSet":
         problems = self.verify(checksums)

@@ -5,23 +5,50 @@
                    offsets, then the end-of-turn token
     sequence     = prompt ids + response ids; only response positions are scored and trained
 
+The end-of-turn token is the one the chat template closes an assistant turn with, found by
+rendering the template around a marker response (`<|im_end|>` for ChatML/Qwen2, `<|eot_id|>` for
+Llama 3, `<end_of_turn>` for Gemma, `<|end|>` for Phi-3, `</s>` for Mistral); the tokenizer's
+eos only when the template shows none; `end_of_turn_token` overrides both. Rule version 1 (sets
+written before this) defaulted to eos: such sets record their token and version and are used as
+written.
+
 Phase one stores `token_ids`; phase two re-tokenizes each row with the same function and, when the
 tokenizer fingerprints match, must get exactly the stored ids.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
 
-RULE_VERSION = 1
+RULE_VERSION = 2  # 2: end-of-turn token read from the chat template (1: the tokenizer's eos)
+
+# A response no template alters: rendering it shows what the template writes after a response.
+_MARKER = "wspoResponseMarker7f3a"
 
 
 def fallback_chat_template() -> str:
     """The plain template for tokenizers that ship none (configs/fallback_chat_template.jinja)."""
     return resources.files("wspo.configs").joinpath("fallback_chat_template.jinja").read_text()
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def same_tokenizer_files(model_dir, other) -> bool:
+    """Whether `model_dir` ships exactly the tokenizer files of the folder `other` (byte for byte)."""
+    from pathlib import Path
+
+    a, b = Path(model_dir), Path(str(other))
+    if not b.is_dir() or not (a / "tokenizer.json").exists():
+        return False
+    if a.resolve() == b.resolve():
+        return True
+    return all((a / n).exists() == (b / n).exists() and (not (a / n).exists() or (a / n).read_bytes() == (b / n).read_bytes())
+               for n in _TOKENIZER_FILES)
 
 
 @dataclass
@@ -45,15 +72,49 @@ class Skip(Exception):
         self.reason = reason
 
 
+def template_end_of_turn(tokenizer, chat_template: str) -> str | None:
+    """The special token the chat template writes right after an assistant response, or None.
+
+    Renders a two-turn conversation whose answer is a marker, tokenizes what follows the marker
+    and returns the first special (added) token there, so whitespace or text a template writes
+    before its end token does not matter.
+    """
+    conversation = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": _MARKER}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this shows no end token
+        return None
+    if not isinstance(text, str) or _MARKER not in text:
+        return None
+    after = text[text.index(_MARKER) + len(_MARKER):]
+    special = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
+    for piece in tokenizer.convert_ids_to_tokens(tokenizer(after, add_special_tokens=False)["input_ids"]):
+        if piece in special:
+            return piece
+    return None
+
+
+def invalid_text(text: str) -> bool:
+    """Text that cannot be encoded as UTF-8 (a lone surrogate: an emoji cut in half)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 class ResponseTokenizer:
     """Applies the rule with one Hugging Face (fast) tokenizer.
 
-    `end_of_turn_token` defaults to the tokenizer's eos token. `max_prompt_length` bounds the
-    prompt (longer prompts are skipped); `max_length` bounds prompt + response (responses are cut
-    and flagged truncated).
+    `end_of_turn_token` defaults to the token the chat template closes an assistant turn with
+    (else the tokenizer's eos). `max_prompt_length` bounds the prompt (longer prompts are
+    skipped); `max_length` bounds prompt + response (responses are cut and flagged truncated).
+    `rule_version` reproduces the identity of sets written by an older rule (their ids are the
+    same function of template and end-of-turn token; only the default token differed).
     """
 
-    def __init__(self, tokenizer, max_length: int, max_prompt_length: int, end_of_turn_token: str | None = None):
+    def __init__(self, tokenizer, max_length: int, max_prompt_length: int, end_of_turn_token: str | None = None,
+                 rule_version: int = RULE_VERSION):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
                 f"tokenizer {tokenizer.name_or_path!r} is not a fast tokenizer; the rule needs "
@@ -66,23 +127,32 @@ class ResponseTokenizer:
         self.max_prompt_length = max_prompt_length
         self.chat_template = tokenizer.chat_template or fallback_chat_template()
         self.uses_fallback_template = tokenizer.chat_template is None
-        eot = end_of_turn_token or tokenizer.eos_token
+        self.rule_version = rule_version
+        if end_of_turn_token:
+            eot, self.end_of_turn_source = end_of_turn_token, "configured"
+        elif (found := template_end_of_turn(tokenizer, self.chat_template)) is not None:
+            eot, self.end_of_turn_source = found, "chat_template"
+        else:
+            eot, self.end_of_turn_source = tokenizer.eos_token, "eos"
         if eot is None:
             raise ValueError(
-                f"tokenizer {tokenizer.name_or_path!r} has no eos token: set end_of_turn_token"
+                f"tokenizer {tokenizer.name_or_path!r}: its chat template shows no end-of-turn token and it has no "
+                "eos token: set end_of_turn_token"
             )
-        eot_id = tokenizer.convert_tokens_to_ids(eot)
-        if eot_id is None or eot_id == tokenizer.unk_token_id:
+        # Look the token up in the vocabulary itself: some tokenizers map unknown strings to an
+        # unk id that is also a real token (Qwen2's <|endoftext|>).
+        vocab = tokenizer.get_vocab()
+        if eot not in vocab:
             raise ValueError(f"end_of_turn_token {eot!r} is not in the vocabulary of {tokenizer.name_or_path!r}")
         self.end_of_turn_token = eot
-        self.end_of_turn_id = int(eot_id)
+        self.end_of_turn_id = int(vocab[eot])
 
     # -- identity -----------------------------------------------------------------------------
 
     def settings(self) -> dict:
         """What decides the token ids of a row, besides the text (part of the fingerprint)."""
         return {
-            "rule_version": RULE_VERSION,
+            "rule_version": self.rule_version,
             "end_of_turn_token": self.end_of_turn_token,
             "end_of_turn_id": self.end_of_turn_id,
             "fallback_chat_template": self.uses_fallback_template,
@@ -92,7 +162,7 @@ class ResponseTokenizer:
     def chat_template_hash(self) -> str:
         return hashlib.sha256(self.chat_template.encode()).hexdigest()
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of vocabulary + normalisation/pre-tokenisation + chat template + rule settings.
 
@@ -117,6 +187,7 @@ class ResponseTokenizer:
             "vocab_size": len(self.tokenizer),
             "max_length": self.max_length,
             "max_prompt_length": self.max_prompt_length,
+            "end_of_turn_source": self.end_of_turn_source,
             **self.settings(),
         }
 
@@ -132,9 +203,11 @@ class ResponseTokenizer:
         vocab = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
         if vocab is not None and len(self.tokenizer) > vocab:
             raise ValueError(f"model {model_dir} has {vocab} embeddings but the tokenizer has {len(self.tokenizer)} tokens")
+        if same_tokenizer_files(model_dir, self.tokenizer.name_or_path):
+            return  # byte-identical tokenizer files: no need to load and fingerprint them again
         if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
             theirs = ResponseTokenizer(AutoTokenizer.from_pretrained(str(model_dir)), self.max_length,
-                                       self.max_prompt_length, self.end_of_turn_token)
+                                       self.max_prompt_length, self.end_of_turn_token, self.rule_version)
             if theirs.fingerprint != self.fingerprint:
                 raise ValueError(f"the tokenizer of {model_dir} differs from the one applied ({self.tokenizer.name_or_path})")
 
@@ -161,6 +234,8 @@ class ResponseTokenizer:
         return ids, starts, ends
 
     def __call__(self, messages: list[dict], response: str) -> TokenizedResponse:
+        if invalid_text(response) or any(invalid_text(m.get("content", "")) for m in messages if isinstance(m.get("content"), str)):
+            raise Skip("invalid_text", "the text holds a lone surrogate (not encodable as UTF-8)")
         prompt = self.prompt_ids(messages)
         if len(prompt) > self.max_prompt_length:
             raise Skip("prompt_too_long", f"{len(prompt)} prompt tokens > max_prompt_length {self.max_prompt_length}")

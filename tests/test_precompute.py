@@ -15,7 +15,7 @@ from wspo.precompute.cli import main as precompute_main
 from wspo.precompute.config import PrecomputeArguments
 from wspo.precompute.pipeline import PrecomputeError, run
 from wspo.shards.schema import row_id, row_schema
-from wspo.shards.store import ShardError, ShardSet, list_arrays
+from wspo.shards.store import ShardError, ShardSet, list_arrays, manifest_checksum
 from wspo.shards.tokenization import ResponseTokenizer
 
 
@@ -185,7 +185,7 @@ def test_nan_logprobs_stop_the_run_and_publish_nothing(tiny_models, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(PrecomputeError, match=r"weak_aligned .* NaN or infinite log-probs for 10 row\(s\)"):
         run(make_args(tiny_models, out, weak_aligned=str(broken)))
-    assert not (out / "manifest.json").exists() and not list(out.glob("part-*.parquet"))
+    assert not (out / "manifest.json").exists() and not list(out.glob("data/part-*.parquet"))
     with pytest.raises(ShardError, match="no manifest"):
         ShardSet.open(out)
 
@@ -209,6 +209,7 @@ def test_workers_write_disjoint_parts_of_one_set(shards, tiny_models, tmp_path):
     manifest_path = out / "manifest-00001-of-00003.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["tokenizer"]["max_length"] = 1024
+    manifest["checksum"] = manifest_checksum(manifest)  # a genuine manifest of another run, not an edit
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match="manifest-00001-of-00003.json: 'tokenizer' differs"):
         ShardSet.open(out)
@@ -240,9 +241,9 @@ def test_schema_version_from_the_future(shards, tmp_path):
     copy = tmp_path / "future"
     shutil.copytree(shards.root, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = 3
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ShardError, match="manifest.json: shard format version 2 is newer"):
+    with pytest.raises(ShardError, match="manifest.json: shard format version 3 is newer"):
         ShardSet.open(copy)
 
 

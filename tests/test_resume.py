@@ -50,10 +50,10 @@ def test_sigkill_at_three_points_then_resume_gives_identical_bytes(tiny_models, 
     cmd = command(tiny_models, resumed)
     # Kill while the first scorer runs, while the second runs, and while parts are assembled.
     left = run_until(cmd, resumed, "_work-00000/weak_ref-00003.parquet")
-    assert "manifest.json" not in left and not any(p.startswith("part-") for p in left)
+    assert "manifest.json" not in left and not any(p.startswith("data/part-") for p in left)
     left = run_until(cmd, resumed, "_work-00000/weak_aligned-00004.parquet")
     assert "_work-00000/weak_ref-00009.parquet" in left and "manifest.json" not in left
-    left = run_until(cmd, resumed, "part-00000-00002.parquet")
+    left = run_until(cmd, resumed, "data/part-00000-00002.parquet")
     assert "manifest.json" not in left
     with pytest.raises(Exception, match="no manifest"):
         ShardSet.open(resumed)  # an interrupted set never looks complete

@@ -181,7 +181,7 @@ def test_console_scripts_installed():
 def test_shards_that_do_not_verify(train_setup, tmp_path, capsys):  # noqa: F811
     shards = tmp_path / "shards"
     shutil.copytree(train_setup["shards"], shards)
-    part = next(shards.glob("part-*.parquet"))
+    part = next(shards.glob("data/part-*.parquet"))
     data = bytearray(part.read_bytes())
     data[len(data) // 2] ^= 0xFF
     part.write_bytes(bytes(data))
@@ -221,11 +221,11 @@ def test_retokenization_mismatch_names_the_row(train_setup, tmp_path, capsys):  
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from wspo.shards.store import file_record, write_json, write_parquet
+    from wspo.shards.store import file_record, write_json, write_manifest, write_parquet
 
     shards = tmp_path / "shards"
     shutil.copytree(train_setup["shards"], shards)
-    part = next(shards.glob("part-*.parquet"))
+    part = next(shards.glob("data/part-*.parquet"))
     table = pq.read_table(part)
     token_ids = table["token_ids"].to_pylist()
     token_ids[5][2] = (token_ids[5][2] + 1) % 1000
@@ -233,8 +233,8 @@ def test_retokenization_mismatch_names_the_row(train_setup, tmp_path, capsys):  
                              pa.array(token_ids, pa.list_(pa.int32())))
     write_parquet(table, part, {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()})
     manifest = json.loads((shards / "manifest.json").read_text())
-    manifest["files"][0] = file_record(part, manifest["files"][0]["tokens"])
-    write_json(manifest, shards / "manifest.json")
+    manifest["files"][0] = file_record(part, manifest["files"][0]["tokens"], root=shards)
+    write_manifest(manifest, shards / "manifest.json")  # a consistent set whose ids no longer re-tokenize
     bad_row = table["id"][5].as_py()
 
     rc, err = run_train(capsys, train_argv(train_setup, tmp_path / "out", shards=shards))

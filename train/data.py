@@ -91,7 +91,8 @@ def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_p
     """
     shard_tok = shard_sets[0].tokenizer
     try:
-        rule = ResponseTokenizer(tokenizer, max_length, max_length - 1, shard_tok["end_of_turn_token"])
+        rule = ResponseTokenizer(tokenizer, max_length, max_length - 1, shard_tok["end_of_turn_token"],
+                                 rule_version=shard_tok.get("rule_version", 1))
         if rule.fingerprint == shard_tok["fingerprint"]:
             return rule, False
     except ValueError:  # the shards' end-of-turn token is not even in the strong vocabulary

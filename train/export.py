@@ -20,12 +20,14 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
     from transformers import AutoModelForCausalLM
 
     from wspo.models import load_tokenizer, resolve_model_dir
+    from wspo.paths import check_output
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"--adapter {adapter_dir}: no adapter_config.json, not a LoRA adapter directory")
     base = base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     base_dir = resolve_model_dir(base, option="base model (adapter_config.json base_model_name_or_path, or --base_model)")
+    check_output(output_dir, {"adapter": adapter_dir, "base_model": base_dir})
     if dtype == "auto":  # the dtype the base model was saved in
         config = json.loads((base_dir / "config.json").read_text())
         dtype = config.get("dtype") or config.get("torch_dtype") or "float32"

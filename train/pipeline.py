@@ -40,6 +40,7 @@ from .data import (
     strong_rule,
 )
 from .pairs import PreferenceCollator, PreferenceDataset, preference_examples
+from .guards import NonFiniteGuard
 from .trainer import WSPOTrainer
 
 RUN_FILE = "wspo_run.json"
@@ -170,7 +171,7 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[NonFiniteGuard(), *(callbacks or [])],
     )
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
