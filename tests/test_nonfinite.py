@@ -62,3 +62,39 @@ def test_eval_max_samples_refused(tmp_path):
 
     with pytest.raises(ValueError, match="max_samples must be a positive number of rows"):
         GenerateArguments(model="m", output_file=str(tmp_path / "o.json"), dataset="embedded", max_samples=-1)
+
+
+def test_resume_takes_the_newest_complete_checkpoint(tiny_models, sft_shards, tmp_path, capsys):
+    from wspo.train.checkpoints import resolve_resume
+
+    out = tmp_path / "run"
+    assert train_main(train(tiny_models, sft_shards, out, "--learning_rate", "1e-3")) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    # A kill while checkpoint-6 was written: its weights are cut short.
+    weights = next(p for p in (out / "checkpoint-6").iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    (out / "checkpoint-4" / "trainer_state.json").unlink()  # and one interrupted earlier
+    capsys.readouterr()
+    assert resolve_resume("true", str(out)) == str(out / "checkpoint-2")
+    err = capsys.readouterr().err
+    assert f"resuming from {out / 'checkpoint-2'}" in err
+    assert "checkpoint-6: " in err and "unreadable" in err and "checkpoint-4: trainer_state.json is missing" in err
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        resolve_resume(str(out / "checkpoint-6"), str(out))
+
+
+def test_a_failed_final_save_publishes_no_weights(tiny_models, sft_shards, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    original = transformers.Trainer.save_model
+
+    def full_disk(self, output_dir=None, _internal_call=False):
+        original(self, output_dir, _internal_call)
+        if output_dir and output_dir.endswith(".final-partial"):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.Trainer, "save_model", full_disk)
+    out = tmp_path / "run"
+    assert train_main(train(tiny_models, sft_shards, out, "--learning_rate", "1e-3", "--save_strategy", "no")) == 1
+    assert "could not write the final model" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == []  # no weights, no tokenizer, no half folder

@@ -40,6 +40,7 @@ from .data import (
     strong_rule,
 )
 from .pairs import PreferenceCollator, PreferenceDataset, preference_examples
+from .checkpoints import publish_final, resolve_resume
 from .guards import NonFiniteGuard
 from .trainer import WSPOTrainer
 
@@ -173,9 +174,7 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
         processing_class=tokenizer,
         callbacks=[NonFiniteGuard(), *(callbacks or [])],
     )
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
-        resume = True  # the newest checkpoint-* in output_dir
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
     if eval_set is not None:
@@ -186,7 +185,7 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
         else:
             metrics.update(trainer.evaluate())
     last_train_log = next((dict(h) for h in reversed(trainer.state.log_history) if "loss" in h), {})
-    trainer.save_model(training_args.output_dir)
+    publish_final(trainer, training_args.output_dir)
 
     record = {
         "toolkit_version": wspo.__version__,
