@@ -109,7 +109,9 @@ def _fmt(value, spec: str, width: int) -> str:
 
 def table(report: dict) -> str:
     lines = [f"{'model':<26}{'vs':<12}{'pairs':>6}{'accuracy':>10}{'margin':>9}{'signal':>8}{'NLL/tok':>9}", "-" * 80]
-    rows = [name for name, _, _ in MODELS] + [n for n in report["models"] if n.startswith("strong_wspo_gamma_")]
+    # The sweep's gamma 0.1 row is strong_wspo again: listed once.
+    rows = [name for name, _, _ in MODELS] + [n for n, m in report["models"].items()
+                                              if n.startswith("strong_wspo_gamma_") and m["gamma"] != PAPER_GAMMA]
     for name in rows:
         m = report["models"][name]
         lines.append(f"{m['label']:<26}{m['reference'] or '-':<12}{_fmt(m['pairs'], 'd', 6)}{_fmt(m['accuracy'], '.3f', 10)}"
@@ -129,7 +131,7 @@ def figure(report: dict, path: Path) -> None:
 
     models = report["models"]
     names = [name for name, _, _ in MODELS]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.25, 1]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [1.25, 1]})
 
     # Left: per model, the signal rate and the held-out accuracy side by side.
     width = 0.38
@@ -139,7 +141,7 @@ def figure(report: dict, path: Path) -> None:
         values = [models[n][key] for n in names]
         bars = left.bar([x + offset for x in xs], [v or 0 for v in values], width, color=color, label=label)
         for bar, v in zip(bars, values):
-            left.annotate("n/a" if v is None else f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            left.annotate("n/a\n(no ref.)" if v is None else f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                           ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     left.set_xticks(list(xs), [models[n]["label"].replace(" (", "\n(") for n in names], fontsize=9)
     left.axvline(2.5, color="grey", linewidth=0.8)
@@ -173,7 +175,7 @@ def figure(report: dict, path: Path) -> None:
     right.set_ylim(0, max(1.15, *(v / sft_nll + 0.1 for v in series("heldout_nll") if sft_nll and v == v)))
     right.set_xlabel("gamma (strong log-ratio matched to reward / gamma)")
     right.set_title("Strong WSPO: sweep of gamma over the same shards")
-    right.legend(loc="upper right", fontsize=8)
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
