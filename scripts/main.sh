@@ -17,7 +17,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/env.sh
 export TOKENIZERS_PARALLELISM=false
 
-O=outputs/pipeline
+O=${WSPO_PIPELINE_DIR:-outputs/pipeline}  # where everything goes
 LENGTHS=(--max_length 512 --max_prompt_length 256)
 TRAIN=(--max_length 256 --eval_fraction 0.05 --per_device_train_batch_size 8 --lr_scheduler_type cosine
        --warmup_steps 0.05 --logging_steps 25 --eval_strategy no --save_strategy no --report_to none
