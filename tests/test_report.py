@@ -84,3 +84,18 @@ def test_missing_files_give_nulls(tmp_path):
     assert models["weak_sft"]["signal"] == 0.5 and models["weak_sft"]["heldout_nll"] is None
     assert models["strong_wspo"] == {**models["strong_wspo"], "accuracy": None, "signal": None, "heldout_nll": None}
     assert report.build_report(tmp_path)["goals"]["accuracy_at_least_0.9"] is None
+
+
+def test_bundled_neutral_split_is_the_generators_and_half_shows_the_signal():
+    """sft.jsonl (the main job's SFT data) is what the generator writes: one row per train prompt,
+    ending with that prompt's chosen or rejected response, about half of them the chosen one."""
+    from wspo.embedded.sample import SAMPLE_DIR, build_rows, neutral_sft_rows, shows_preference_signal
+
+    train = build_rows()["train_prefs"]
+    expected = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in neutral_sft_rows(train))
+    assert (SAMPLE_DIR / "sft.jsonl").read_text(encoding="utf-8") == expected
+    rows = [json.loads(line) for line in expected.splitlines()]
+    assert [r["prompt_id"] for r in rows] == [r["prompt_id"] for r in train]
+    assert all(r["messages"] in (t["chosen"], t["rejected"]) for r, t in zip(rows, train))
+    share = sum(shows_preference_signal(r["messages"][-1]["content"]) for r in rows) / len(rows)
+    assert 0.4 < share < 0.6
