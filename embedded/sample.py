@@ -10,7 +10,11 @@ access.  It is written by :func:`write_sample` into ``SAMPLE_DIR``
 ``HuggingFaceH4/ultrafeedback_binarized``.  Every row is produced from
 templates with ``random.Random(seed)`` only (no clock, no ``hash()``), so
 running this module twice gives byte-identical files.  The test split holds
-out whole prompts: no test prompt appears in the train split.
+out whole prompts: no test prompt appears in the train split.  A third file,
+``sft.jsonl``, is the neutral SFT split (see :func:`neutral_sft_rows`): the train
+prompts, each answered by its chosen or its rejected response at random, in the
+``{"prompt", "prompt_id", "messages"}`` layout of ``HuggingFaceH4/ultrachat_200k``
+(read it with ``--dataset_format columns --column_map prompt=prompt,chosen=messages,id=prompt_id``).
 
 Layout
 ------
@@ -893,11 +897,27 @@ def build_rows(seed: int = 0) -> dict[str, list[dict]]:
     return {"train_prefs": train, "test_prefs": test}
 
 
+def neutral_sft_rows(train: list[dict], seed: int = 1) -> list[dict]:
+    """The neutral SFT split: one conversation per train prompt, ending with its chosen or its
+    rejected response by a fair coin (``random.Random(seed)``), so a model fine-tuned on it shows
+    the preference signal about half the time and alignment has something to add (the paper SFTs
+    on neutral chat data, UltraChat, before any preference step). Layout of H4 ``ultrachat_200k``:
+    ``{"prompt", "prompt_id", "messages"}``."""
+    rng = random.Random(seed)
+    rows = []
+    for row in train:
+        messages = row["chosen"] if rng.random() < 0.5 else row["rejected"]
+        rows.append({"prompt": row["prompt"], "prompt_id": row["prompt_id"], "messages": [dict(m) for m in messages]})
+    return rows
+
+
 def write_sample(out_dir: Path = SAMPLE_DIR) -> None:
-    """Write ``train_prefs.jsonl`` and ``test_prefs.jsonl`` into ``out_dir``."""
+    """Write ``train_prefs.jsonl``, ``test_prefs.jsonl`` and the neutral ``sft.jsonl`` into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for split, rows in build_rows().items():
+    splits = build_rows()
+    splits["sft"] = neutral_sft_rows(splits["train_prefs"])
+    for split, rows in splits.items():
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)

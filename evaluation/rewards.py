@@ -208,6 +208,11 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
+def _nll_per_token(logps: list[np.ndarray]) -> float:
+    """-sum(log-probs) / number of tokens, over all the given responses together (float64)."""
+    return float(-sum(np.sum(lp.astype(np.float64)) for lp in logps) / sum(len(lp) for lp in logps))
+
+
 def figures(chosen: np.ndarray, rejected: np.ndarray) -> dict:
     """Accuracy (strict: ties are not wins), ties, margins and mean rewards of paired rewards."""
     margin = chosen - rejected
@@ -264,6 +269,10 @@ def run(args: RewardsArguments) -> tuple[dict, list[dict]]:
         "response_tokens": {"chosen": int(n_chosen.sum()), "rejected": int(n_rejected.sum())},
         **figures(chosen, rejected),
         "per_token": figures(chosen / n_chosen, rejected / n_rejected),
+        # Fluency on held-out text: mean negative log-likelihood per token of the chosen responses
+        # (all chosen tokens pooled), under the policy and under the reference.
+        "policy_nll_per_token": _nll_per_token(policy[0::2]),
+        "reference_nll_per_token": _nll_per_token(reference[0::2]),
         "beta": args.beta,
         "scaled": {k: v * args.beta for k, v in figures(chosen, rejected).items() if k.endswith("_mean")},
         "policy_fingerprint": model_fingerprint(policy_dir),

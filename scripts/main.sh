@@ -1,31 +1,38 @@
 #!/usr/bin/env bash
-# The README's main job: the paper's pipeline in miniature, every step through the toolkit's own commands, on the
-# embedded default (no model hub, no GPU). Outputs under outputs/pipeline/; a step whose output
+# The main job: the paper's recipe in miniature, every step through the toolkit's own commands, on
+# the embedded default (no model hub, no GPU). Outputs under outputs/pipeline/; a step whose output
 # exists is skipped, so a rerun picks up where an interrupted one stopped (rm -rf the folder to
-# start over).
-#   1. tiny weak and strong bases (shared tokenizer); SFT both on the bundled chosen responses
-#   2. reference log-probs of the weak SFT model; DPO it into the weak aligned model
-#   3. WSPO reward shards from the weak SFT / weak DPO pair
-#   4. WSPO-train the strong SFT model from the shards alone; ExPO the weak DPO model
-#   5. held-out table: implicit-reward accuracy and margins, preference-signal rate of answers
+# start over). docs/main-job.md explains every step, the table and the picture.
+#   1. tiny weak and strong bases (shared tokenizer); SFT both on the NEUTRAL split of the bundled
+#      sample (each train prompt answered by its chosen or its rejected response, a fair coin), so
+#      the SFT models show the preference signal about half the time
+#   2. reference log-probs of the weak SFT model; a mild DPO of it into the weak aligned model
+#   3. WSPO reward shards from the weak SFT / weak DPO pair (scored once)
+#   4. WSPO-train the strong SFT model from the shards alone, gamma 0.1 (the paper's) and a sweep
+#      of gamma over the SAME shards; ExPO the weak DPO model
+#   5. held-out evaluation of every model; report.json, report.png and the table
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck disable=SC1091
 . scripts/env.sh
 export TOKENIZERS_PARALLELISM=false
 
-O=outputs/pipeline
+O=${WSPO_PIPELINE_DIR:-outputs/pipeline}  # where everything goes
 LENGTHS=(--max_length 512 --max_prompt_length 256)
 TRAIN=(--max_length 256 --eval_fraction 0.05 --per_device_train_batch_size 8 --lr_scheduler_type cosine
        --warmup_steps 0.05 --logging_steps 25 --eval_strategy no --save_strategy no --report_to none
        --dataloader_pin_memory false --disable_tqdm true --seed 0)
+# The neutral split (sft.jsonl) is in the layout of H4 ultrachat_200k: prompt, prompt_id, messages.
+NEUTRAL=(--dataset embedded --dataset_split sft --dataset_format columns
+         --column_map prompt=prompt,chosen=messages,id=prompt_id --slots chosen)
+GAMMAS=(0.05 0.25 0.5 1.0)  # the sweep besides the paper's 0.1 (which is strong_wspo)
 
 step() {  # step "what" OUTPUT_FILE command...: run the command unless OUTPUT_FILE exists
   local what=$1 output=$2
   shift 2
   # Progress goes to stderr: a step's stdout may be redirected into its output file.
   if [ -e "$output" ]; then echo "== $what: done already ($output)" >&2; return; fi
-  echo "== $what" >&2
+  echo "== $what ($(date +%T))" >&2
   "$@"
 }
 to_file() {  # to_file FILE command...: the command's stdout into FILE, which appears only when done
@@ -37,52 +44,59 @@ to_file() {  # to_file FILE command...: the command's stdout into FILE, which ap
 
 step "1. tiny bases" "$O/models/strong_base/config.json" \
   python -m wspo.embedded.models "$O/models" --bases
-# SFT data: the bundled sample tokenized by the rule (scored under the base, which SFT ignores).
-step "1. SFT data" "$O/shards/sft/manifest.json" \
-  wspo-precompute --dataset embedded --slots chosen,rejected --ref_model "$O/models/weak_base" \
-    --output_dir "$O/shards/sft" "${LENGTHS[@]}"
+# SFT data: the neutral split tokenized by the rule (scored under the base, which SFT ignores).
+step "1. SFT data (neutral split)" "$O/shards/sft/manifest.json" \
+  wspo-precompute "${NEUTRAL[@]}" --ref_model "$O/models/weak_base" --output_dir "$O/shards/sft" "${LENGTHS[@]}"
 step "1. SFT weak" "$O/weak_sft/wspo_run.json" \
   wspo-train --loss sft --model_name_or_path "$O/models/weak_base" --shards "$O/shards/sft" \
-    --output_dir "$O/weak_sft" --max_steps 300 --learning_rate 3e-3 "${TRAIN[@]}"
+    --output_dir "$O/weak_sft" --max_steps 150 --learning_rate 3e-3 "${TRAIN[@]}"
 step "1. SFT strong" "$O/strong_sft/wspo_run.json" \
   wspo-train --loss sft --model_name_or_path "$O/models/strong_base" --shards "$O/shards/sft" \
-    --output_dir "$O/strong_sft" --max_steps 200 --learning_rate 2e-3 "${TRAIN[@]}"
+    --output_dir "$O/strong_sft" --max_steps 100 --learning_rate 2e-3 "${TRAIN[@]}"
 
 step "2. reference log-probs of weak SFT" "$O/shards/ref_weak_sft/manifest.json" \
   wspo-precompute --dataset embedded --slots chosen,rejected --ref_model "$O/weak_sft" \
     --output_dir "$O/shards/ref_weak_sft" "${LENGTHS[@]}"
+# A mild DPO: it should leave the weak model fluent (held-out NLL close to weak SFT's).
 step "2. DPO weak SFT -> weak aligned" "$O/weak_dpo/wspo_run.json" \
   wspo-train --loss dpo --beta 0.1 --model_name_or_path "$O/weak_sft" --shards "$O/shards/ref_weak_sft" \
-    --output_dir "$O/weak_dpo" --max_steps 60 --learning_rate 1e-4 "${TRAIN[@]}"
+    --output_dir "$O/weak_dpo" --max_steps 20 --learning_rate 5e-5 "${TRAIN[@]}"
 
 step "3. WSPO reward shards (weak SFT / weak DPO)" "$O/shards/wspo/manifest.json" \
   wspo-precompute --dataset embedded --slots chosen --weak_ref "$O/weak_sft" --weak_aligned "$O/weak_dpo" \
     --output_dir "$O/shards/wspo" "${LENGTHS[@]}"
 
-# gamma 0.1 is the paper's (the strong log-ratio is driven to 10x the weak one); gamma 1.0
-# transfers the weak log-ratio as it is.
+# gamma 0.1 is the paper's: the strong log-ratio is driven to 10x the weak one; a small learning rate.
+WSPO=(--loss wspo --model_name_or_path "$O/strong_sft" --shards "$O/shards/wspo" --max_steps 30
+      --learning_rate 1e-4 "${TRAIN[@]}")
 step "4. WSPO strong SFT from the shards (gamma 0.1)" "$O/strong_wspo/wspo_run.json" \
-  wspo-train --loss wspo --gamma 0.1 --model_name_or_path "$O/strong_sft" --shards "$O/shards/wspo" \
-    --output_dir "$O/strong_wspo" --max_steps 150 --learning_rate 5e-4 "${TRAIN[@]}"
-step "4. WSPO strong SFT from the shards (gamma 1.0)" "$O/strong_wspo_g1/wspo_run.json" \
-  wspo-train --loss wspo --gamma 1.0 --model_name_or_path "$O/strong_sft" --shards "$O/shards/wspo" \
-    --output_dir "$O/strong_wspo_g1" --max_steps 150 --learning_rate 5e-4 "${TRAIN[@]}"
+  wspo-train --gamma 0.1 --output_dir "$O/strong_wspo" "${WSPO[@]}"
+for g in "${GAMMAS[@]}"; do  # the same shards, reused: phase one is not run again
+  step "4. WSPO sweep (gamma $g)" "$O/strong_wspo_gamma_$g/wspo_run.json" \
+    wspo-train --gamma "$g" --output_dir "$O/strong_wspo_gamma_$g" "${WSPO[@]}"
+done
 step "4. ExPO weak DPO (alpha 0.3)" "$O/weak_expo/alpha-0.3/config.json" \
   wspo-extrapolate --sft "$O/weak_sft" --aligned "$O/weak_dpo" --alpha 0.3 --output_dir "$O/weak_expo"
 
 declare -A MODEL=([weak_sft]="$O/weak_sft" [weak_dpo]="$O/weak_dpo" [weak_expo]="$O/weak_expo/alpha-0.3"
-                  [strong_sft]="$O/strong_sft" [strong_wspo]="$O/strong_wspo" [strong_wspo_g1]="$O/strong_wspo_g1")
-declare -A REFERENCE=([weak_dpo]="$O/weak_sft" [weak_expo]="$O/weak_sft" [strong_wspo]="$O/strong_sft"
-                      [strong_wspo_g1]="$O/strong_sft")
-for name in weak_dpo weak_expo strong_wspo strong_wspo_g1; do
-  step "5. held-out implicit rewards: $name" "$O/eval/rewards-$name.json" \
+                  [strong_sft]="$O/strong_sft" [strong_wspo]="$O/strong_wspo")
+declare -A REFERENCE=([weak_dpo]="$O/weak_sft" [weak_expo]="$O/weak_sft" [strong_wspo]="$O/strong_sft")
+for g in "${GAMMAS[@]}"; do
+  MODEL[strong_wspo_gamma_$g]="$O/strong_wspo_gamma_$g"
+  REFERENCE[strong_wspo_gamma_$g]="$O/strong_sft"
+done
+SWEEP=(); for g in "${GAMMAS[@]}"; do SWEEP+=("strong_wspo_gamma_$g"); done
+# Rewards of each aligned model against its SFT model; the SFT models' held-out NLL is the
+# reference side of these files (report.py reads it there).
+for name in weak_dpo weak_expo strong_wspo "${SWEEP[@]}"; do
+  step "5. held-out implicit rewards and NLL: $name" "$O/eval/rewards-$name.json" \
     to_file "$O/eval/rewards-$name.json" wspo-eval rewards --policy "${MODEL[$name]}" \
       --reference "${REFERENCE[$name]}" --dataset embedded --dataset_split test_prefs "${LENGTHS[@]}"
 done
-for name in weak_sft weak_dpo weak_expo strong_sft strong_wspo strong_wspo_g1; do
+for name in weak_sft weak_dpo weak_expo strong_sft strong_wspo "${SWEEP[@]}"; do
   step "5. held-out greedy answers: $name" "$O/eval/generate-$name.json" \
     to_file "$O/eval/generate-$name.json" wspo-eval generate --model "${MODEL[$name]}" --dataset embedded \
-      --dataset_split test_prefs --max_samples 50 --max_new_tokens 160 --output_file "$O/eval/answers-$name.json"
+      --dataset_split test_prefs --max_new_tokens 160 --output_file "$O/eval/answers-$name.json"
 done
 
 echo

@@ -102,6 +102,13 @@ def test_rewards_match_a_direct_computation(tiny_models, policy, capsys, tmp_pat
     assert summary["per_token"]["accuracy"] == np.mean(per_token[:, 0] > per_token[:, 1])
     assert summary["per_token"]["margin_mean"] == pytest.approx((per_token[:, 0] - per_token[:, 1]).mean(), abs=1e-9)
     assert summary["scaled"]["margin_mean"] == pytest.approx(0.1 * margin.mean(), abs=1e-9)
+    # Held-out NLL per token of the chosen responses, under each model, from direct log-prob sums.
+    chosen_tokens = sum(p["chosen_tokens"] for p in pairs)
+    for key, model in (("policy_nll_per_token", pi), ("reference_nll_per_token", ref)):
+        direct = -sum(_direct_logp_sum(model, tokenizer, row["chosen"][:-1], row["chosen"][-1]["content"])
+                      for row in _test_rows(N_PAIRS)) / chosen_tokens
+        assert summary[key] == pytest.approx(direct, rel=1e-5) and summary[key] > 0
+    assert summary["policy_nll_per_token"] != summary["reference_nll_per_token"]
 
 
 def test_policy_equal_to_reference_scores_zero(tiny_models, capsys, tmp_path):
