@@ -33,6 +33,42 @@ def resolve_model_dir(name_or_path: str, option: str = "model") -> Path:
         raise FileNotFoundError(f"{option}: cannot find {name_or_path!r} locally or on the hub ({type(e).__name__}: {e})") from None
 
 
+def check_weights(model_dir: Path, option: str = "model") -> None:
+    """Fail early, naming the file, on a model folder whose weights are missing or cut short
+    (an interrupted download or copy), instead of a loader traceback later."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{option}: {index} is not a valid safetensors index ({e})") from None
+        files = [model_dir / n for n in names]
+    else:
+        files = sorted(model_dir.glob("*.safetensors")) or sorted(p for p in model_dir.iterdir() if p.suffix in (".bin", ".pt"))
+    if not files:
+        raise FileNotFoundError(f"{option}: {model_dir} holds no weights (no *.safetensors or *.bin files)")
+    for path in files:
+        if not path.exists():
+            raise FileNotFoundError(f"{option}: {path} is listed in the safetensors index but missing")
+        if path.suffix != ".safetensors":
+            continue
+        # A safetensors file is an 8-byte header length, the JSON header, then the data: the
+        # header's last offset must equal the data's size, or the file was cut short.
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n)) if 0 < n < size else None
+        except (OSError, ValueError):
+            header = None
+        if not isinstance(header, dict):
+            raise ValueError(f"{option}: {path} is not a readable safetensors file (truncated or corrupt)")
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            raise ValueError(f"{option}: {path} is truncated ({size} bytes, its header describes {8 + n + end})")
+
+
 def model_fingerprint(model_dir: Path) -> str:
     """sha256 over the model's config and weight files (names and full contents).
 
@@ -65,9 +101,15 @@ def default_device() -> str:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
+    """The fast tokenizer of a folder or hub name; a tokenizer file that does not parse is named."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(name_or_path), use_fast=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path), use_fast=True)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exception for a malformed file
+        file = Path(str(name_or_path)) / "tokenizer.json"
+        what = f"{file} does not parse" if file.exists() else f"cannot load the tokenizer of {name_or_path}"
+        raise ValueError(f"{what} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 def load_causal_lm(name_or_path: str | os.PathLike, dtype: torch.dtype, device: str | None = None):

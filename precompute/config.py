@@ -90,6 +90,8 @@ class PrecomputeArguments:
         from .launch import resolve_workers
 
         self.num_workers, self.worker_index = resolve_workers(self.num_workers, self.worker_index, self.launcher)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], a share of the GPU's memory (got {self.gpu_memory_utilization})")
         for key in ("gpus_per_worker", "cpus_per_worker", "max_retries"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"{key} must be >= 0 (got {getattr(self, key)})")

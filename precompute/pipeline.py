@@ -36,7 +36,9 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 import wspo
-from wspo.models import default_device, load_tokenizer, resolve_dtype, model_fingerprint, resolve_model_dir
+from wspo.models import (
+    check_weights, default_device, load_tokenizer, model_fingerprint, read_config, resolve_dtype, resolve_model_dir,
+)
 from wspo.shards.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -316,6 +318,12 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
     tokenizer_source = args.tokenizer or str(scorer_dirs[next(iter(scorer_dirs))])
     tokenize = ResponseTokenizer(load_tokenizer(tokenizer_source), args.max_length, args.max_prompt_length, args.end_of_turn_token)
     for name, model_dir in scorer_dirs.items():
+        check_weights(model_dir, option=name)
+        positions = read_config(model_dir).get("max_position_embeddings")
+        if positions is not None and args.max_length > positions:
+            # Both backends refuse alike: hf would score past the limit silently, vLLM die in its config check.
+            raise PrecomputeError(f"{name}: max_length {args.max_length} exceeds the {positions} positions of model "
+                                  f"{model_dir} (max_position_embeddings); set --max_length {positions} or lower")
         try:
             tokenize.check_model(model_dir)
         except ValueError as e:
