@@ -6,7 +6,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
+from wspo.args import parse_config
 
 from .expo import OUT_DTYPES, extrapolate
 from .tensors import CheckpointError, parse_size
@@ -31,9 +31,8 @@ class ExtrapolateArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser(ExtrapolateArguments, description=(
+    (args,) = parse_config([ExtrapolateArguments], argv, prog="wspo-extrapolate", description=(
         "ExPO model extrapolation: theta = theta_aligned + alpha * (theta_aligned - theta_sft), tensor by tensor."))
-    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")  # the swallowed-step warning must reach the user every time
