@@ -28,6 +28,8 @@ class ExtrapolateArguments:
         "help": "Warn when, in some tensor, more than this fraction of the elements the step changes round "
                 "back to the aligned value in a 16-bit output dtype."})
     overwrite: bool = field(default=False, metadata={"help": "Replace existing OUTPUT_DIR/alpha-* directories."})
+    allow_base_mismatch: bool = field(default=False, metadata={
+        "help": "Apply a LoRA adapter given as --aligned even though its base_model_name_or_path is not --sft."})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("always")  # the swallowed-step warning must reach the user every time
             summary = extrapolate(args.sft, args.aligned, args.alpha, args.output_dir, out_dtype=args.out_dtype,
                                   max_shard_size=parse_size(args.max_shard_size),
-                                  swallow_threshold=args.swallow_threshold, overwrite=args.overwrite)
+                                  swallow_threshold=args.swallow_threshold, overwrite=args.overwrite,
+                                  allow_base_mismatch=args.allow_base_mismatch)
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"wspo-extrapolate: error: {e}", file=sys.stderr)
         return 1
