@@ -343,19 +343,9 @@ def extrapolate(sft_dir: str | Path, aligned_dir: str | Path, alphas: list[float
                    time.perf_counter() - start_time, swallowed)
 
 
-def write_outputs(plan: Plan, alphas: list[float], out_dirs: list[Path], max_shard_size: int,
-                  swallow_threshold: float, progress: bool, run_info: dict):
-    """Write every alpha's weights, index, model files and records into `out_dirs`; returns
-    (bytes written, alpha -> swallowed-step tensors)."""
-
-    # The same shard layout for every alpha: tensors in the SFT checkpoint's order, grouped by size.
-    outputs = [OutputTensor(s.name, s.shape, s.out_dtype) for s in plan.steps]
-    shards = plan_shards(outputs, max_shard_size)
-    file_names = shard_file_names(len(shards))
-    steps_by_name = {s.name: s for s in plan.steps}
-    counts = {(alpha, s.name): SwallowCount() for alpha in alphas for s in plan.steps}
-
-    bar = tqdm(total=len(plan.steps), unit="tensor", desc="extrapolating", disable=not progress)
+def write_weights(plan: Plan, alphas: list[float], out_dirs: list[Path], shards, file_names, steps_by_name,
+                  counts, bar) -> int:
+    """Stream every shard of every alpha; returns the bytes written."""
     bytes_written = 0
     for shard, file_name in zip(shards, file_names):
         writers = [StreamingShardWriter(d / file_name, shard) for d in out_dirs]
@@ -376,7 +366,24 @@ def write_outputs(plan: Plan, alphas: list[float], out_dirs: list[Path], max_sha
         for writer in writers:
             writer.close()
             bytes_written += writer.total_bytes
-    bar.close()
+    return bytes_written
+
+
+def write_outputs(plan: Plan, alphas: list[float], out_dirs: list[Path], max_shard_size: int,
+                  swallow_threshold: float, progress: bool, run_info: dict):
+    """Write every alpha's weights, index, model files and records into `out_dirs`; returns
+    (bytes written, alpha -> swallowed-step tensors)."""
+
+    # The same shard layout for every alpha: tensors in the SFT checkpoint's order, grouped by size.
+    outputs = [OutputTensor(s.name, s.shape, s.out_dtype) for s in plan.steps]
+    shards = plan_shards(outputs, max_shard_size)
+    file_names = shard_file_names(len(shards))
+    steps_by_name = {s.name: s for s in plan.steps}
+    counts = {(alpha, s.name): SwallowCount() for alpha in alphas for s in plan.steps}
+
+    # `with`: the bar is closed (its line ended) before an error message is printed.
+    with tqdm(total=len(plan.steps), unit="tensor", desc="extrapolating", disable=not progress) as bar:
+        bytes_written = write_weights(plan, alphas, out_dirs, shards, file_names, steps_by_name, counts, bar)
 
     # Index, then config and tokenizer: an output directory is complete once its config exists.
     for d in out_dirs:
