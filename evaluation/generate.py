@@ -21,12 +21,14 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from wspo.embedded.sample import shows_preference_signal
 from wspo.models import default_device, load_causal_lm, load_tokenizer, read_config, resolve_dtype, resolve_model_dir
@@ -34,7 +36,7 @@ from wspo.precompute.data import detect_format, load_rows, to_example
 from wspo.precompute.scorers import length_batches
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
-from .config import GenerateArguments
+from .config import GenerateArguments, check_encodable
 from .rewards import EvalError
 
 
@@ -103,6 +105,8 @@ def generate_hf(model_dir: Path, prompt_ids: list[list[int]], args: GenerateArgu
     else:
         options.update(do_sample=False)
     results: list[list[int] | None] = [None] * len(prompt_ids)
+    bar = tqdm(total=len(prompt_ids), unit="row", desc="generating", file=sys.stderr)
+    started, new_tokens = time.perf_counter(), 0
     try:
         for batch in length_batches([len(p) + args.max_new_tokens for p in prompt_ids], args.batch_tokens):
             width = max(len(prompt_ids[i]) for i in batch)
@@ -115,7 +119,11 @@ def generate_hf(model_dir: Path, prompt_ids: list[list[int]], args: GenerateArgu
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **options)
             for row, i in enumerate(batch):
                 results[i] = out[row, width:].tolist()
+                new_tokens += len(results[i])  # up to the end-of-turn token's padding; a progress figure
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=round(new_tokens / max(time.perf_counter() - started, 1e-9)))
     finally:
+        bar.close()
         del model
         gc.collect()
         if torch.cuda.is_available():
@@ -151,7 +159,7 @@ def generate_vllm(model_dir: Path, prompt_ids: list[list[int]], args: GenerateAr
     try:
         params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 seed=args.seed if args.temperature > 0 else None, stop_token_ids=[eot_id], detokenize=False)
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompt_ids], params, use_tqdm=False)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompt_ids], params, use_tqdm=True)  # vLLM's bar: prompts/s, input and output tokens/s
         results = []
         for i, (p, out) in enumerate(zip(prompt_ids, outputs, strict=True)):
             if list(out.prompt_token_ids) != list(p):
@@ -175,8 +183,9 @@ def run(args: GenerateArguments) -> tuple[dict, list[dict]]:
     kept, prompt_ids = [], []
     for prompt in prompts:
         try:
+            check_encodable(prompt.messages)
             ids = rule.prompt_ids(prompt.messages)
-        except Skip as skip:  # the chat template rejects this conversation
+        except Skip as skip:  # invalid text, or the chat template rejects this conversation
             skipped[skip.reason] += 1
             continue
         if len(ids) > args.max_prompt_length:
@@ -189,11 +198,13 @@ def run(args: GenerateArguments) -> tuple[dict, list[dict]]:
         raise EvalError(f"no prompts to generate for in {where} (skipped: {dict(skipped) or 'none'})")
 
     eot = rule.end_of_turn_id
+    generation_started = time.perf_counter()
     if args.backend == "vllm":
         generated = generate_vllm(model_dir, prompt_ids, args, eot)
     else:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
         generated = generate_hf(model_dir, prompt_ids, args, eot, pad)
+    generation_seconds = time.perf_counter() - generation_started
 
     generator = args.generator or model_dir.resolve().name
     records, unfinished, tokens = [], 0, 0
@@ -222,6 +233,7 @@ def run(args: GenerateArguments) -> tuple[dict, list[dict]]:
         "skipped": dict(sorted(skipped.items())),
         "hit_max_new_tokens": unfinished,
         "generated_tokens": tokens,
+        "generated_tokens_per_second": round(tokens / max(generation_seconds, 1e-9), 1),
         "preference_signal_share": sum(shows_preference_signal(r["output"]) for r in records) / len(records),
         "decoding": {"temperature": args.temperature, "top_p": args.top_p if args.temperature > 0 else None,
                      "max_new_tokens": args.max_new_tokens, "seed": args.seed if args.temperature > 0 else None,

@@ -17,12 +17,14 @@ after the other, so they never share memory; or the reference log-probs come fro
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from wspo.models import default_device, load_tokenizer, model_fingerprint, resolve_dtype, resolve_model_dir
 from wspo.precompute.data import detect_format, load_rows, to_example
@@ -31,7 +33,7 @@ from wspo.shards.schema import logp_column
 from wspo.shards.store import ShardSet, list_arrays
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
-from .config import RewardsArguments
+from .config import RewardsArguments, check_encodable
 
 SLOTS = ["chosen", "rejected"]
 
@@ -93,6 +95,8 @@ def pairs_from_dataset(args: RewardsArguments, rule: ResponseTokenizer) -> tuple
     for index, row in enumerate(rows):
         try:
             example = to_example(index, row, layout, SLOTS, args.column_map)
+            for slot in SLOTS:
+                check_encodable(*example.responses[slot])
             sides = {slot: rule(*example.responses[slot]) for slot in SLOTS}
         except Skip as skip:
             skipped[skip.reason] += 1
@@ -189,13 +193,26 @@ def pairs_from_shards(args: RewardsArguments, policy_dir: Path) -> tuple[list[Pa
 # -- scoring and figures ------------------------------------------------------------------------
 
 
+PROGRESS_ROWS = 64  # rows per scorer call in wspo-eval rewards (progress granularity)
+
+
 def score_pairs(model_dir: Path, pairs: list[Pair], args: RewardsArguments, name: str) -> list[np.ndarray]:
     """Per-token log-probs of every response, [chosen 0, rejected 0, chosen 1, ...]; one model in memory."""
     responses = [r for p in pairs for r in (p.chosen, p.rejected)]
     scorer = HFScorer(model_dir, dtype=args.dtype, batch_tokens=args.batch_tokens)
+    # Scored in slices of rows so a progress bar (rows/s, tokens/s) can follow; each slice is
+    # batched by the scorer as a whole call would be.
+    bar = tqdm(total=len(responses), unit="row", desc=f"scoring {name}", file=sys.stderr)
+    started, tokens, logps = time.perf_counter(), 0, []
     try:
-        logps = scorer.score([r.input_ids for r in responses], [len(r.prompt_ids) for r in responses])
+        for start in range(0, len(responses), PROGRESS_ROWS):
+            part = responses[start : start + PROGRESS_ROWS]
+            logps += scorer.score([r.input_ids for r in part], [len(r.prompt_ids) for r in part])
+            tokens += sum(len(r.input_ids) for r in part)
+            bar.update(len(part))
+            bar.set_postfix(tok_s=round(tokens / max(time.perf_counter() - started, 1e-9)))
     finally:
+        bar.close()
         scorer.close()
     bad = [pairs[i // 2].example_id for i, lp in enumerate(logps) if not np.isfinite(lp).all()]
     if bad:
@@ -246,11 +263,15 @@ def run(args: RewardsArguments) -> tuple[dict, list[dict]]:
     if reference_dir is not None:
         check_tokenizer("reference", reference_dir, rule)
 
+    scoring_started = time.perf_counter()
     policy = score_pairs(policy_dir, pairs, args, "policy")
     if reference_dir is not None:
         reference = score_pairs(reference_dir, pairs, args, "reference")
     else:
         reference = [r.ref_logps for p in pairs for r in (p.chosen, p.rejected)]
+    scoring_seconds = time.perf_counter() - scoring_started
+    # Tokens through a model (prompt + response, every scored model), per second of scoring.
+    scored_tokens = sum(len(r.input_ids) for p in pairs for r in (p.chosen, p.rejected)) * (2 if reference_dir else 1)
     # Summed in float64; log-probs are float32 per token.
     rewards = np.array([np.sum(lp.astype(np.float64) - ref.astype(np.float64)) for lp, ref in zip(policy, reference)])
     lengths = np.array([len(lp) for lp in policy])
@@ -279,6 +300,7 @@ def run(args: RewardsArguments) -> tuple[dict, list[dict]]:
         "reference_fingerprint": model_fingerprint(reference_dir) if reference_dir is not None else None,
         "dtype": str(resolve_dtype(args.dtype, default_device())).removeprefix("torch."),
         "tokenizer_fingerprint": rule.fingerprint,
+        "scored_tokens_per_second": round(scored_tokens / max(scoring_seconds, 1e-9), 1),
         "seconds": round(time.perf_counter() - started, 3),
     }
     records = [

@@ -5,7 +5,7 @@ as per-weight deltas, `expo` checks the models, plans the output and does the ar
 the command line.
 """
 
-from .expo import SwallowedStepWarning, alpha_dir_name, extrapolate, make_plan
+from .expo import NonFiniteError, SwallowedStepWarning, alpha_dir_name, extrapolate, make_plan
 from .tensors import CheckpointError
 
-__all__ = ["CheckpointError", "SwallowedStepWarning", "alpha_dir_name", "extrapolate", "make_plan"]
+__all__ = ["CheckpointError", "NonFiniteError", "SwallowedStepWarning", "alpha_dir_name", "extrapolate", "make_plan"]

@@ -6,7 +6,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
+from wspo.args import parse_config
 
 from wspo.paths import check_output
 
@@ -30,19 +30,21 @@ class ExtrapolateArguments:
         "help": "Warn when, in some tensor, more than this fraction of the elements the step changes round "
                 "back to the aligned value in a 16-bit output dtype."})
     overwrite: bool = field(default=False, metadata={"help": "Replace existing OUTPUT_DIR/alpha-* directories."})
+    allow_base_mismatch: bool = field(default=False, metadata={
+        "help": "Apply a LoRA adapter given as --aligned even though its base_model_name_or_path is not --sft."})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser(ExtrapolateArguments, description=(
+    (args,) = parse_config([ExtrapolateArguments], argv, prog="wspo-extrapolate", description=(
         "ExPO model extrapolation: theta = theta_aligned + alpha * (theta_aligned - theta_sft), tensor by tensor."))
-    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     try:
         check_output(args.output_dir, {"sft": args.sft, "aligned": args.aligned})
         with warnings.catch_warnings():
             warnings.simplefilter("always")  # the swallowed-step warning must reach the user every time
             summary = extrapolate(args.sft, args.aligned, args.alpha, args.output_dir, out_dtype=args.out_dtype,
                                   max_shard_size=parse_size(args.max_shard_size),
-                                  swallow_threshold=args.swallow_threshold, overwrite=args.overwrite)
+                                  swallow_threshold=args.swallow_threshold, overwrite=args.overwrite,
+                                  allow_base_mismatch=args.allow_base_mismatch)
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"wspo-extrapolate: error: {e}", file=sys.stderr)
         return 1

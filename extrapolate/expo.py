@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .lora import LoraAdapter, check_against_base, is_adapter_dir, load_adapter
+from .lora import LoraAdapter, check_against_base, check_base_model, is_adapter_dir, load_adapter
 from .tensors import (
     CheckpointError, LazyCheckpoint, OutputTensor, StreamingShardWriter, plan_shards, row_chunks,
     shard_file_names, write_index,
@@ -39,7 +39,15 @@ ARCHITECTURE_FIELDS = ("architectures", "model_type")
 # Files never copied into the output: the weights (rewritten) and the model card (would describe
 # the aligned model, not the extrapolated one).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-SKIP_FILES = ("README.md", ".gitattributes")
+# wspo_run.json would describe the aligned model's training run; the output gets its own.
+SKIP_FILES = ("README.md", ".gitattributes", "wspo_run.json")
+# Input-embedding tensor names: a tied-embedding SFT model's output head is this tensor.
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+HEAD_NAME = "lm_head.weight"
+
+
+class NonFiniteError(CheckpointError):
+    """An output tensor holds NaN or inf (an alpha that overflows the output dtype, or broken inputs)."""
 
 
 class SwallowedStepWarning(UserWarning):
@@ -61,6 +69,20 @@ class TensorStep:
     out_dtype: torch.dtype
     kind: str
     aligned_name: str | None = None
+    sft_name: str | None = None  # the SFT tensor it is extrapolated from, when named differently
+
+
+def tied_head_source(sft: LazyCheckpoint, aligned: LazyCheckpoint, sft_dir: Path) -> str | None:
+    """The SFT embedding that stands for `lm_head.weight` when the SFT model ties its head to its
+    input embedding (so stores no head) but the aligned checkpoint stores the head separately
+    (training untied it, or saved it untied): that embedding is the SFT model's head."""
+    if HEAD_NAME in sft.tensors or HEAD_NAME not in aligned.tensors:
+        return None
+    if not read_json(sft_dir / "config.json").get("tie_word_embeddings", True):
+        return None
+    shape = aligned.tensors[HEAD_NAME].shape
+    candidates = [n for n in sft.names() if n.endswith(EMBEDDING_SUFFIXES) and sft.tensors[n].shape == shape]
+    return candidates[0] if len(candidates) == 1 else None
 
 
 @dataclass
@@ -89,9 +111,10 @@ def check_configs(sft_dir: Path, aligned_dir: Path) -> None:
                                   f"({sft_dir}) but {aligned_config.get(key)!r} in the aligned model ({aligned_dir})")
 
 
-def check_same_tensors(sft: LazyCheckpoint, aligned: LazyCheckpoint) -> None:
-    """Same names and shapes in both models; the first offending tensor is named."""
-    only_aligned = [n for n in aligned.names() if n not in sft.tensors]
+def check_same_tensors(sft: LazyCheckpoint, aligned: LazyCheckpoint, tied_head: str | None = None) -> None:
+    """Same names and shapes in both models (but a separately stored head of a tied SFT model, see
+    `tied_head_source`); the first offending tensor is named."""
+    only_aligned = [n for n in aligned.names() if n not in sft.tensors and not (tied_head and n == HEAD_NAME)]
     only_sft = [n for n in sft.names() if n not in aligned.tensors]
     for names, present, absent in ((only_aligned, "aligned", "SFT"), (only_sft, "SFT", "aligned")):
         if names:
@@ -109,7 +132,8 @@ def output_dtype(in_dtype: torch.dtype, out_dtype: str) -> torch.dtype:
     return OUT_DTYPES[out_dtype] or in_dtype
 
 
-def make_plan(sft_dir: str | Path, aligned_dir: str | Path, out_dtype: str = "auto") -> Plan:
+def make_plan(sft_dir: str | Path, aligned_dir: str | Path, out_dtype: str = "auto",
+              allow_base_mismatch: bool = False) -> Plan:
     sft_dir, aligned_dir = Path(sft_dir), Path(aligned_dir)
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype {out_dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
@@ -120,6 +144,7 @@ def make_plan(sft_dir: str | Path, aligned_dir: str | Path, out_dtype: str = "au
     sft = LazyCheckpoint(sft_dir)
     steps = []
     if is_adapter_dir(aligned_dir):
+        check_base_model(aligned_dir, sft_dir, allow_base_mismatch)
         adapter = load_adapter(aligned_dir)
         check_against_base(adapter, sft)
         for name, info in sft.tensors.items():
@@ -134,11 +159,16 @@ def make_plan(sft_dir: str | Path, aligned_dir: str | Path, out_dtype: str = "au
 
     check_configs(sft_dir, aligned_dir)
     aligned = LazyCheckpoint(aligned_dir)
-    check_same_tensors(sft, aligned)
+    tied_head = tied_head_source(sft, aligned, sft_dir)
+    check_same_tensors(sft, aligned, tied_head)
     for name in sft.names():
         info = aligned.tensors[name]  # the output keeps the aligned model's dtype by default
         kind = "extrapolate" if info.dtype.is_floating_point else "copy"
         steps.append(TensorStep(name, info.shape, info.dtype, output_dtype(info.dtype, out_dtype), kind, name))
+    if tied_head:
+        info = aligned.tensors[HEAD_NAME]
+        steps.append(TensorStep(HEAD_NAME, info.shape, info.dtype, output_dtype(info.dtype, out_dtype),
+                                "extrapolate", HEAD_NAME, sft_name=tied_head))
     return Plan(sft, aligned, None, steps, files_from=aligned_dir)
 
 
@@ -148,7 +178,7 @@ def compute_rows(plan: Plan, step: TensorStep, rows, alphas: list[float]):
     The formulas are written out as in the paper (no fused multiply-add), so a float32 output is
     bit-identical to computing them on the whole state dict.
     """
-    sft = plan.sft.read(step.name, rows)
+    sft = plan.sft.read(step.sft_name or step.name, rows)
     if step.kind == "copy":
         if plan.aligned is not None and not torch.equal(sft, plan.aligned.read(step.name, rows)):
             raise CheckpointError(f"tensor {step.name!r} ({sft.dtype}) is not a float tensor and differs between "
@@ -191,15 +221,45 @@ def count_swallowed(count: SwallowCount, aligned: torch.Tensor, result: torch.Te
     count.swallowed += rounds_back - (result.numel() - changed)
 
 
+def partial_dir(final_dir: Path) -> Path:
+    """Where an alpha's output is written until it is complete: OUT/.alpha-0.3.partial."""
+    return final_dir.with_name(f".{final_dir.name}.partial")
+
+
 def prepare_output_dirs(output_dir: Path, alphas: list[float], overwrite: bool) -> list[Path]:
+    """The final directories (checked, not touched) and fresh temporary ones beside them."""
     dirs = [output_dir / alpha_dir_name(alpha) for alpha in alphas]
     for d in dirs:
-        if d.exists() and any(d.iterdir()):
-            if not overwrite:
-                raise FileExistsError(f"{d} exists and is not empty (pass --overwrite to replace it)")
-            shutil.rmtree(d)
-        d.mkdir(parents=True, exist_ok=True)
+        if d.exists() and any(d.iterdir()) and not overwrite:
+            raise FileExistsError(f"{d} exists and is not empty (pass --overwrite to replace it)")
+    for d in dirs:
+        if partial_dir(d).exists():
+            shutil.rmtree(partial_dir(d))  # left by an interrupted run
+        partial_dir(d).mkdir(parents=True)
     return dirs
+
+
+def publish(final_dir: Path) -> None:
+    """Rename the complete temporary directory to its final name (replacing an old output)."""
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    partial_dir(final_dir).rename(final_dir)
+
+
+def check_finite(plan: "Plan", step: TensorStep, rows, alpha: float, rounded: torch.Tensor,
+                 aligned: torch.Tensor) -> None:
+    """Refuse NaN/inf in an output piece, saying whether the inputs or the alpha caused it."""
+    if not rounded.is_floating_point() or bool(torch.isfinite(rounded).all()):
+        return
+    bad = int((~torch.isfinite(rounded)).sum())
+    sft_rows = plan.sft.read(step.sft_name or step.name, rows)
+    if not bool(torch.isfinite(aligned).all()) or not bool(torch.isfinite(sft_rows.float()).all()):
+        raise NonFiniteError(f"tensor {step.name!r}: the input checkpoints hold NaN or inf values; nothing written")
+    largest = torch.finfo(step.out_dtype).max
+    raise NonFiniteError(
+        f"alpha={alpha}: tensor {step.name!r} overflows {str(step.out_dtype).removeprefix('torch.')} "
+        f"({bad} element(s) beyond +-{largest:.3g} or NaN); use a smaller --alpha or --out_dtype float32; "
+        f"nothing written")
 
 
 def copy_model_files(source: Path, out_dir: Path, steps: list[TensorStep]) -> None:
@@ -255,25 +315,37 @@ class Summary:
 
 def extrapolate(sft_dir: str | Path, aligned_dir: str | Path, alphas: list[float], output_dir: str | Path,
                 out_dtype: str = "auto", max_shard_size: int = 5 * 10**9, swallow_threshold: float = 0.5,
-                overwrite: bool = False, progress: bool = True) -> Summary:
+                overwrite: bool = False, progress: bool = True, allow_base_mismatch: bool = False) -> Summary:
     """Write OUT/alpha-<alpha>/ for every alpha; see the module docstring and README."""
     start_time = time.perf_counter()
     alphas = [float(a) for a in alphas]
     if not alphas:
         raise ValueError("give at least one --alpha")
-    if len(set(alphas)) != len(alphas) or not all(math.isfinite(a) for a in alphas):
-        raise ValueError(f"alphas {alphas}: must be finite and distinct (each gets its own output directory)")
-    plan = make_plan(sft_dir, aligned_dir, out_dtype)
-    out_dirs = prepare_output_dirs(Path(output_dir), alphas, overwrite)
+    not_finite = [a for a in alphas if not math.isfinite(a)]
+    if not_finite:
+        raise ValueError(f"--alpha {not_finite[0]}: must be a finite number")
+    if len(set(alphas)) != len(alphas):
+        raise ValueError(f"--alpha {alphas}: must be distinct (each gets its own output directory)")
+    plan = make_plan(sft_dir, aligned_dir, out_dtype, allow_base_mismatch)
+    final_dirs = prepare_output_dirs(Path(output_dir), alphas, overwrite)
+    out_dirs = [partial_dir(d) for d in final_dirs]
+    try:
+        summary = write_outputs(plan, alphas, out_dirs, max_shard_size, swallow_threshold, progress,
+                                {"sft": str(sft_dir), "aligned": str(aligned_dir), "out_dtype": out_dtype})
+    except BaseException:
+        for d in out_dirs:  # no alpha directory may look complete
+            shutil.rmtree(d, ignore_errors=True)
+        raise
+    for d in final_dirs:
+        publish(d)
+    bytes_written, swallowed = summary
+    return Summary(alphas, [str(d) for d in final_dirs], len(plan.steps), bytes_written, peak_rss_bytes(),
+                   time.perf_counter() - start_time, swallowed)
 
-    # The same shard layout for every alpha: tensors in the SFT checkpoint's order, grouped by size.
-    outputs = [OutputTensor(s.name, s.shape, s.out_dtype) for s in plan.steps]
-    shards = plan_shards(outputs, max_shard_size)
-    file_names = shard_file_names(len(shards))
-    steps_by_name = {s.name: s for s in plan.steps}
-    counts = {(alpha, s.name): SwallowCount() for alpha in alphas for s in plan.steps}
 
-    bar = tqdm(total=len(plan.steps), unit="tensor", desc="extrapolating", disable=not progress)
+def write_weights(plan: Plan, alphas: list[float], out_dirs: list[Path], shards, file_names, steps_by_name,
+                  counts, bar) -> int:
+    """Stream every shard of every alpha; returns the bytes written."""
     bytes_written = 0
     for shard, file_name in zip(shards, file_names):
         writers = [StreamingShardWriter(d / file_name, shard) for d in out_dirs]
@@ -286,6 +358,7 @@ def extrapolate(sft_dir: str | Path, aligned_dir: str | Path, alphas: list[float
                 aligned_rounded = aligned.to(step.out_dtype) if check_rounding else None
                 for alpha, result, writer in zip(alphas, results, writers):
                     rounded = result.to(step.out_dtype)
+                    check_finite(plan, step, rows, alpha, rounded, aligned)
                     if check_rounding:
                         count_swallowed(counts[alpha, step.name], aligned, result, aligned_rounded, rounded)
                     writer.write(rounded)
@@ -293,7 +366,24 @@ def extrapolate(sft_dir: str | Path, aligned_dir: str | Path, alphas: list[float
         for writer in writers:
             writer.close()
             bytes_written += writer.total_bytes
-    bar.close()
+    return bytes_written
+
+
+def write_outputs(plan: Plan, alphas: list[float], out_dirs: list[Path], max_shard_size: int,
+                  swallow_threshold: float, progress: bool, run_info: dict):
+    """Write every alpha's weights, index, model files and records into `out_dirs`; returns
+    (bytes written, alpha -> swallowed-step tensors)."""
+
+    # The same shard layout for every alpha: tensors in the SFT checkpoint's order, grouped by size.
+    outputs = [OutputTensor(s.name, s.shape, s.out_dtype) for s in plan.steps]
+    shards = plan_shards(outputs, max_shard_size)
+    file_names = shard_file_names(len(shards))
+    steps_by_name = {s.name: s for s in plan.steps}
+    counts = {(alpha, s.name): SwallowCount() for alpha in alphas for s in plan.steps}
+
+    # `with`: the bar is closed (its line ended) before an error message is printed.
+    with tqdm(total=len(plan.steps), unit="tensor", desc="extrapolating", disable=not progress) as bar:
+        bytes_written = write_weights(plan, alphas, out_dirs, shards, file_names, steps_by_name, counts, bar)
 
     # Index, then config and tokenizer: an output directory is complete once its config exists.
     for d in out_dirs:
@@ -314,12 +404,18 @@ def extrapolate(sft_dir: str | Path, aligned_dir: str | Path, alphas: list[float
                 f"the output is barely extrapolated. Pass --out_dtype float32 to keep the step.",
                 SwallowedStepWarning, stacklevel=2,
             )
+    aligned_run = Path(run_info["aligned"]) / "wspo_run.json"
     for d, alpha in zip(out_dirs, alphas):
         record = {"method": "expo", "formula": "theta_aligned + alpha * (theta_aligned - theta_sft)",
-                  "alpha": alpha, "sft": str(sft_dir), "aligned": str(aligned_dir),
-                  "aligned_is_lora_adapter": plan.adapter is not None, "out_dtype": out_dtype,
-                  "tensors_with_swallowed_step": len(swallowed[alpha])}
+                  "alpha": alpha, "sft": run_info["sft"], "aligned": run_info["aligned"],
+                  "aligned_is_lora_adapter": plan.adapter is not None, "out_dtype": run_info["out_dtype"],
+                  "tensors_with_swallowed_step": len(swallowed[alpha]),
+                  "head_extrapolated_from_tied_embedding": next(
+                      (s.sft_name for s in plan.steps if s.sft_name), None)}
         (d / "extrapolation.json").write_text(json.dumps(record, indent=2) + "\n")
-
-    return Summary(alphas, [str(d) for d in out_dirs], len(plan.steps), bytes_written, peak_rss_bytes(),
-                   time.perf_counter() - start_time, swallowed)
+        # The output's run record describes this extrapolation; the aligned model's training run
+        # stays in its own directory (pointed to, not copied).
+        run_record = {"command": "wspo-extrapolate", "extrapolation": record,
+                      "aligned_training_run": str(aligned_run) if aligned_run.is_file() else None}
+        (d / "wspo_run.json").write_text(json.dumps(run_record, indent=2) + "\n")
+    return bytes_written, swallowed

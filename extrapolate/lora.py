@@ -143,3 +143,17 @@ def check_against_base(adapter: LoraAdapter, sft: LazyCheckpoint) -> None:
         if sft.tensors[target].shape != adapter.reader.tensors[name].shape:
             raise CheckpointError(f"tensor {target!r}: shape {list(sft.tensors[target].shape)} in the SFT model but "
                                   f"{list(adapter.reader.tensors[name].shape)} in the adapter (modules_to_save)")
+
+
+def check_base_model(adapter_dir: str | Path, sft_dir: str | Path, allow_mismatch: bool = False) -> None:
+    """The adapter was trained on `sft_dir`: its adapter_config's base_model_name_or_path names the
+    same model (the same string, or the same directory once resolved). Applying an adapter to
+    another model of the same shapes would silently produce a meaningless extrapolation."""
+    base = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if allow_mismatch:
+        return
+    same = base is not None and (base == str(sft_dir) or Path(base).expanduser().resolve() == Path(sft_dir).resolve())
+    if not same:
+        raise CheckpointError(
+            f"{Path(adapter_dir) / ADAPTER_CONFIG}: the adapter was trained on base model {base!r}, not on --sft "
+            f"{str(sft_dir)!r}; pass --allow_base_mismatch to apply it to --sft anyway")

@@ -146,22 +146,22 @@ def cmd_project(shards: ShardSet, args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="wspo-shards",
+        prog="wspo-shards", allow_abbrev=False,
         description="Inspect and check wspo shard sets.",
         epilog="Columns:\n" + "\n".join(f"  {k:<14} {v}" for k, v in COLUMNS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="rows, tokens, reward statistics, scorers, tokenizer (JSON)")
+    p = sub.add_parser("info", allow_abbrev=False, help="rows, tokens, reward statistics, scorers, tokenizer (JSON)")
     p.add_argument("shards")
-    p = sub.add_parser("verify", help="checksums, schema version, completeness of every worker; exit 1 with what is wrong")
+    p = sub.add_parser("verify", allow_abbrev=False, help="checksums, schema version, completeness of every worker; exit 1 with what is wrong")
     p.add_argument("shards")
     p.add_argument("--quick", action="store_true", help="sizes and row counts only, no sha256")
-    p = sub.add_parser("head", help="the first rows with per-token rewards next to their token strings")
+    p = sub.add_parser("head", allow_abbrev=False, help="the first rows with per-token rewards next to their token strings")
     p.add_argument("shards")
     p.add_argument("-n", type=int, default=2, help="rows to show (default 2)")
     p.add_argument("--tokens", type=int, default=40, help="tokens to show per row (default 40)")
-    p = sub.add_parser("project", help="how lossy reward projection onto another tokenizer is (JSON)")
+    p = sub.add_parser("project", allow_abbrev=False, help="how lossy reward projection onto another tokenizer is (JSON)")
     p.add_argument("--tokenizer", required=True, help="folder or hub name of the strong model's tokenizer")
     p.add_argument("--end-of-turn-token", default=None, help="end-of-turn token of that tokenizer (default: its eos)")
     p.add_argument("shards")

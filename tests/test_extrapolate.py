@@ -267,3 +267,77 @@ def test_streaming_writer_matches_safetensors(tmp_path):
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
     assert parse_size("2GB") == 2 * 10**9 and parse_size("1GiB") == 2**30 and parse_size(123) == 123
     assert shutil.which("wspo-extrapolate")
+
+
+# -- tied head stored separately, adapter base check, run record, non-finite (issues 11 and 12) --
+
+
+def test_tied_sft_with_separate_aligned_head_is_extrapolated(tiny_models, tmp_path):
+    """SFT ties lm_head to embed_tokens (stores no head); the aligned checkpoint stores lm_head:
+    the head is extrapolated against the SFT's embedding."""
+    sft_dir = tiny_models["weak_ref"]
+
+    def untie(state):
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone() * 1.01
+
+    def untie_config(config):
+        config["tie_word_embeddings"] = False
+    aligned = edited_copy(tiny_models["weak_aligned"], tmp_path / "aligned", edit_state=untie, edit_config=untie_config)
+    (aligned / "wspo_run.json").write_text(json.dumps({"loss": "wspo", "training": "the aligned model's run"}))
+    extrapolate(sft_dir, aligned, [0.5], tmp_path / "out", progress=False)
+    sft, al = load_state_dict(sft_dir), load_state_dict(aligned)
+    written = load_state_dict(tmp_path / "out/alpha-0.5")
+    expected_head = al["lm_head.weight"] + 0.5 * (al["lm_head.weight"] - sft["model.embed_tokens.weight"])
+    assert torch.equal(written["lm_head.weight"], expected_head)
+    embed = "model.embed_tokens.weight"
+    assert torch.equal(written[embed], al[embed] + 0.5 * (al[embed] - sft[embed]))
+    run = json.loads((tmp_path / "out/alpha-0.5/wspo_run.json").read_text())
+    assert run["command"] == "wspo-extrapolate" and run["extrapolation"]["alpha"] == 0.5
+    assert run["aligned_training_run"] == str(aligned / "wspo_run.json") and "training" not in run
+    assert run["extrapolation"]["head_extrapolated_from_tied_embedding"] == "model.embed_tokens.weight"
+
+
+def test_adapter_on_another_base_is_refused(tiny_models, tmp_path, capsys):
+    make_adapter(tiny_models["weak_ref"], tmp_path / "adapter")
+    other = tmp_path / "other_sft"
+    shutil.copytree(tiny_models["weak_aligned"], other)  # same shapes, another model
+    argv = ["--sft", str(other), "--aligned", str(tmp_path / "adapter"), "--alpha", "0.3", "--output_dir", str(tmp_path / "o")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"trained on base model {str(tiny_models['weak_ref'])!r}" in err and "--allow_base_mismatch" in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    assert main(argv + ["--allow_base_mismatch"]) == 0
+    assert (tmp_path / "o/alpha-0.3/model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("alpha", ["nan", "inf", "-inf"])
+def test_non_finite_alpha_is_refused_up_front(tiny_models, tmp_path, capsys, alpha):
+    argv = ["--sft", str(tiny_models["weak_ref"]), "--aligned", str(tiny_models["weak_aligned"]),
+            "--alpha", "0.3", f"--alpha={alpha}", "--output_dir", str(tmp_path / "o")]
+    assert main(argv) == 1
+    assert f"--alpha {float(alpha)}: must be a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_overflowing_alpha_stops_and_leaves_nothing_complete(sharded, tmp_path, capsys):
+    """float16 tops out at 65504: an alpha of 1e6 times a step of ~0.1 overflows it."""
+    out = tmp_path / "o"
+    extrapolate(sharded["sft_f32"], sharded["aligned_f32"], [2.0], out, progress=False)  # an earlier good output
+    before = {p.name: p.read_bytes() for p in (out / "alpha-2.0").iterdir()}
+    argv = ["--sft", str(sharded["sft_f32"]), "--aligned", str(sharded["aligned_f32"]), "--alpha", "0.5", "1e6",
+            "--out_dtype", "float16", "--output_dir", str(out), "--overwrite"]
+    assert main(argv) == 1
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert err.startswith("wspo-extrapolate: error: alpha=1000000.0: tensor ") and "overflows float16" in err
+    # Neither alpha of the failed run is published, no temporary folder is left, the old output is intact.
+    assert sorted(p.name for p in out.iterdir()) == ["alpha-2.0"]
+    assert {p.name: p.read_bytes() for p in (out / "alpha-2.0").iterdir()} == before
+
+
+def test_non_finite_input_is_named(tiny_models, tmp_path):
+    def poison(state):
+        state["model.norm.weight"][3] = float("nan")
+    aligned = edited_copy(tiny_models["weak_aligned"], tmp_path / "nan", edit_state=poison)
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.norm\.weight': the input checkpoints hold NaN"):
+        extrapolate(tiny_models["weak_ref"], aligned, [0.3], tmp_path / "o", progress=False)
+    assert not any((tmp_path / "o").iterdir())

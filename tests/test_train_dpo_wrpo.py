@@ -103,9 +103,9 @@ def test_losses_by_hand():
 
 
 def test_alpha_schedule_values():
-    assert [wrpo_alpha(s, 5, 0.1) for s in range(5)] == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
+    assert [wrpo_alpha(s, 5, 0.1) for s in range(5)] == pytest.approx([0.0, 0.02, 0.04, 0.06, 0.08])
     assert wrpo_alpha(5, 5, 0.1) == pytest.approx(0.1)  # evaluation after the last step
-    assert wrpo_alpha(0, 1, 0.1) == 0.1  # a one-step run
+    assert wrpo_alpha(0, 1, 0.1) == 0.0  # a one-step run trains at alpha 0, as the authors' code does
     assert wrpo_alpha(3, 5, 0.2, "fixed") == 0.2
 
 
@@ -194,9 +194,9 @@ def test_trainer_loss_equals_direct_computation(train_setup, dpo_shards, wrpo_sh
     policy = load(tmp_path / "policy")
     trainer = WSPOTrainer(policy, args, loss=loss, beta=beta, wrpo_alpha=alpha_max, reference_from_shards=True,
                           train_dataset=examples)
-    # WRPO mid-run: optimizer step 2 of 5 -> alpha = 0.3 * 2 / 4.
+    # WRPO mid-run: optimizer step 2 of 5 -> alpha = 0.3 * 2 / 5.
     trainer.state.global_step, trainer.state.max_steps = 2, 5
-    alpha = 0.15
+    alpha = 0.12
     assert trainer.current_wrpo_alpha() == pytest.approx(alpha)
     policy.train()
 
@@ -226,7 +226,8 @@ def test_trainer_loss_equals_direct_computation(train_setup, dpo_shards, wrpo_sh
 
 def test_wrpo_alpha_follows_optimizer_steps(train_setup, wrpo_shards, tmp_path, capsys, monkeypatch):  # noqa: F811
     """max_steps 5, gradient_accumulation_steps 2: both micro-batches of step s use
-    alpha = 0.1 * s / 4, so 0 at the first step, 0.05 at the middle one, 0.1 at the last."""
+    alpha = 0.1 * s / 5 (the WRPO authors' schedule), so 0 at the first step, 0.04 at the middle
+    one, 0.08 at the last: alpha_max is never reached during training."""
     import wspo.train.losses as losses
 
     used, original = [], losses.wrpo_loss
@@ -240,9 +241,10 @@ def test_wrpo_alpha_follows_optimizer_steps(train_setup, wrpo_shards, tmp_path, 
     rc, err = run_cli(capsys, train_argv(train_setup, out, shards=wrpo_shards, loss="wrpo", max_steps=5,
                                          gradient_accumulation_steps=2, per_device_train_batch_size=2, learning_rate=1e-4))
     assert rc == 0, err
-    per_step = [0.0, 0.025, 0.05, 0.075, 0.1]
+    per_step = [0.0, 0.02, 0.04, 0.06, 0.08]
     assert used == pytest.approx([a for a in per_step for _ in range(2)])
-    assert used[0] == 0.0 and used[4] == used[5] == pytest.approx(0.05) and used[-1] == pytest.approx(0.1)
+    assert used == pytest.approx([0, 0, .02, .02, .04, .04, .06, .06, .08, .08])
+    assert max(used) < 0.1
     record = json.loads((out / "wspo_run.json").read_text())
     logs = [h for h in record["log_history"] if "loss" in h]
     assert [h["wrpo_alpha"] for h in logs] == pytest.approx(per_step)  # step s logs the alpha it used

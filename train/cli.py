@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
@@ -17,6 +18,40 @@ from .config import WSPOArguments
 from .data import DataError
 
 
+def check_report_to(report_to) -> None:
+    """`--report_to tensorboard` needs the tensorboard package (transformers would fail deep inside
+    the Trainer); say what to install before any work starts."""
+    wanted = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if "tensorboard" in wanted and importlib.util.find_spec("tensorboard") is None \
+            and importlib.util.find_spec("tensorboardX") is None:
+        raise ValueError("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(or pip install 'wspo[test]'), or pass --report_to none")
+
+
+def closing_summary(record: dict) -> str:
+    """What a finished run prints: data, losses, where it resumed from, where the model is.
+
+    A run shorter than `logging_steps` logs no training step: it says so instead of printing a
+    `loss at step 0: nan`.
+    """
+    data, final = record["data"], record["metrics"]["final"]
+    last = record["metrics"]["last_logged_train_step"]
+    lines = [f"trained on {data['train_rows']} rows ({data['train_response_tokens']} response tokens), "
+             f"{data['eval_rows']} held out"]
+    if record.get("resumed_from"):
+        lines.append(f"resumed from {record['resumed_from']}")
+    mean = final.get("train_loss")
+    mean_text = f"mean over the run {mean:.5f}" if isinstance(mean, (int, float)) and math.isfinite(mean) \
+        else "no mean loss (no step trained in this run)"
+    eval_loss = f", held-out loss {final['eval_loss']:.5f}" if "eval_loss" in final else ""
+    if "loss" in last:
+        lines.append(f"loss at step {last['step']}: {last['loss']:.5f} ({mean_text}){eval_loss}")
+    else:
+        lines.append(f"{mean_text}; no step logged (the run is shorter than logging_steps){eval_loss}")
+    lines.append(f"{record['model']['saved'].replace('_', ' ')} saved to {record['output_dir']} (see wspo_run.json)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     # DeepSpeed on recent torch warns on every collective call; once per run says enough.
     warnings.filterwarnings("once", category=FutureWarning, module="torch.distributed")
@@ -27,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not (math.isfinite(training_args.learning_rate) and training_args.learning_rate > 0):
             raise ValueError(f"learning_rate must be finite and positive, got {training_args.learning_rate}")
+        check_report_to(training_args.report_to)
         check_output(training_args.output_dir, {"model_name_or_path": args.model_name_or_path, "shards": args.shards,
                                                 "reference_shards": args.reference_shards})
         from .pipeline import run  # after parsing, so `--help` and argument errors stay fast
@@ -37,16 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # one summary per run, from the first process
-    data, final = record["data"], record["metrics"]["final"]
-    last = record["metrics"]["last_logged_train_step"]
-    eval_loss = f", held-out loss {final['eval_loss']:.5f}" if "eval_loss" in final else ""
-    print(
-        f"trained on {data['train_rows']} rows ({data['train_response_tokens']} response tokens), "
-        f"{data['eval_rows']} held out\n"
-        f"loss at step {last.get('step', 0)}: {last.get('loss', float('nan')):.5f} "
-        f"(mean over the run {final.get('train_loss', float('nan')):.5f}){eval_loss}\n"
-        f"{record['model']['saved'].replace('_', ' ')} saved to {record['output_dir']} (see wspo_run.json)"
-    )
+    print(closing_summary(record))
     return 0
 
 

@@ -37,11 +37,11 @@ class WSPOArguments:
     wrpo_alpha: float = field(
         default=0.1,
         metadata={"help": "wrpo: weight of the source models' chosen response y_ws (1 - alpha on the target's y_wt); with "
-                  "the linear schedule, the value reached at the last optimizer step."},
+                  "the linear schedule, the value approached (alpha_max * (N-1)/N at the last of N optimizer steps)."},
     )
     wrpo_alpha_schedule: str = field(
         default="linear",
-        metadata={"help": "wrpo: 'linear' (alpha = wrpo_alpha * step / (max_steps - 1), step = optimizer step from 0, so "
+        metadata={"help": "wrpo: 'linear' (alpha = wrpo_alpha * step / max_steps, step = optimizer step from 0, as in the WRPO authors' code, so "
                   "every micro-batch of one accumulated step uses the same alpha) or 'fixed' (wrpo_alpha throughout)."},
     )
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (reference = adapters off) instead of every weight."})

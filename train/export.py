@@ -42,7 +42,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wspo-export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="wspo-export", allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", required=True, help="LoRA adapter directory written by wspo-train (or one of its checkpoints).")
     parser.add_argument("--output_dir", required=True, help="Where to write the merged model.")
     parser.add_argument("--base_model", default=None, help="Base model (default: the adapter's base_model_name_or_path).")

@@ -113,14 +113,16 @@ def implicit_rewards(policy_sums: torch.Tensor, ref_sums: torch.Tensor, beta: fl
 
 def wrpo_alpha(step: int, max_steps: int, alpha_max: float, schedule: str = "linear") -> float:
     """The WRPO weight at optimizer step `step` (0-based, `TrainerState.global_step` while the
-    step's micro-batches run): 0 at the first step, rising linearly to `alpha_max` at the last
-    (step max_steps - 1), `alpha_max` after it (evaluation at the end) and for schedule 'fixed'.
+    step's micro-batches run), as in the WRPO authors' code: alpha = alpha_max * step / N with N the
+    number of optimizer steps, so 0 at the first step and alpha_max * (N - 1) / N at the last;
+    training never reaches alpha_max. After the last step (evaluation at the end, step = N) it is
+    alpha_max; schedule 'fixed' is alpha_max throughout.
     """
-    if schedule == "fixed" or max_steps <= 1:
+    if schedule == "fixed" or max_steps < 1:
         return float(alpha_max)
     if schedule != "linear":
         raise ValueError(f"unknown wrpo_alpha_schedule {schedule!r}")
-    return float(alpha_max) * min(1.0, max(0, step) / (max_steps - 1))
+    return float(alpha_max) * min(1.0, max(0, step) / max_steps)
 
 
 def pearson_sums(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 import wspo
 from wspo.models import load_tokenizer, read_config, resolve_model_dir
@@ -175,6 +176,7 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
         callbacks=[NonFiniteGuard(), *(callbacks or [])],
     )
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    resumed_from = resume  # the checkpoint the run goes on from, for the record and the closing summary
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
     if eval_set is not None:
@@ -216,6 +218,7 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
             **dict(sorted(counts.items())),
         },
         "metrics": {"final": metrics, "last_logged_train_step": last_train_log},
+        "resumed_from": str(resumed_from) if resumed_from else None,
         "log_history": trainer.state.log_history,
         "output_dir": str(Path(training_args.output_dir).resolve()),
     }
