@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 import wspo
 from wspo.models import load_tokenizer, read_config, resolve_model_dir
