@@ -73,6 +73,18 @@ def cmd_head(shards: ShardSet, args) -> int:
     return 0
 
 
+def cmd_show(shards: ShardSet, args) -> int:
+    from wspo.paths import check_output
+
+    from .viewer import write_html
+
+    shards.check()
+    check_output(args.html, {"shards": str(shards.root)}, option="--html", is_file=True)
+    shown = write_html(shards, args.html, n=args.rows)
+    print(f"wrote {args.html}: {shown} rows (highest and lowest sums) and the per-token histogram")
+    return 0
+
+
 def cmd_project(shards: ShardSet, args) -> int:
     """How lossy reward projection onto another tokenizer is (DESIGN section 5), as JSON.
 
@@ -161,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("shards")
     p.add_argument("-n", type=int, default=2, help="rows to show (default 2)")
     p.add_argument("--tokens", type=int, default=40, help="tokens to show per row (default 40)")
+    p = sub.add_parser("show", help="a page of responses coloured token by token by their reward (HTML)")
+    p.add_argument("shards")
+    p.add_argument("--html", required=True, help="the HTML file to write")
+    p.add_argument("-n", type=int, default=20, dest="rows", help="rows with the highest and with the lowest sums (default 20 each)")
     p = sub.add_parser("project", allow_abbrev=False, help="how lossy reward projection onto another tokenizer is (JSON)")
     p.add_argument("--tokenizer", required=True, help="folder or hub name of the strong model's tokenizer")
     p.add_argument("--end-of-turn-token", default=None, help="end-of-turn token of that tokenizer (default: its eos)")
@@ -168,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         shards = ShardSet.open(args.shards)
-        return {"info": cmd_info, "verify": cmd_verify, "head": cmd_head, "project": cmd_project}[args.command](shards, args)
-    except ShardError as e:
+        return {"info": cmd_info, "verify": cmd_verify, "head": cmd_head, "show": cmd_show, "project": cmd_project}[args.command](shards, args)
+    except (ShardError, ValueError) as e:
         print(f"wspo-shards: error: {e}", file=sys.stderr)
         return 1
 
