@@ -35,6 +35,8 @@ from wspo.shards.schema import has_reward, logp_column
 from wspo.shards.store import ShardSet, list_arrays
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
+from .packing import pack_sequences
+
 TRAIN_SLOTS = ["chosen"]  # WSPO and SFT learn from chosen responses only (DESIGN section 1)
 REFERENCE_SCORER = "strong_ref"  # phase one's name for the strong SFT model (column logp_strong_ref)
 
@@ -348,29 +350,37 @@ class ExampleDataset(torch.utils.data.Dataset):
 # -- batches ------------------------------------------------------------------------------------
 
 
+def sequence_batch(sequences: list[list[int]], prompt_lengths: list[int], pad_token_id: int,
+                   packing_max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """The model inputs of a list of sequences: right-padded rows (input_ids, attention_mask,
+    target_mask), or with `packing_max_length` packed rows (input_ids, position_ids, target_mask;
+    see packing.py). Either way the marked positions come sequence by sequence, in order."""
+    if packing_max_length is None:
+        input_ids, attention_mask, target_mask = right_pad(sequences, prompt_lengths, pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
+    input_ids, position_ids, target_mask = pack_sequences(sequences, prompt_lengths, packing_max_length, pad_token_id)
+    return {"input_ids": input_ids, "position_ids": position_ids, "target_mask": target_mask}
+
+
 class Collator:
-    """Right-pads a list of examples into one batch.
+    """Right-pads a list of examples into one batch (or packs them: `packing_max_length`).
 
     input_ids, attention_mask, target_mask: [batch, length]; target_mask marks response tokens.
+    Packed: input_ids, position_ids, target_mask [packed rows, length], no attention_mask.
     rewards, seq_ids (and ref_logps): [response tokens of the batch], row-major (row 0 first), the order in which
     `response_logprobs` returns log-probs. row_index: [batch] dataset positions (for logs/tests).
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, packing_max_length: int | None = None):
         self.pad_token_id = pad_token_id
+        self.packing_max_length = packing_max_length
 
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask, target_mask = right_pad(
-            [e.input_ids for e in examples], [e.prompt_length for e in examples], self.pad_token_id
-        )
+        batch = sequence_batch([e.input_ids for e in examples], [e.prompt_length for e in examples],
+                               self.pad_token_id, self.packing_max_length)
         n_response = [len(e.input_ids) - e.prompt_length for e in examples]
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "target_mask": target_mask,
-            "seq_ids": torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(n_response)),
-            "row_index": torch.tensor([e.index for e in examples]),
-        }
+        batch["seq_ids"] = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(n_response))
+        batch["row_index"] = torch.tensor([e.index for e in examples])
         if examples[0].rewards is not None:
             batch["rewards"] = torch.from_numpy(np.concatenate([e.rewards for e in examples]))
         if examples[0].token_segments is not None:

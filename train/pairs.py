@@ -26,11 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from wspo.logprobs import right_pad
 from wspo.shards.store import ShardSet
 from wspo.shards.tokenization import ResponseTokenizer
 
-from .data import DataError, ExampleDataset, checked_rows
+from .data import DataError, ExampleDataset, checked_rows, sequence_batch
 
 PREFERENCE_SLOTS = {"dpo": ("chosen", "rejected"), "wrpo": ("chosen_source", "chosen_target", "rejected")}
 PREFERENCE_REFERENCE = "ref"  # phase one's name for the single DPO/WRPO reference (column logp_ref)
@@ -133,23 +132,19 @@ class PreferenceCollator:
     `response_logprobs` returns its log-probs; row_index: [examples] dataset positions.
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, packing_max_length: int | None = None):
         self.pad_token_id = pad_token_id
+        self.packing_max_length = packing_max_length  # packed rows (packing.py) instead of padded ones
 
     def __call__(self, examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
         seqs = [r for e in examples for r in e.responses]
-        input_ids, attention_mask, target_mask = right_pad(
-            [r.input_ids for r in seqs], [r.prompt_length for r in seqs], self.pad_token_id
-        )
+        batch = sequence_batch([r.input_ids for r in seqs], [r.prompt_length for r in seqs], self.pad_token_id,
+                               self.packing_max_length)
         n_response = [len(r.input_ids) - r.prompt_length for r in seqs]
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "target_mask": target_mask,
-            "seq_ids": torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(n_response)),
-            "ref_logps": torch.from_numpy(np.concatenate([r.ref_logps for r in seqs])),
-            "row_index": torch.tensor([e.index for e in examples]),
-        }
+        batch["seq_ids"] = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(n_response))
+        batch["ref_logps"] = torch.from_numpy(np.concatenate([r.ref_logps for r in seqs]))
+        batch["row_index"] = torch.tensor([e.index for e in examples])
+        return batch
 
 
 def preference_examples(args, shard_sets: list[ShardSet], rule: ResponseTokenizer, projected: bool, model_dir):

@@ -39,6 +39,7 @@ from .data import (
     split_examples,
     strong_rule,
 )
+from .packing import check_packing_attention
 from .pairs import PreferenceCollator, PreferenceDataset, preference_examples
 from .trainer import WSPOTrainer
 
@@ -153,6 +154,8 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
     _init_deepspeed_comm(training_args)
     set_seed(training_args.seed)  # LoRA initialisation
     policy, reference_model = load_models(args, training_args, model_dir)
+    if args.packing:  # refuse, naming it, an attention implementation that would attend across packed sequences
+        check_packing_attention(policy)
 
     # 4. training
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else rule.end_of_turn_id
@@ -166,7 +169,7 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
         beta=args.beta,
         wrpo_alpha=args.wrpo_alpha,
         wrpo_alpha_schedule=args.wrpo_alpha_schedule,
-        data_collator=(PreferenceCollator if preference else Collator)(pad_id),
+        data_collator=(PreferenceCollator if preference else Collator)(pad_id, max_length if args.packing else None),
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
