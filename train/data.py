@@ -120,11 +120,22 @@ def reference_logps(paths: list[str], train_sets: list[ShardSet], model_dir: Pat
     training starts from (the scorer fingerprint in the manifest; `allow_other_weights` lifts
     this check) and the same tokenizer.
     """
+    sets = reference_sets(paths, train_sets, model_dir, scorer_name, allow_other_weights)
+    column = logp_column(scorer_name)
+    logps = {}
+    for shard_set in sets:
+        table = shard_set.read_table(columns=["id", column])
+        logps.update(zip(table["id"].to_pylist(), list_arrays(table[column])))
+    return logps, sets
+
+
+def reference_sets(paths: list[str], train_sets: list[ShardSet], model_dir: Path, scorer_name: str = REFERENCE_SCORER,
+                   allow_other_weights: bool = False) -> list[ShardSet]:
+    """The reference shard sets, opened and checked as `reference_logps` describes (nothing read)."""
     by_root = {str(s.root): s for s in train_sets}
     sets = [by_root.get(str(Path(path))) or ShardSet.open(path).check() for path in paths]
     weights = None if allow_other_weights else model_fingerprint(model_dir)
     column = logp_column(scorer_name)
-    logps = {}
     for shard_set in sets:
         scorer = next((sc for sc in shard_set.scorers if sc["name"] == scorer_name), None)
         if scorer is None:
@@ -144,9 +155,7 @@ def reference_logps(paths: list[str], train_sets: list[ShardSet], model_dir: Pat
             )
         if shard_set.tokenizer["fingerprint"] != train_sets[0].tokenizer["fingerprint"]:
             raise DataError(f"shard set {shard_set.root} was tokenized differently from the training shards")
-        table = shard_set.read_table(columns=["id", column])
-        logps.update(zip(table["id"].to_pylist(), list_arrays(table[column])))
-    return logps, sets
+    return sets
 
 
 # -- rows -> examples ---------------------------------------------------------------------------
@@ -203,35 +212,43 @@ def load_examples(
     examples, counts = [], Counter()
     extra = ("reward",) if with_rewards else ()
     for shard_set, row, prompt, stored, arrays in checked_rows(shard_sets, rule, TRAIN_SLOTS, counts, extra):
-        reward = arrays.get("reward")
-        if reward is not None and len(reward) != len(stored):
-            raise DataError(f"row {row['id']} of {shard_set.root}: {len(reward)} rewards for {len(stored)} tokens")
-        # Phase one may have cut the response (truncated); a shorter training max_length cuts
-        # it further, and the rewards of the cut tokens go with it.
-        keep = min(len(stored), rule.max_length - len(prompt))
         ref = None
         if reference is not None:
             ref = reference.get(row["id"])
             if ref is None:
                 raise DataError(f"row {row['id']} (example {row['example_id']}) of {shard_set.root} has no logp_strong_ref in the reference shards")
-            keep = min(keep, len(ref))  # scored under a shorter max_length: cut like a truncation
-        if keep <= 0:
-            counts["skipped_prompt_too_long"] += 1
-            continue
-        if keep < len(stored):
-            counts["cut_to_max_length"] += 1
-        examples.append(
-            Example(
-                index=len(examples),
-                row_id=row["id"],
-                example_id=row["example_id"],
-                input_ids=prompt + stored[:keep],
-                prompt_length=len(prompt),
-                rewards=None if reward is None else reward[:keep].astype(np.float32),
-                ref_logps=None if ref is None else ref[:keep].astype(np.float32),
-            )
-        )
+        example = token_example(row, prompt, stored, arrays.get("reward"), ref, rule, counts, shard_set.root)
+        if example is not None:
+            example.index = len(examples)
+            examples.append(example)
     return examples, counts
+
+
+def token_example(row: dict, prompt: list[int], stored: list[int], reward: np.ndarray | None, ref: np.ndarray | None,
+                  rule: ResponseTokenizer, counts: Counter, root: Path) -> Example | None:
+    """One checked row (same tokenizer as the shards) cut to the training max_length; None (counted)
+    when no response token fits."""
+    if reward is not None and len(reward) != len(stored):
+        raise DataError(f"row {row['id']} of {root}: {len(reward)} rewards for {len(stored)} tokens")
+    # Phase one may have cut the response (truncated); a shorter training max_length cuts
+    # it further, and the rewards of the cut tokens go with it.
+    keep = min(len(stored), rule.max_length - len(prompt))
+    if ref is not None:
+        keep = min(keep, len(ref))  # scored under a shorter max_length: cut like a truncation
+    if keep <= 0:
+        counts["skipped_prompt_too_long"] += 1
+        return None
+    if keep < len(stored):
+        counts["cut_to_max_length"] += 1
+    return Example(
+        index=0,
+        row_id=row["id"],
+        example_id=row["example_id"],
+        input_ids=prompt + stored[:keep],
+        prompt_length=len(prompt),
+        rewards=None if reward is None else np.asarray(reward[:keep], dtype=np.float32),
+        ref_logps=None if ref is None else np.asarray(ref[:keep], dtype=np.float32),
+    )
 
 
 def _load_projected(shard_sets: list[ShardSet], rule: ResponseTokenizer, columns: list[str]) -> tuple[list[Example], Counter]:
@@ -345,6 +362,11 @@ class ExampleDataset(torch.utils.data.Dataset):
     @property
     def num_tokens(self) -> int:
         return sum(len(e.input_ids) - e.prompt_length for e in self.examples)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per example, for length-grouped sampling."""
+        return [len(e.input_ids) for e in self.examples]
 
 
 # -- batches ------------------------------------------------------------------------------------

@@ -122,6 +122,11 @@ class PreferenceDataset(ExampleDataset):
     def num_tokens(self) -> int:
         return sum(e.num_tokens for e in self.examples)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens of all responses of each example, for length-grouped sampling."""
+        return [sum(len(r.input_ids) for r in e.responses) for e in self.examples]
+
 
 class PreferenceCollator:
     """Right-pads the responses of a list of examples into one batch of sequences.

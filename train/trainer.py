@@ -23,6 +23,7 @@ import time
 import torch
 from peft import PeftModel
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from wspo.logprobs import response_logprobs
 
@@ -103,6 +104,18 @@ class WSPOTrainer(PreferenceMixin, Trainer):
         if self.uses_lora:
             return self.accelerator.unwrap_model(model).disable_adapter()
         return contextlib.nullcontext()
+
+    # -- batches --
+
+    def _get_train_sampler(self, train_dataset=None):
+        """`--train_sampling_strategy group_by_length`: the stock LengthGroupedSampler, given the
+        lengths our datasets know without building every example (rows.py reads them from the
+        Arrow columns); the stock path would build each example once to measure it."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
 
     # -- the loss --
 
