@@ -1,11 +1,11 @@
 """Training rows kept in memory-mapped Arrow; each example built and checked when it is drawn
 (DESIGN section 8).
 
-    row_cache        once per shard set: its rows of the wanted slots and columns, decompressed
-                     into an uncompressed Arrow IPC file named by the set's fingerprint (reused by
-                     later runs), with the held-out bucket of each row's example_id; opened as a
-                     memory-mapped table, so the ranks of a node share its pages and nothing
-                     scales with the number of rows in Python objects
+    row_cache        (row_cache.py) once per shard set: its rows of the wanted slots and columns,
+                     decompressed into an uncompressed Arrow IPC file named by the set's
+                     fingerprint (reused by later runs), with the held-out bucket of each row's
+                     example_id; opened as a memory-mapped table, so the ranks of a node share
+                     its pages and nothing scales with the number of rows in Python objects
     open_rows        the cached tables of every training set, the rows per slot, and the
                      vectorised checks (a row id in two sets; the `id` join with logp_strong_ref)
     ShardRowsDataset the train or held-out side (numpy positions chosen by the example_id hash);
@@ -21,44 +21,20 @@ next trainable row, so batches keep their size.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
-from wspo.shards.store import ShardError, ShardSet
+from wspo.shards.store import ShardSet
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
 from .data import TRAIN_SLOTS, DataError, _check_retokenized, project_row, token_example
-
-CACHE_VERSION = 1  # bump when the cached layout changes
-BUCKET_COLUMN = "eval_bucket"  # uint32: the first 4 bytes of sha256(example_id), see data.is_eval_example
-READ_BATCH_ROWS = 1024  # rows decompressed at a time while the cache is written
-
-
-def example_buckets(example_ids: list[str]) -> np.ndarray:
-    return np.array([int(hashlib.sha256(e.encode()).hexdigest()[:8], 16) for e in example_ids], dtype=np.uint32)
-
-
-def row_cache(shard_set: ShardSet, columns: list[str], slots: list[str], cache_dir: Path) -> Path | None:
-    """The Arrow file holding the set's rows of `slots` with `columns` (+ BUCKET_COLUMN), written
-    once, atomically (a temporary name, then rename: two ranks writing at once produce the same
-    file). None for a set without part files."""
-    if not shard_set.files:
-        return None
-    key = json.dumps([CACHE_VERSION, shard_set.fingerprint, sorted(set(columns)), sorted(slots)])
-    path = cache_dir / f"rows-{shard_set.fingerprint[:16]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.arrow"
-    if not path.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _write_cache(shard_set, sorted(set(columns)), slots, path)
-    return path
+from .row_cache import BUCKET_COLUMN, row_cache
 
 
 def open_cache(path: Path) -> tuple[pa.Table, dict]:
@@ -66,39 +42,6 @@ def open_cache(path: Path) -> tuple[pa.Table, dict]:
     set's rows per slot."""
     table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
     return table, json.loads(table.schema.metadata[b"wspo_rows_per_slot"])
-
-
-def _write_cache(shard_set: ShardSet, columns: list[str], slots: list[str], path: Path) -> None:
-    parts = [shard_set.root / record["path"] for record in shard_set.files]
-    per_slot: Counter = Counter()
-    for part in parts:  # the slot column alone (dictionary-encoded, small): rows per slot for the run record
-        counts = pc.value_counts(_read(part, ["slot"])["slot"])
-        per_slot.update({str(d["values"]): d["counts"] for d in counts.to_pylist()})
-    fields = [pq.read_schema(parts[0]).field(c) for c in columns] + [pa.field(BUCKET_COLUMN, pa.uint32())]
-    schema = pa.schema(fields, metadata={"wspo_rows_per_slot": json.dumps(dict(per_slot))})
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with pa.ipc.new_file(str(tmp), schema) as writer:
-            for part in parts:
-                try:
-                    batches = pq.ParquetFile(part).iter_batches(batch_size=READ_BATCH_ROWS, columns=sorted(set(columns) | {"slot", "example_id"}))
-                    for batch in batches:
-                        batch = batch.filter(pc.is_in(batch.column("slot"), value_set=pa.array(slots)))
-                        buckets = example_buckets(batch.column("example_id").to_pylist())
-                        writer.write_batch(pa.RecordBatch.from_arrays([*(batch.column(c) for c in columns), pa.array(buckets)],
-                                                                      schema=schema))
-                except (OSError, pa.ArrowException) as e:
-                    raise ShardError(f"{part}: cannot read ({e})") from None
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _read(part: Path, columns: list[str]) -> pa.Table:
-    try:
-        return pq.read_table(part, columns=columns)
-    except (OSError, pa.ArrowException) as e:
-        raise ShardError(f"{part}: cannot read ({e})") from None
 
 
 class MappedTables:
