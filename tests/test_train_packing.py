@@ -25,13 +25,13 @@ def load(path, attention="sdpa"):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attention)
 
 
-def test_pack_rows_keep_order_and_bound():
-    assert pack_rows([3, 4, 2, 5, 1], 7) == [[0, 1], [2, 3], [4]]
-    ids, positions, target = pack_sequences([[1, 2, 3], [4, 5], [6, 7, 8, 9]], [1, 1, 2], 6, pad_token_id=0)
-    assert ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
-    assert positions.tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
-    # Response positions, row-major = sequence order: [2, 3] of seq 0, [5] of seq 1, [8, 9] of seq 2.
-    assert ids[target].tolist() == [2, 3, 5, 8, 9]
+def test_pack_rows_first_fit_decreasing():
+    assert pack_rows([3, 4, 2, 5, 1], 7) == [[3, 2], [1, 0], [4]]
+    ids, positions, target, order = pack_sequences([[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]], [1, 1, 2, 1], 8)
+    assert ids.tolist() == [[6, 7, 8, 9], [1, 2, 3, 0], [4, 5, 10, 11]] and order == [2, 0, 1, 3]
+    assert positions.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]]
+    # Response positions, row-major = `order`: [8, 9] of seq 2, [2, 3] of seq 0, [5] of seq 1, [11] of seq 3.
+    assert ids[target].tolist() == [8, 9, 2, 3, 5, 11]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -47,11 +47,14 @@ def test_packed_logprobs_equal_padded(train_setup, attention):  # noqa: F811
     seqs, prompts = [e.input_ids for e in examples], [e.prompt_length for e in examples]
     model = load(train_setup["strong_sft"], attention).eval()
     padded = response_logprobs(model, *right_pad(seqs, prompts))
-    ids, positions, target = pack_sequences(seqs, prompts, PACK_LENGTH)
+    ids, positions, target, order = pack_sequences(seqs, prompts, PACK_LENGTH, row_length=PACK_LENGTH)
     assert ids.shape[0] < len(seqs) and ids.shape[0] > 1 and (positions == 0).sum() > ids.shape[0]  # really packed
     packed = response_logprobs(model, ids, None, target, position_ids=positions)
     assert packed.shape == padded.shape == (sum(len(s) - p for s, p in zip(seqs, prompts)),)
-    assert float((packed - padded).abs().max()) < 1e-5
+    # Back in sequence order: each sequence's log-probs equal its padded ones.
+    n = [len(s) - p for s, p in zip(seqs, prompts)]
+    pieces = dict(zip(order, torch.split(packed, [n[i] for i in order])))
+    assert float((torch.cat([pieces[i] for i in range(len(seqs))]) - padded).abs().max()) < 1e-5
     # Without position ids restarting, the second sequence of a row would see the first: the
     # check above is one that can fail.
     leaked = response_logprobs(model, ids, torch.ones_like(ids), target)
@@ -109,9 +112,9 @@ def test_wspo_sft_loss_and_grads_packed_equal_padded(train_setup, tmp_path, loss
         assert examples[0].token_segments is not None
     trainer = wspo_trainer(train_setup, tmp_path, loss)
     padded_batch = Collator(tokenizer.pad_token_id)(examples)
-    packed_batch = Collator(tokenizer.pad_token_id, PACK_LENGTH)(examples)
+    packed_batch = Collator(tokenizer.pad_token_id, PACK_LENGTH, PACK_LENGTH)(examples)
     assert "attention_mask" not in packed_batch and packed_batch["input_ids"].shape[0] < BATCH
-    assert packed_batch["input_ids"].numel() < padded_batch["input_ids"].numel()
+    assert packed_batch["input_ids"].numel() <= padded_batch["input_ids"].numel()
     assert_same(loss_and_grads(trainer, padded_batch), loss_and_grads(trainer, packed_batch))
 
 
@@ -124,7 +127,7 @@ def test_preference_loss_and_grads_packed_equal_padded(train_setup, dpo_shards, 
     from wspo.train.trainer import WSPOTrainer
 
     padded_batch, _, tokenizer, examples, _ = preference_batch(train_setup, dpo_shards if loss == "dpo" else wrpo_shards, loss)
-    packed_batch = PreferenceCollator(tokenizer.pad_token_id, PACK_LENGTH)(examples[:4])
+    packed_batch = PreferenceCollator(tokenizer.pad_token_id, PACK_LENGTH, PACK_LENGTH)(examples[:4])
     assert packed_batch["input_ids"].shape[0] < padded_batch["input_ids"].shape[0]
     perturb_model(train_setup["strong_sft"], tmp_path / "policy", scale=0.02, seed=3)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True)
@@ -143,6 +146,8 @@ def test_cli_trains_packed_like_padded(train_setup, tmp_path):  # noqa: F811
     for packing in ("false", "true"):
         out = tmp_path / packing
         argv = train_argv(train_setup, out, max_steps=2, packing=packing, loss="sft")
+        if packing == "true":
+            argv += ["--packing_row_length", str(TRAIN_MAX_LENGTH)]
         assert main(argv) == 0
         record = json.loads((out / "wspo_run.json").read_text())
         losses[packing] = [h["loss"] for h in record["log_history"] if "loss" in h]

@@ -87,6 +87,12 @@ class WSPOArguments:
                   "sdpa, eager, flex_attention or flash_attention_2/3). per_device_train_batch_size still counts sequences "
                   "(dpo/wrpo: examples); losses equal the padded batch's. Every loss (wspo, sft, dpo, wrpo, projection) packs."},
     )
+    packing_row_length: int | None = field(
+        default=None,
+        metadata={"help": "packing true: tokens per packed row (at most max_length). Default: the micro-batch's longest "
+                  "sequence. sdpa/eager attention costs the square of the row length, so on CPU keep the default; with "
+                  "flash_attention_2 (attention per sequence) set it to max_length."},
+    )
     data_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Where the training rows are kept as uncompressed, memory-mapped Arrow files (one per shard set, "
@@ -136,6 +142,10 @@ class WSPOArguments:
             raise ValueError(f"gamma must be positive, got {self.gamma}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        if self.packing_row_length is not None and self.packing_row_length < 2:
+            raise ValueError(f"packing_row_length must be at least 2, got {self.packing_row_length}")
+        if self.packing_row_length is not None and not self.packing:
+            raise ValueError("packing_row_length is set but packing is false: set --packing true to use it")
         if self.use_lora and self.lora_r <= 0:
             raise ValueError(f"lora_r must be positive, got {self.lora_r}")
 

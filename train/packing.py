@@ -1,18 +1,19 @@
 """Padding-free packed batches (DESIGN section 8).
 
-With `--packing true` the sequences of one micro-batch are concatenated, in order, into rows of at
-most `max_length` tokens (next-fit: a sequence that does not fit the current row starts a new
-one). Each row carries `position_ids` that restart at 0 at every sequence and no
-`attention_mask`; transformers then builds a block-diagonal causal mask from the position ids
+With `--packing true` the sequences of one micro-batch are concatenated into rows (first-fit
+decreasing) of up to `packing_row_length` tokens (default: the micro-batch's longest sequence),
+never more than `max_length`. Each
+row carries `position_ids` that restart at 0 at every sequence and no `attention_mask`;
+transformers then builds a block-diagonal causal mask from the position ids
 (`masking_utils.find_packed_sequence_indices`), so attention never crosses sequences. Rows are
 right-padded to the longest row; the pads form one more "sequence" of their own (position ids
 from 0 again) that no target position reads.
 
-Because sequences keep their order, `response_logprobs` returns the response log-probs of
-sequence 0 first, then sequence 1, ... exactly as for a padded batch: the rewards, reference
-log-probs and sequence indices of the collators stay the same, and every loss is computed from
-the same flat tensors. `per_device_train_batch_size` keeps counting sequences (examples for
-DPO / WRPO), exactly: packing changes only how they are laid out.
+Packing reorders sequences, so the collators lay out every per-token tensor (rewards, reference
+log-probs, sequence and chunk indices) in the packed order too; every loss reduces by sequence
+index (`losses.segment_sums`), so it is the padded batch's loss up to float summation order.
+`per_device_train_batch_size` keeps counting sequences (examples for DPO / WRPO), exactly:
+packing changes only how they are laid out.
 
 Only attention implementations that honour packed position ids are accepted
 (`PACKING_ATTENTION`); any other would let a sequence attend to the one before it.
@@ -46,27 +47,37 @@ def check_packing_attention(model: torch.nn.Module) -> str:
     return implementation
 
 
-def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
-    """Sequence indices of each packed row, in order (next-fit). A sequence longer than
-    max_length (never produced by the data step, which cuts to max_length) gets a row of its own."""
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sequence indices of each packed row: first-fit decreasing (longest first, each into the
+    first row with room), which leaves little room unused. A sequence longer than `capacity`
+    (never produced by the data step, which cuts to max_length) gets a row of its own."""
     rows: list[list[int]] = []
-    used = max_length  # forces a new row for the first sequence
-    for i, n in enumerate(lengths):
-        if used + n > max_length:
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
             rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += n
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
     return rows
 
 
-def pack_sequences(sequences: list[list[int]], prompt_lengths: list[int], max_length: int, pad_token_id: int = 0):
-    """input_ids, position_ids, target_mask [rows, longest row] for `sequences` packed in order.
+def pack_sequences(sequences: list[list[int]], prompt_lengths: list[int], max_length: int, pad_token_id: int = 0,
+                   row_length: int | None = None):
+    """input_ids, position_ids, target_mask [rows, longest row], and `order`: the sequence
+    indices in the order their response positions appear (row-major), which is the order of the
+    log-probs `response_logprobs` returns for this batch.
 
-    target_mask marks each sequence's response positions (from its prompt length on), so the
-    row-major order of the marked positions is sequence 0's response, then sequence 1's, ...
+    Rows hold up to `row_length` tokens (default: the longest sequence), never more than
+    max_length: sdpa / eager attention over a row costs the square of its length (the
+    block-diagonal mask is applied to a full row x row score matrix), so on them rows much longer
+    than the sequences cost more than the padding they save; flash_attention_2 computes each
+    sequence's block alone, so there rows of max_length are best.
     """
-    rows = pack_rows([len(s) for s in sequences], max_length)
+    capacity = min(max_length, row_length or max(len(s) for s in sequences))
+    rows = pack_rows([len(s) for s in sequences], capacity)
     width = max(sum(len(sequences[i]) for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -80,4 +91,4 @@ def pack_sequences(sequences: list[list[int]], prompt_lengths: list[int], max_le
             target_mask[r, at + prompt_lengths[i] : at + n] = True
             at += n
         position_ids[r, at:] = torch.arange(width - at)  # the pads: a sequence of their own
-    return input_ids, position_ids, target_mask
+    return input_ids, position_ids, target_mask, [i for row in rows for i in row]

@@ -29,7 +29,7 @@ import torch
 from wspo.shards.store import ShardSet
 from wspo.shards.tokenization import ResponseTokenizer
 
-from .data import DataError, ExampleDataset, checked_rows, sequence_batch
+from .data import DataError, ExampleDataset, checked_rows, sequence_batch, token_order_ids
 
 PREFERENCE_SLOTS = {"dpo": ("chosen", "rejected"), "wrpo": ("chosen_source", "chosen_target", "rejected")}
 PREFERENCE_REFERENCE = "ref"  # phase one's name for the single DPO/WRPO reference (column logp_ref)
@@ -137,17 +137,18 @@ class PreferenceCollator:
     `response_logprobs` returns its log-probs; row_index: [examples] dataset positions.
     """
 
-    def __init__(self, pad_token_id: int, packing_max_length: int | None = None):
+    def __init__(self, pad_token_id: int, packing_max_length: int | None = None, packing_row_length: int | None = None):
         self.pad_token_id = pad_token_id
         self.packing_max_length = packing_max_length  # packed rows (packing.py) instead of padded ones
+        self.packing_row_length = packing_row_length
 
     def __call__(self, examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
         seqs = [r for e in examples for r in e.responses]
-        batch = sequence_batch([r.input_ids for r in seqs], [r.prompt_length for r in seqs], self.pad_token_id,
-                               self.packing_max_length)
-        n_response = [len(r.input_ids) - r.prompt_length for r in seqs]
-        batch["seq_ids"] = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(n_response))
-        batch["ref_logps"] = torch.from_numpy(np.concatenate([r.ref_logps for r in seqs]))
+        batch, order = sequence_batch([r.input_ids for r in seqs], [r.prompt_length for r in seqs], self.pad_token_id,
+                                      self.packing_max_length, self.packing_row_length)
+        # Per-token values follow the order of the response positions (packing reorders sequences).
+        batch["seq_ids"] = token_order_ids(order, [len(r.input_ids) - r.prompt_length for r in seqs])
+        batch["ref_logps"] = torch.from_numpy(np.concatenate([seqs[i].ref_logps for i in order]))
         batch["row_index"] = torch.tensor([e.index for e in examples])
         return batch
 
