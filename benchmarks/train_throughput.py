@@ -12,11 +12,13 @@ wspo-train does) over every batch of the set three ways:
     padded   random order, each batch right-padded to its longest sequence
     grouped  length-grouped order (transformers' LengthGroupedSampler, as
              --train_sampling_strategy group_by_length), padded
-    packed   random order, each batch packed into rows of up to max_length (--packing true)
+    packed   random order, each batch packed (--packing true: rows of first-fit decreasing,
+             as long as the batch's longest sequence)
 
 Reported per way: response tokens per second, the share of padding among the tokens the model
 ran on, and seconds; and packed / padded speed. Goal (issue 10): packed >= 1.5x padded on CPU.
-A warm-up batch runs first. The per-sequence log-probs of the packed and padded layouts of one
+The three ways run interleaved, batch by batch, so load from
+other processes slows them alike. A warm-up batch runs first. The per-sequence log-probs of the packed and padded layouts of one
 batch are compared as a check (max |difference|).
 """
 
@@ -52,26 +54,40 @@ def ultrafeedback_like(n: int, max_length: int, seed: int) -> tuple[list[list[in
 def batch_inputs(sequences, prompts, order, packed: bool, max_length: int):
     seqs, lens = [sequences[i] for i in order], [prompts[i] for i in order]
     if packed:
-        ids, positions, target = pack_sequences(seqs, lens, max_length)
+        ids, positions, target, _ = pack_sequences(seqs, lens, max_length)
         return ids, None, target, positions
     ids, mask, target = right_pad(seqs, lens)
     return ids, mask, target, None
 
 
-def run_way(model, sequences, prompts, batches, packed, max_length) -> dict:
-    real = sum(len(sequences[i]) for b in batches for i in b)
-    response = sum(len(sequences[i]) - prompts[i] for b in batches for i in b)
-    ran = 0
+def step(model, sequences, prompts, order, packed, max_length) -> tuple[float, int]:
+    """(seconds, tokens run) of forward + backward of the SFT loss over one batch."""
+    ids, mask, target, positions = batch_inputs(sequences, prompts, order, packed, max_length)
     start = time.perf_counter()
-    for order in batches:
-        ids, mask, target, positions = batch_inputs(sequences, prompts, order, packed, max_length)
-        ran += ids.numel()
-        logps = response_logprobs(model, ids, mask, target, position_ids=positions)
-        (-logps.mean()).backward()
-        model.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - start
-    return {"response_tokens_per_second": round(response / seconds, 1), "padding_share": round(1 - real / ran, 4),
-            "seconds": round(seconds, 2), "tokens_run": ran}
+    logps = response_logprobs(model, ids, mask, target, position_ids=positions)
+    (-logps.mean()).backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start, ids.numel()
+
+
+def run_ways(model, sequences, prompts, ways: dict, max_length) -> dict:
+    """Every way's batches, interleaved (batch k of each way in turn), so that a machine whose
+    load changes during the run slows every way alike."""
+    totals = {name: [0.0, 0] for name in ways}
+    for k in range(max(len(batches) for batches, _ in ways.values())):
+        for name, (batches, packed) in ways.items():
+            if k < len(batches):
+                seconds, ran = step(model, sequences, prompts, batches[k], packed, max_length)
+                totals[name][0] += seconds
+                totals[name][1] += ran
+    results = {}
+    for name, (batches, _) in ways.items():
+        seconds, ran = totals[name]
+        real = sum(len(sequences[i]) for b in batches for i in b)
+        response = sum(len(sequences[i]) - prompts[i] for b in batches for i in b)
+        results[name] = {"response_tokens_per_second": round(response / seconds, 1), "padding_share": round(1 - real / ran, 4),
+                         "seconds": round(seconds, 2), "tokens_run": ran}
+    return results
 
 
 def main() -> None:
@@ -98,13 +114,19 @@ def main() -> None:
         padded = response_logprobs(model, *batch_inputs(sequences, prompts, first, False, args.max_length)[:3])
         ids, _, target, positions = batch_inputs(sequences, prompts, first, True, args.max_length)
         packed = response_logprobs(model, ids, None, target, position_ids=positions)
-    run_way(model, sequences, prompts, split(random_order)[:1], True, args.max_length)  # warm-up
+        # packed comes in the packing's order of sequences; put it back in batch order
+        seqs = [sequences[i] for i in first]
+        n = [len(s) - prompts[i] for s, i in zip(seqs, first)]
+        order = pack_sequences(seqs, [prompts[i] for i in first], args.max_length)[3]
+        pieces = dict(zip(order, torch.split(packed, [n[j] for j in order])))
+        packed = torch.cat([pieces[j] for j in range(len(first))])
+    step(model, sequences, prompts, split(random_order)[0], True, args.max_length)  # warm-up
 
-    ways = {
-        "padded": run_way(model, sequences, prompts, split(random_order), False, args.max_length),
-        "grouped": run_way(model, sequences, prompts, split(grouped_order), False, args.max_length),
-        "packed": run_way(model, sequences, prompts, split(random_order), True, args.max_length),
-    }
+    ways = run_ways(model, sequences, prompts, {
+        "padded": (split(random_order), False),
+        "grouped": (split(grouped_order), False),
+        "packed": (split(random_order), True),
+    }, args.max_length)
     speed = {k: v["response_tokens_per_second"] for k, v in ways.items()}
     print(json.dumps({
         "benchmark": "train_throughput",
