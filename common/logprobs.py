@@ -48,19 +48,27 @@ def right_pad(sequences: list[list[int]], prompt_lengths: list[int], pad_token_i
 def response_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     target_mask: torch.Tensor,
     chunk_rows: int = 1024,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-probs of `input_ids[b, t]` given `input_ids[b, :t]` wherever `target_mask[b, t]`.
 
     Returns a 1-D float32 tensor of the selected positions in row-major order (row 0's response
     tokens first). `target_mask[:, 0]` must be False (the first token has no context). Gradients
     flow when grad mode is on, so the trainer uses the same function as the scorers.
+
+    Packed rows (`wspo.train.packing.pack_sequences`): `attention_mask` None and `position_ids`
+    restarting at 0 at every sequence; the model then keeps attention inside each sequence, and
+    a response token is still predicted from the position before it, in its own sequence.
     """
     if target_mask[:, 0].any():
         raise ValueError("target_mask marks position 0, which has no preceding context")
-    if not bool(attention_mask[:, 0].all()):  # no position_ids are passed: pads must come last
+    if attention_mask is None:
+        if position_ids is None:
+            raise ValueError("response_logprobs needs attention_mask (padded rows) or position_ids (packed rows)")
+    elif not bool(attention_mask[:, 0].all()):  # no position_ids are passed: pads must come last
         raise ValueError("left-padded batch: response_logprobs needs right padding (see right_pad)")
     inner = unwrap_model(model)
     decoder = inner.get_decoder()
@@ -75,7 +83,10 @@ def response_logprobs(
 
     handle = decoder.register_forward_hook(grab)
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+        if attention_mask is None:  # packed: the block-diagonal mask comes from position_ids
+            out = model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=1, use_cache=False)
+        else:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
     finally:
         handle.remove()
     hidden = captured[-1]  # [batch, length, hidden], after the final norm

@@ -237,9 +237,11 @@ def test_retokenization_mismatch_names_the_row(train_setup, tmp_path, capsys):  
     write_manifest(manifest, shards / "manifest.json")  # a consistent set whose ids no longer re-tokenize
     bad_row = table["id"][5].as_py()
 
-    rc, err = run_train(capsys, train_argv(train_setup, tmp_path / "out", shards=shards))
+    # Rows are checked as they are drawn (train/rows.py): one epoch draws every row, the bad one too.
+    rc, err = run_train(capsys, train_argv(train_setup, tmp_path / "out", shards=shards, max_steps=-1, num_train_epochs=1))
     line = error_line(err)
     assert rc == 1 and bad_row in line and "first difference at token 2" in line, line
+    assert not (tmp_path / "out" / "wspo_run.json").exists()
 
 
 def test_loss_needs_what_the_shards_hold(train_setup, tmp_path, capsys):  # noqa: F811

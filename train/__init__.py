@@ -1,7 +1,10 @@
 """Phase two: shards + strong model -> trained model (DESIGN sections 1 and 6).
 
     config.py    the keys of wspo-train (besides transformers.TrainingArguments)
-    data.py      shard rows -> checked, re-tokenized examples -> padded batches
+    data.py      shard rows -> checked, re-tokenized examples -> padded (or packed) batches
+    rows.py      wspo / sft rows in memory-mapped Arrow, each example built and checked when drawn
+    row_cache.py the Arrow file of a shard set's rows, written once by a helper process
+    packing.py   padding-free packed batches (position ids restarting per sequence)
     losses.py    the objectives as pure tensor functions (WSPO, SFT, DPO, WRPO)
     pairs.py     dpo / wrpo: the rows of one example put back together (pairs, triples), logp_ref
     preference.py  the DPO / WRPO part of WSPOTrainer (loss, alpha schedule, TRL-style logs)

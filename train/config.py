@@ -82,6 +82,25 @@ class WSPOArguments:
         metadata={"help": "dpo, wrpo: train although logp_ref was scored with other weights than model_name_or_path (the "
                   "reference is then not the policy's starting point; the scorer is recorded in wspo_run.json)."},
     )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack each micro-batch's sequences, in order, into rows of up to max_length tokens with position ids "
+                  "restarting per sequence and no padding inside rows (attention stays inside each sequence; needs attention "
+                  "sdpa, eager, flex_attention or flash_attention_2/3). per_device_train_batch_size still counts sequences "
+                  "(dpo/wrpo: examples); losses equal the padded batch's. Every loss (wspo, sft, dpo, wrpo, projection) packs."},
+    )
+    packing_row_length: int | None = field(
+        default=None,
+        metadata={"help": "packing true: tokens per packed row (at most max_length). Default: the micro-batch's longest "
+                  "sequence. sdpa/eager attention costs the square of the row length, so on CPU keep the default; with "
+                  "flash_attention_2 (attention per sequence) set it to max_length."},
+    )
+    data_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the training rows are kept as uncompressed, memory-mapped Arrow files (one per shard set, "
+                  "named by its fingerprint; reused by later runs and shared by the ranks of a node). Default: "
+                  "<output_dir>/.wspo_cache."},
+    )
     model_dtype: str = field(
         default="auto",
         metadata={"help": "dtype to load the model in: auto (LoRA: the bf16/fp16 training dtype; full fine-tuning: float32), float32, bfloat16, float16."},
@@ -125,6 +144,10 @@ class WSPOArguments:
             raise ValueError(f"gamma must be finite and positive, got {self.gamma}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        if self.packing_row_length is not None and self.packing_row_length < 2:
+            raise ValueError(f"packing_row_length must be at least 2, got {self.packing_row_length}")
+        if self.packing_row_length is not None and not self.packing:
+            raise ValueError("packing_row_length is set but packing is false: set --packing true to use it")
         if self.use_lora and self.lora_r <= 0:
             raise ValueError(f"lora_r must be positive, got {self.lora_r}")
 

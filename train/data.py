@@ -35,6 +35,8 @@ from wspo.shards.schema import has_reward, logp_column
 from wspo.shards.store import ShardSet, list_arrays
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
+from .packing import pack_sequences
+
 TRAIN_SLOTS = ["chosen"]  # WSPO and SFT learn from chosen responses only (DESIGN section 1)
 REFERENCE_SCORER = "strong_ref"  # phase one's name for the strong SFT model (column logp_strong_ref)
 
@@ -119,11 +121,22 @@ def reference_logps(paths: list[str], train_sets: list[ShardSet], model_dir: Pat
     training starts from (the scorer fingerprint in the manifest; `allow_other_weights` lifts
     this check) and the same tokenizer.
     """
+    sets = reference_sets(paths, train_sets, model_dir, scorer_name, allow_other_weights)
+    column = logp_column(scorer_name)
+    logps = {}
+    for shard_set in sets:
+        table = shard_set.read_table(columns=["id", column])
+        logps.update(zip(table["id"].to_pylist(), list_arrays(table[column])))
+    return logps, sets
+
+
+def reference_sets(paths: list[str], train_sets: list[ShardSet], model_dir: Path, scorer_name: str = REFERENCE_SCORER,
+                   allow_other_weights: bool = False) -> list[ShardSet]:
+    """The reference shard sets, opened and checked as `reference_logps` describes (nothing read)."""
     by_root = {str(s.root): s for s in train_sets}
     sets = [by_root.get(str(Path(path))) or ShardSet.open(path).check() for path in paths]
     weights = None if allow_other_weights else model_fingerprint(model_dir)
     column = logp_column(scorer_name)
-    logps = {}
     for shard_set in sets:
         scorer = next((sc for sc in shard_set.scorers if sc["name"] == scorer_name), None)
         if scorer is None:
@@ -143,9 +156,7 @@ def reference_logps(paths: list[str], train_sets: list[ShardSet], model_dir: Pat
             )
         if shard_set.tokenizer["fingerprint"] != train_sets[0].tokenizer["fingerprint"]:
             raise DataError(f"shard set {shard_set.root} was tokenized differently from the training shards")
-        table = shard_set.read_table(columns=["id", column])
-        logps.update(zip(table["id"].to_pylist(), list_arrays(table[column])))
-    return logps, sets
+    return sets
 
 
 # -- rows -> examples ---------------------------------------------------------------------------
@@ -202,35 +213,43 @@ def load_examples(
     examples, counts = [], Counter()
     extra = ("reward",) if with_rewards else ()
     for shard_set, row, prompt, stored, arrays in checked_rows(shard_sets, rule, TRAIN_SLOTS, counts, extra):
-        reward = arrays.get("reward")
-        if reward is not None and len(reward) != len(stored):
-            raise DataError(f"row {row['id']} of {shard_set.root}: {len(reward)} rewards for {len(stored)} tokens")
-        # Phase one may have cut the response (truncated); a shorter training max_length cuts
-        # it further, and the rewards of the cut tokens go with it.
-        keep = min(len(stored), rule.max_length - len(prompt))
         ref = None
         if reference is not None:
             ref = reference.get(row["id"])
             if ref is None:
                 raise DataError(f"row {row['id']} (example {row['example_id']}) of {shard_set.root} has no logp_strong_ref in the reference shards")
-            keep = min(keep, len(ref))  # scored under a shorter max_length: cut like a truncation
-        if keep <= 0:
-            counts["skipped_prompt_too_long"] += 1
-            continue
-        if keep < len(stored):
-            counts["cut_to_max_length"] += 1
-        examples.append(
-            Example(
-                index=len(examples),
-                row_id=row["id"],
-                example_id=row["example_id"],
-                input_ids=prompt + stored[:keep],
-                prompt_length=len(prompt),
-                rewards=None if reward is None else reward[:keep].astype(np.float32),
-                ref_logps=None if ref is None else ref[:keep].astype(np.float32),
-            )
-        )
+        example = token_example(row, prompt, stored, arrays.get("reward"), ref, rule, counts, shard_set.root)
+        if example is not None:
+            example.index = len(examples)
+            examples.append(example)
     return examples, counts
+
+
+def token_example(row: dict, prompt: list[int], stored: list[int], reward: np.ndarray | None, ref: np.ndarray | None,
+                  rule: ResponseTokenizer, counts: Counter, root: Path) -> Example | None:
+    """One checked row (same tokenizer as the shards) cut to the training max_length; None (counted)
+    when no response token fits."""
+    if reward is not None and len(reward) != len(stored):
+        raise DataError(f"row {row['id']} of {root}: {len(reward)} rewards for {len(stored)} tokens")
+    # Phase one may have cut the response (truncated); a shorter training max_length cuts
+    # it further, and the rewards of the cut tokens go with it.
+    keep = min(len(stored), rule.max_length - len(prompt))
+    if ref is not None:
+        keep = min(keep, len(ref))  # scored under a shorter max_length: cut like a truncation
+    if keep <= 0:
+        counts["skipped_prompt_too_long"] += 1
+        return None
+    if keep < len(stored):
+        counts["cut_to_max_length"] += 1
+    return Example(
+        index=0,
+        row_id=row["id"],
+        example_id=row["example_id"],
+        input_ids=prompt + stored[:keep],
+        prompt_length=len(prompt),
+        rewards=None if reward is None else np.asarray(reward[:keep], dtype=np.float32),
+        ref_logps=None if ref is None else np.asarray(ref[:keep], dtype=np.float32),
+    )
 
 
 def _load_projected(shard_sets: list[ShardSet], rule: ResponseTokenizer, columns: list[str]) -> tuple[list[Example], Counter]:
@@ -345,43 +364,70 @@ class ExampleDataset(torch.utils.data.Dataset):
     def num_tokens(self) -> int:
         return sum(len(e.input_ids) - e.prompt_length for e in self.examples)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per example, for length-grouped sampling."""
+        return [len(e.input_ids) for e in self.examples]
+
 
 # -- batches ------------------------------------------------------------------------------------
 
 
+def sequence_batch(sequences: list[list[int]], prompt_lengths: list[int], pad_token_id: int,
+                   packing_max_length: int | None = None, packing_row_length: int | None = None,
+                   ) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The model inputs of a list of sequences, and the order (sequence indices) in which their
+    response positions come, row-major: right-padded rows (input_ids, attention_mask,
+    target_mask; in order), or with `packing_max_length` packed rows (input_ids, position_ids,
+    target_mask; see packing.py)."""
+    if packing_max_length is None:
+        input_ids, attention_mask, target_mask = right_pad(sequences, prompt_lengths, pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}, list(range(len(sequences)))
+    input_ids, position_ids, target_mask, order = pack_sequences(sequences, prompt_lengths, packing_max_length, pad_token_id,
+                                                               packing_row_length)
+    return {"input_ids": input_ids, "position_ids": position_ids, "target_mask": target_mask}, order
+
+
+def token_order_ids(order: list[int], n_response: list[int]) -> torch.Tensor:
+    """The sequence of each response position, positions in `order` (sequence_batch)."""
+    return torch.repeat_interleave(torch.tensor(order), torch.tensor([n_response[i] for i in order]))
+
+
 class Collator:
-    """Right-pads a list of examples into one batch.
+    """Right-pads a list of examples into one batch (or packs them: `packing_max_length`).
 
     input_ids, attention_mask, target_mask: [batch, length]; target_mask marks response tokens.
+    Packed: input_ids, position_ids, target_mask [packed rows, length], no attention_mask.
     rewards, seq_ids (and ref_logps): [response tokens of the batch], row-major (row 0 first), the order in which
-    `response_logprobs` returns log-probs. row_index: [batch] dataset positions (for logs/tests).
+    `response_logprobs` returns log-probs (packed: the packing's order of sequences; seq_ids keeps naming
+    each token's sequence by its place in `examples`). row_index: [batch] dataset positions (for logs/tests).
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, packing_max_length: int | None = None, packing_row_length: int | None = None):
         self.pad_token_id = pad_token_id
+        self.packing_max_length = packing_max_length
+        self.packing_row_length = packing_row_length
 
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask, target_mask = right_pad(
-            [e.input_ids for e in examples], [e.prompt_length for e in examples], self.pad_token_id
-        )
-        n_response = [len(e.input_ids) - e.prompt_length for e in examples]
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "target_mask": target_mask,
-            "seq_ids": torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(n_response)),
-            "row_index": torch.tensor([e.index for e in examples]),
-        }
-        if examples[0].rewards is not None:
-            batch["rewards"] = torch.from_numpy(np.concatenate([e.rewards for e in examples]))
+        batch, order = sequence_batch([e.input_ids for e in examples], [e.prompt_length for e in examples],
+                                      self.pad_token_id, self.packing_max_length,
+                                      self.packing_row_length)
+        # Per-token values follow the order of the response positions (packing reorders sequences).
+        in_order = [examples[i] for i in order]
+        batch["seq_ids"] = token_order_ids(order, [len(e.input_ids) - e.prompt_length for e in examples])
+        batch["row_index"] = torch.tensor([e.index for e in examples])
         if examples[0].token_segments is not None:
-            # Chunk indices made global over the batch; segment_seq_ids: the row of each chunk.
+            # Projection: one reward per chunk, chunks numbered over the batch in sequence order;
+            # token_segments: the chunk of each token (token order); segment_seq_ids: the sequence of each chunk.
             n_chunks = [len(e.rewards) for e in examples]
             offsets = np.cumsum([0] + n_chunks[:-1])
-            batch["token_segments"] = torch.from_numpy(np.concatenate([e.token_segments + o for e, o in zip(examples, offsets)]))
+            batch["rewards"] = torch.from_numpy(np.concatenate([e.rewards for e in examples]))
+            batch["token_segments"] = torch.from_numpy(np.concatenate([examples[i].token_segments + offsets[i] for i in order]))
             batch["segment_seq_ids"] = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(n_chunks))
+        elif examples[0].rewards is not None:
+            batch["rewards"] = torch.from_numpy(np.concatenate([e.rewards for e in in_order]))
         if examples[0].ref_logps is not None:
-            batch["ref_logps"] = torch.from_numpy(np.concatenate([e.ref_logps for e in examples]))
+            batch["ref_logps"] = torch.from_numpy(np.concatenate([e.ref_logps for e in in_order]))
         return batch
 
 

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from wspo.logprobs import right_pad
 from wspo.shards.store import ShardSet
 from wspo.shards.tokenization import ResponseTokenizer
 
-from .data import DataError, ExampleDataset, checked_rows
+from .data import DataError, ExampleDataset, checked_rows, sequence_batch, token_order_ids
 
 PREFERENCE_SLOTS = {"dpo": ("chosen", "rejected"), "wrpo": ("chosen_source", "chosen_target", "rejected")}
 PREFERENCE_REFERENCE = "ref"  # phase one's name for the single DPO/WRPO reference (column logp_ref)
@@ -123,6 +122,11 @@ class PreferenceDataset(ExampleDataset):
     def num_tokens(self) -> int:
         return sum(e.num_tokens for e in self.examples)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens of all responses of each example, for length-grouped sampling."""
+        return [sum(len(r.input_ids) for r in e.responses) for e in self.examples]
+
 
 class PreferenceCollator:
     """Right-pads the responses of a list of examples into one batch of sequences.
@@ -133,23 +137,20 @@ class PreferenceCollator:
     `response_logprobs` returns its log-probs; row_index: [examples] dataset positions.
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, packing_max_length: int | None = None, packing_row_length: int | None = None):
         self.pad_token_id = pad_token_id
+        self.packing_max_length = packing_max_length  # packed rows (packing.py) instead of padded ones
+        self.packing_row_length = packing_row_length
 
     def __call__(self, examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
         seqs = [r for e in examples for r in e.responses]
-        input_ids, attention_mask, target_mask = right_pad(
-            [r.input_ids for r in seqs], [r.prompt_length for r in seqs], self.pad_token_id
-        )
-        n_response = [len(r.input_ids) - r.prompt_length for r in seqs]
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "target_mask": target_mask,
-            "seq_ids": torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(n_response)),
-            "ref_logps": torch.from_numpy(np.concatenate([r.ref_logps for r in seqs])),
-            "row_index": torch.tensor([e.index for e in examples]),
-        }
+        batch, order = sequence_batch([r.input_ids for r in seqs], [r.prompt_length for r in seqs], self.pad_token_id,
+                                      self.packing_max_length, self.packing_row_length)
+        # Per-token values follow the order of the response positions (packing reorders sequences).
+        batch["seq_ids"] = token_order_ids(order, [len(r.input_ids) - r.prompt_length for r in seqs])
+        batch["ref_logps"] = torch.from_numpy(np.concatenate([seqs[i].ref_logps for i in order]))
+        batch["row_index"] = torch.tensor([e.index for e in examples])
+        return batch
 
 
 def preference_examples(args, shard_sets: list[ShardSet], rule: ResponseTokenizer, projected: bool, model_dir):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections import Counter
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,23 +26,17 @@ import torch
 from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 
 import wspo
+from wspo.shards.schema import logp_column
 from wspo.models import load_tokenizer, read_config, resolve_model_dir
 
 from .config import PREFERENCE_LOSSES, WSPOArguments
-from .data import (
-    Collator,
-    DataError,
-    ExampleDataset,
-    describe_shards,
-    load_examples,
-    open_shard_sets,
-    reference_logps,
-    split_examples,
-    strong_rule,
-)
+from .data import REFERENCE_SCORER, Collator, DataError, describe_shards, open_shard_sets, split_examples, strong_rule
+from .data import reference_sets as reference_sets_of
+from .packing import check_packing_attention
 from .pairs import PreferenceCollator, PreferenceDataset, preference_examples
 from .checkpoints import publish_final, resolve_resume
 from .guards import NonFiniteGuard
+from .rows import row_datasets
 from .trainer import WSPOTrainer
 
 RUN_FILE = "wspo_run.json"
@@ -124,37 +119,46 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
     vocab = read_config(model_dir).get("vocab_size")
     if vocab is not None and len(tokenizer) > vocab:
         raise DataError(f"model {model_dir} has {vocab} embeddings but its tokenizer has {len(tokenizer)} tokens")
-    ref_logps_by_id, reference_sets = None, []
-    if args.loss == "wspo" and args.reference_logps == "shards":
-        ref_logps_by_id, reference_sets = reference_logps(args.reference_shards or args.shards, shard_sets, model_dir)
+    reference_sets = []
     preference = None  # dpo / wrpo: what wspo_run.json records of the pairs and their reference
     if args.loss in PREFERENCE_LOSSES:
-        examples, counts, ref_logps_by_id, reference_sets, preference = preference_examples(
-            args, shard_sets, rule, projected, model_dir)
+        examples, counts, _, reference_sets, preference = preference_examples(args, shard_sets, rule, projected, model_dir)
+        train_examples, eval_examples = split_examples(examples, args.eval_fraction)
+        train_set = PreferenceDataset(train_examples)
+        eval_set = PreferenceDataset(eval_examples) if eval_examples else None
+        n_rows = len(examples)
     else:
-        examples, counts = load_examples(shard_sets, rule, with_rewards=args.loss == "wspo", reference=ref_logps_by_id,
-                                         project=projected)
-    if not examples:
+        # wspo / sft: rows stay in memory-mapped Arrow; each example is re-tokenized and checked
+        # when drawn (rows.py). The local main process writes the row cache; the others map it.
+        reference = None
+        if args.loss == "wspo" and args.reference_logps == "shards":
+            reference_sets = reference_sets_of(args.reference_shards or args.shards, shard_sets, model_dir)
+            reference = (reference_sets, logp_column(REFERENCE_SCORER))
+        cache_dir = Path(args.data_cache_dir or Path(training_args.output_dir) / ".wspo_cache")
+        counts = Counter()
+        with training_args.main_process_first(local=True, desc="shard row cache"):
+            train_set, eval_set, n_rows = row_datasets(shard_sets, rule, args.loss, projected, args.eval_fraction, cache_dir,
+                                                       counts, reference)
+    if not n_rows:
         slots = {k.removeprefix("rows_"): v for k, v in counts.items() if k.startswith("rows_")}
         raise DataError(
             f"no chosen rows to train on in {', '.join(args.shards)} (rows by slot: {slots or 'none'}; "
             f"skipped: {counts.get('skipped_prompt_too_long', 0)} with no room for a response under max_length {max_length})"
         )
-    train_examples, eval_examples = split_examples(examples, args.eval_fraction)
-    if not train_examples:
-        raise DataError(f"eval_fraction {args.eval_fraction} leaves no training rows of {len(examples)}")
-    if training_args.eval_strategy != "no" and not eval_examples:
+    if not len(train_set):
+        raise DataError(f"eval_fraction {args.eval_fraction} leaves no training rows of {n_rows}")
+    if training_args.eval_strategy != "no" and eval_set is None:
         raise DataError(
             f"eval_strategy is {training_args.eval_strategy.value} but no held-out rows: raise eval_fraction "
             f"(now {args.eval_fraction}) or set eval_strategy no"
         )
-    dataset_class = PreferenceDataset if preference else ExampleDataset
-    train_set, eval_set = dataset_class(train_examples), dataset_class(eval_examples) if eval_examples else None
 
     # 3. models
     _init_deepspeed_comm(training_args)
     set_seed(training_args.seed)  # LoRA initialisation
     policy, reference_model = load_models(args, training_args, model_dir)
+    if args.packing:  # refuse, naming it, an attention implementation that would attend across packed sequences
+        check_packing_attention(policy)
 
     # 4. training
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else rule.end_of_turn_id
@@ -164,11 +168,12 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
         loss=args.loss,
         gamma=args.gamma,
         ref_model=reference_model,
-        reference_from_shards=ref_logps_by_id is not None,
+        reference_from_shards=args.loss != "sft" and args.reference_logps == "shards",
         beta=args.beta,
         wrpo_alpha=args.wrpo_alpha,
         wrpo_alpha_schedule=args.wrpo_alpha_schedule,
-        data_collator=(PreferenceCollator if preference else Collator)(pad_id),
+        data_collator=(PreferenceCollator if preference else Collator)(pad_id, max_length if args.packing else None,
+                                                                     args.packing_row_length),
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,

@@ -62,13 +62,16 @@ class PreferenceMixin:
         return prepared
 
     def preference_loss(self, model, inputs, mode: str) -> torch.Tensor:
-        ids, mask, target, seq_ids = inputs["input_ids"], inputs["attention_mask"], inputs["target_mask"], inputs["seq_ids"]
+        ids, target, seq_ids = inputs["input_ids"], inputs["target_mask"], inputs["seq_ids"]
         k = len(self.preference_slots)
-        policy_logps = response_logprobs(model, ids, mask, target)
+        n_seqs = inputs["row_index"].shape[0] * k  # sequences, not rows: a packed row holds several
+        # Padded batches carry attention_mask; packed ones position_ids instead (packing.py).
+        policy_logps = response_logprobs(model, ids, inputs.get("attention_mask"), target,
+                                         position_ids=inputs.get("position_ids"))
         # float64 sums: a long response's summed log-prob is in the thousands, and DPO compares
         # differences of such sums.
-        pol = segment_sums(policy_logps.double(), seq_ids, ids.shape[0]).view(-1, k)
-        ref = segment_sums(inputs["ref_logps"].double(), seq_ids, ids.shape[0]).view(-1, k)
+        pol = segment_sums(policy_logps.double(), seq_ids, n_seqs).view(-1, k)
+        ref = segment_sums(inputs["ref_logps"].double(), seq_ids, n_seqs).view(-1, k)
         rewards = implicit_rewards(pol, ref, self.beta)  # [examples, k]
         if self.loss_name == "dpo":
             loss = losses.dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], self.beta)

@@ -23,6 +23,7 @@ import time
 import torch
 from peft import PeftModel
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from wspo.logprobs import response_logprobs
 
@@ -104,16 +105,31 @@ class WSPOTrainer(PreferenceMixin, Trainer):
             return self.accelerator.unwrap_model(model).disable_adapter()
         return contextlib.nullcontext()
 
+    # -- batches --
+
+    def _get_train_sampler(self, train_dataset=None):
+        """`--train_sampling_strategy group_by_length`: the stock LengthGroupedSampler, given the
+        lengths our datasets know without building every example (rows.py reads them from the
+        Arrow columns); the stock path would build each example once to measure it."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
+
     # -- the loss --
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        ids, mask, target = inputs["input_ids"], inputs["attention_mask"], inputs["target_mask"]
+        # Padded batches carry attention_mask; packed ones position_ids instead (packing.py).
+        ids, mask, target = inputs["input_ids"], inputs.get("attention_mask"), inputs["target_mask"]
+        positions = inputs.get("position_ids")
+        n_seqs = inputs["row_index"].shape[0]  # sequences, not rows: a packed row holds several
         mode = "train" if model.training else "eval"
         self._tokens[mode] += int(target.sum())
         if self.is_preference_loss:  # dpo / wrpo: preference.py
             loss = self.preference_loss(model, inputs, mode)
             return (loss, {}) if return_outputs else loss
-        policy_logps = response_logprobs(model, ids, mask, target)
+        policy_logps = response_logprobs(model, ids, mask, target, position_ids=positions)
         if self.loss_name == "sft":
             loss = sft_loss(policy_logps)
         else:
@@ -121,12 +137,13 @@ class WSPOTrainer(PreferenceMixin, Trainer):
                 ref_logps = inputs["ref_logps"].float()
             else:
                 with torch.no_grad(), self._reference_context(model):
-                    ref_logps = response_logprobs(self.ref_model if self.ref_model is not None else model, ids, mask, target)
+                    ref_logps = response_logprobs(self.ref_model if self.ref_model is not None else model, ids, mask, target,
+                                                  position_ids=positions)
             rewards = inputs["rewards"].float()
             # Reward projection: one segment per chunk of strong tokens; else one per token.
             segments = inputs.get("token_segments")
             seq_of_segment = inputs.get("segment_seq_ids", inputs["seq_ids"])
-            loss = wspo_loss(policy_logps, ref_logps, rewards, seq_of_segment, ids.shape[0], self.gamma, token_segments=segments)
+            loss = wspo_loss(policy_logps, ref_logps, rewards, seq_of_segment, n_seqs, self.gamma, token_segments=segments)
             logratio = policy_logps.detach() - ref_logps
             if segments is not None:
                 logratio = segment_sums(logratio, segments, rewards.shape[0])

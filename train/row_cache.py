@@ -1,0 +1,99 @@
+"""The training rows of one shard set as an uncompressed Arrow IPC file (DESIGN section 8).
+
+Parquet parts are compressed, so they cannot be memory-mapped as arrays. Once per shard set (and
+set of columns) its rows of the wanted slots are decompressed into `<cache_dir>/rows-<fp>-<key>.arrow`,
+named by the set's fingerprint (the sha256 of its files), with one more column: the held-out
+bucket of each row's `example_id` (`data.is_eval_example`). Training maps that file (rows.py).
+
+The file is written by a short-lived helper process (`python -m wspo.train.row_cache`; it imports
+pyarrow and the shard store only): the allocators keep decompression buffers for reuse, and in the training process
+that would make its memory grow with the number of rows read. Written under a temporary name and
+renamed, so a crash never leaves a file that looks complete and two ranks writing at once both
+produce the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from wspo.shards.store import ShardError, ShardSet
+
+CACHE_VERSION = 1  # bump when the cached layout changes
+BUCKET_COLUMN = "eval_bucket"  # uint32: the first 4 bytes of sha256(example_id), see data.is_eval_example
+READ_BATCH_ROWS = 1024  # rows decompressed at a time while the cache is written
+
+
+def example_buckets(example_ids: list[str]) -> np.ndarray:
+    return np.array([int(hashlib.sha256(e.encode()).hexdigest()[:8], 16) for e in example_ids], dtype=np.uint32)
+
+
+def row_cache(shard_set: ShardSet, columns: list[str], slots: list[str], cache_dir: Path) -> Path | None:
+    """The cache file of `shard_set`'s rows of `slots` with `columns` (+ BUCKET_COLUMN), written
+    if missing. None for a set without part files."""
+    if not shard_set.files:
+        return None
+    columns = sorted(set(columns))
+    key = json.dumps([CACHE_VERSION, shard_set.fingerprint, columns, sorted(slots)])
+    path = Path(cache_dir) / f"rows-{shard_set.fingerprint[:16]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.arrow"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parts = [str(shard_set.root / record["path"]) for record in shard_set.files]
+        request = json.dumps({"parts": parts, "columns": columns, "slots": list(slots), "path": str(path)})
+        done = subprocess.run([sys.executable, "-m", "wspo.train.row_cache"], input=request, text=True, capture_output=True)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+            raise ShardError(f"writing the row cache {path} failed: {lines[-1]}")
+    return path
+
+
+def write_cache(parts: list[str], columns: list[str], slots: list[str], path: str) -> None:
+    """Runs in the helper process: stream every part, a batch at a time, into the IPC file."""
+    per_slot: Counter = Counter()
+    for part in parts:  # the slot column alone (dictionary-encoded, small): rows per slot for the run record
+        counts = pc.value_counts(_read(part, ["slot"])["slot"])
+        per_slot.update({str(d["values"]): d["counts"] for d in counts.to_pylist()})
+    fields = [pq.read_schema(parts[0]).field(c) for c in columns] + [pa.field(BUCKET_COLUMN, pa.uint32())]
+    schema = pa.schema(fields, metadata={"wspo_rows_per_slot": json.dumps(dict(per_slot))})
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    try:
+        with pa.ipc.new_file(str(tmp), schema) as writer:
+            for part in parts:
+                try:
+                    batches = pq.ParquetFile(part).iter_batches(batch_size=READ_BATCH_ROWS,
+                                                                columns=sorted(set(columns) | {"slot", "example_id"}))
+                    for batch in batches:
+                        batch = batch.filter(pc.is_in(batch.column("slot"), value_set=pa.array(slots)))
+                        buckets = example_buckets(batch.column("example_id").to_pylist())
+                        writer.write_batch(pa.RecordBatch.from_arrays([*(batch.column(c) for c in columns), pa.array(buckets)],
+                                                                      schema=schema))
+                except (OSError, pa.ArrowException) as e:
+                    raise ShardError(f"{part}: cannot read ({e})") from None
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read(part: str, columns: list[str]) -> pa.Table:
+    try:
+        return pq.read_table(part, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        raise ShardError(f"{part}: cannot read ({e})") from None
+
+
+if __name__ == "__main__":  # the helper process: a JSON request on stdin; the last stderr line names a failure
+    request = json.loads(sys.stdin.read())
+    try:
+        write_cache(request["parts"], request["columns"], request["slots"], request["path"])
+    except ShardError as e:
+        sys.exit(str(e))
