@@ -97,4 +97,5 @@ def test_a_failed_final_save_publishes_no_weights(tiny_models, sft_shards, tmp_p
     out = tmp_path / "run"
     assert train_main(train(tiny_models, sft_shards, out, "--learning_rate", "1e-3", "--save_strategy", "no")) == 1
     assert "could not write the final model" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == []  # no weights, no tokenizer, no half folder
+    # No weights, no tokenizer, no half-written folder (the hidden row cache of the data may stay).
+    assert sorted(p.name for p in out.iterdir() if p.name != ".wspo_cache") == []
