@@ -1,6 +1,10 @@
-"""Cost follows the work (DESIGN section 8): peak memory and time of phase one at several split sizes.
+"""Cost follows the work (DESIGN section 8): peak memory and time at several data sizes.
 
-    python benchmarks/scale.py [--sizes 2000 8000 32000] [--max_length 96]
+    python benchmarks/scale.py [--phase one|two|both] [--sizes 2000 8000 32000] [--max_length 96]
+
+`--phase one` (default): phase one, below. `--phase two`: 2 training steps of `wspo-train` on
+shard sets of those sizes (`benchmarks/scale_train.py`, run as a subprocess; its JSON is
+included). `--phase both`: one after the other.
 
 The split is the bundled sample repeated with distinct ids (each copy's prompts get a suffix, so
 row ids and example ids differ), written as JSON lines. Each size runs `wspo-precompute` with the
@@ -60,10 +64,22 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000, 32000])
     parser.add_argument("--max_length", type=int, default=96)
     parser.add_argument("--rows_per_file", type=int, default=1024)
+    parser.add_argument("--phase", choices=["one", "two", "both"], default="one")
     parser.add_argument("--_child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child is not None:
         return child(args._child)
+    reports = {}
+    if args.phase in ("one", "both"):
+        reports["one"] = phase_one(args)
+    if args.phase in ("two", "both"):
+        out = subprocess.run([sys.executable, str(Path(__file__).with_name("scale_train.py")), "--rows", *map(str, args.sizes)],
+                             check=True, capture_output=True, text=True)
+        reports["two"] = json.loads(out.stdout[out.stdout.index("{"):])
+    print(json.dumps(reports if len(reports) > 1 else next(iter(reports.values())), indent=2))
+
+
+def phase_one(args) -> dict:
 
     from wspo.embedded.models import build_weak_pair
 
@@ -93,13 +109,13 @@ def main() -> None:
     ys = [r["peak_rss_mib"] * 2**20 for r in results]
     mx, my = sum(xs) / n, sum(ys) / n
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1)
-    print(json.dumps({
+    return {
         "phase": "one",
         "sizes": results,
         "slope_bytes_per_row": round(slope, 1),
         "peak_ratio_largest_vs_smallest": round(results[-1]["peak_rss_mib"] / results[0]["peak_rss_mib"], 3),
         "seconds_per_1000_rows": [round(1000 * r["seconds"] / r["rows"], 2) for r in results],
-    }, indent=2))
+    }
 
 
 if __name__ == "__main__":
