@@ -13,6 +13,10 @@ from __future__ import annotations
 import torch
 
 
+# float32 logits of one output-head chunk; log-softmax needs about 3x this at its peak.
+HEAD_CHUNK_BYTES = 256 * 2**20
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under DDP / DeepSpeed (`.module`) and PEFT (`get_base_model`)."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
@@ -50,8 +54,9 @@ def response_logprobs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     target_mask: torch.Tensor,
-    chunk_rows: int = 1024,
+    chunk_rows: int | None = None,
     position_ids: torch.Tensor | None = None,
+    chunk_bytes: int = HEAD_CHUNK_BYTES,
 ) -> torch.Tensor:
     """Log-probs of `input_ids[b, t]` given `input_ids[b, :t]` wherever `target_mask[b, t]`.
 
@@ -109,6 +114,10 @@ def response_logprobs(
     rows, cols = target_mask.nonzero(as_tuple=True)
     states = hidden[rows, cols - 1]
     targets = input_ids[rows, cols]
+    # The output head runs on chunks of positions sized by a byte budget for their float32 logits
+    # (rows x vocabulary x 4), so a 152k vocabulary takes ~440 rows a chunk, a 2k one 32k rows.
+    if chunk_rows is None:
+        chunk_rows = max(1, chunk_bytes // (4 * head.weight.shape[0]))
     pieces = []
     for start in range(0, states.shape[0], chunk_rows):
         logits = _softcap(head(states[start : start + chunk_rows]), inner.config).float()

@@ -66,7 +66,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 2048, texts: list[str
 
 
 def build_model(out_dir: str | Path, tokenizer_dir: str | Path, size: str = "weak", seed: int = 0,
-                max_position_embeddings: int = 2048):
+                max_position_embeddings: int = 4096):
     """A Qwen2 model with random weights (seeded) and the tokenizer copied beside it."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM

@@ -57,3 +57,13 @@ def test_a_head_transform_we_do_not_reproduce_is_refused(tiny_models):
     left = mask.flip(1)
     with pytest.raises(ValueError, match="left-padded"):
         response_logprobs(model, ids, left, target & left.bool())
+
+
+def test_head_chunks_sized_by_bytes_give_the_same_logprobs(tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["weak_ref"], dtype=torch.float32).eval()
+    ids, mask, target = batch()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    with torch.no_grad():
+        whole = response_logprobs(model, ids, mask, target)  # default budget: one chunk here
+        three_rows = response_logprobs(model, ids, mask, target, chunk_bytes=3 * 4 * vocab)  # 3 positions a chunk
+    assert int(target.sum()) > 3 and torch.equal(whole, three_rows)
