@@ -123,19 +123,17 @@ def vm_hwm(pid: int) -> int | None:
     return None
 
 
-def run_tool(args: list[str]) -> tuple[int, float, str]:
-    """Run wspo-extrapolate; return (its peak RSS in bytes, seconds, its output).
+def run_measured(command: list[str]) -> tuple[int, float, str]:
+    """Run a command; return (its peak RSS in bytes, seconds, its output); exit if it fails.
 
     The peak is VmHWM polled from /proc while it runs (VmHWM never decreases, so the last reading
     is the peak up to a few ms before exit). Not ru_maxrss from wait4/RUSAGE_CHILDREN: Linux
     carries the parent's RSS at fork into the child's ru_maxrss, which would charge this
     benchmark's own memory (gigabytes after building the models) to the tool.
     """
-    exe = shutil.which("wspo-extrapolate")
-    command = [exe] if exe else [sys.executable, "-m", "wspo.extrapolate.cli"]
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(command + args, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
         peak = 0
         while proc.poll() is None:
             peak = max(peak, vm_hwm(proc.pid) or 0)
@@ -144,8 +142,14 @@ def run_tool(args: list[str]) -> tuple[int, float, str]:
         log.seek(0)
         output = log.read()
     if proc.returncode != 0:
-        raise SystemExit(f"wspo-extrapolate failed:\n{output}")
+        raise SystemExit(f"{command[0]} failed:\n{output[-3000:]}")
     return peak, seconds, output
+
+
+def run_tool(args: list[str]) -> tuple[int, float, str]:
+    """Run wspo-extrapolate; return (its peak RSS in bytes, seconds, its output)."""
+    exe = shutil.which("wspo-extrapolate")
+    return run_measured(([exe] if exe else [sys.executable, "-m", "wspo.extrapolate.cli"]) + args)
 
 
 def main() -> None:

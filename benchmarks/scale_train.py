@@ -18,17 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from expo_memory import vm_hwm  # noqa: E402
+from expo_memory import run_measured  # noqa: E402
 
 ROWS_PER_PART = 4096
 
@@ -51,7 +49,7 @@ def base_shards(root: Path) -> Path:
 
 def repeated_set(base: Path, out: Path, rows: int) -> Path:
     """`base`'s rows repeated to `rows` rows with distinct ids, as a shard set (parts + manifest)."""
-    from wspo.shards.store import ShardSet, file_record, write_json, write_parquet
+    from wspo.shards.store import ShardSet, file_record, write_manifest, write_parquet
 
     source = ShardSet.open(base)
     manifest = json.loads((base / "manifest.json").read_text())
@@ -74,10 +72,9 @@ def repeated_set(base: Path, out: Path, rows: int) -> Path:
         record["path"] = str(parent / path.name)
         records.append(record)
     manifest["files"] = records
-    for key in ("rows_written", "rows"):
-        if key in manifest.get("dataset", {}):
-            manifest["dataset"][key] = rows
-    write_json(manifest, out / "manifest.json")
+    # The counts must equal the sums over the files (readers check), and the checksum is new.
+    manifest["counts"].update(rows_written=rows, response_tokens=sum(r["tokens"] for r in records))
+    write_manifest(manifest, out / "manifest.json")
     ShardSet.open(out).check()
     return out
 
@@ -89,18 +86,7 @@ def train(shards: Path, model: Path, out: Path) -> tuple[int, float]:
     command += ["--shards", str(shards), "--model_name_or_path", str(model), "--output_dir", str(out), "--max_steps", "2",
                 "--per_device_train_batch_size", "4", "--max_length", "256", "--save_strategy", "no", "--report_to", "none",
                 "--use_cpu", "true", "--dataloader_pin_memory", "false", "--disable_tqdm", "true", "--logging_steps", "1", "--eval_fraction", "0"]
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-        peak = 0
-        while proc.poll() is None:
-            peak = max(peak, vm_hwm(proc.pid) or 0)
-            time.sleep(0.02)
-        seconds = time.perf_counter() - start
-        log.seek(0)
-        output = log.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"wspo-train failed:\n{output[-3000:]}")
+    peak, seconds, _ = run_measured(command)
     return peak, seconds
 
 
