@@ -117,7 +117,9 @@ def response_logprobs(
     # The output head runs on chunks of positions sized by a byte budget for their float32 logits
     # (rows x vocabulary x 4), so a 152k vocabulary takes ~440 rows a chunk, a 2k one 32k rows.
     if chunk_rows is None:
-        chunk_rows = max(1, chunk_bytes // (4 * head.weight.shape[0]))
+        # out_features, not weight.shape: under ZeRO-3 the local weight is an empty partition.
+        vocab = getattr(head, "out_features", None) or inner.config.vocab_size
+        chunk_rows = max(1, chunk_bytes // (4 * vocab))
     pieces = []
     for start in range(0, states.shape[0], chunk_rows):
         logits = _softcap(head(states[start : start + chunk_rows]), inner.config).float()

@@ -165,7 +165,7 @@ def test_close_then_reload(tiny_models, rows, vllm_scorer, vllm_logps):
 
     aligned = VLLMScorer(tiny_models["weak_aligned"], dtype="float32", gpu_memory_utilization=0.25)
     try:
-        assert aligned.max_model_len == 2047  # the tiny models' max_position_embeddings - 1
+        assert aligned.max_model_len == 4095  # the tiny models' max_position_embeddings - 1
         logps = aligned.score(*rows)
     finally:
         aligned.close()
