@@ -123,17 +123,3 @@ class GenerateArguments:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if self.batch_tokens <= 0:
             raise ValueError("batch_tokens must be positive")
-
-
-def check_encodable(messages: list[dict], *texts: str) -> None:
-    """Raise Skip("invalid_text") for text that is not valid Unicode (a lone surrogate such as
-    "\\ud83d" from a broken JSON escape): tokenizers reject it with a TypeError. The shared
-    tokenization rule raises the same Skip itself once it checks this; eval counts either."""
-    from wspo.shards.tokenization import Skip
-
-    for text in [m.get("content") for m in messages] + list(texts):
-        if isinstance(text, str):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise Skip("invalid_text") from None

@@ -36,7 +36,7 @@ from wspo.precompute.data import detect_format, load_rows, to_example
 from wspo.precompute.scorers import length_batches
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
-from .config import GenerateArguments, check_encodable
+from .config import GenerateArguments
 from .rewards import EvalError
 
 
@@ -183,7 +183,6 @@ def run(args: GenerateArguments) -> tuple[dict, list[dict]]:
     kept, prompt_ids = [], []
     for prompt in prompts:
         try:
-            check_encodable(prompt.messages)
             ids = rule.prompt_ids(prompt.messages)
         except Skip as skip:  # invalid text, or the chat template rejects this conversation
             skipped[skip.reason] += 1

@@ -33,7 +33,7 @@ from wspo.shards.schema import logp_column
 from wspo.shards.store import ShardSet, list_arrays
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
-from .config import RewardsArguments, check_encodable
+from .config import RewardsArguments
 
 SLOTS = ["chosen", "rejected"]
 
@@ -95,8 +95,6 @@ def pairs_from_dataset(args: RewardsArguments, rule: ResponseTokenizer) -> tuple
     for index, row in enumerate(rows):
         try:
             example = to_example(index, row, layout, SLOTS, args.column_map)
-            for slot in SLOTS:
-                check_encodable(*example.responses[slot])
             sides = {slot: rule(*example.responses[slot]) for slot in SLOTS}
         except Skip as skip:
             skipped[skip.reason] += 1

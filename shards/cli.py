@@ -1,4 +1,4 @@
-"""`wspo-shards {info,verify,head,project} SHARDS`: look at a shard set without writing code."""
+"""`wspo-shards {info,verify,head,show,project} SHARDS`: look at a shard set without writing code."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from .schema import COLUMNS, has_reward, logp_column
 from .store import ShardError, ShardSet, list_arrays, reward_statistics
@@ -34,9 +35,11 @@ def cmd_info(shards: ShardSet, args) -> int:
         "scorers": [{k: s[k] for k in ("name", "model", "backend", "dtype")} for s in shards.scorers],
     }
     if has_reward(shards.scorer_names):
-        stats = reward_statistics([shards.read_table(columns=["reward", "reward_sum"])])
+        # One file at a time: the summary's memory does not grow with the set.
+        stats = reward_statistics(pq.read_table(shards.root / f["path"], columns=["reward", "reward_sum"]) for f in shards.files)
         if stats:
-            info["reward"] = {k: [round(q, 4) for q in v] if isinstance(v, list) else round(v, 6) for k, v in stats.items()}
+            info["reward"] = {k: [round(q, 4) for q in v] if isinstance(v, list) else v if isinstance(v, bool) else round(v, 6)
+                              for k, v in stats.items()}
     print(json.dumps(info, indent=2, ensure_ascii=False))
     return 0
 

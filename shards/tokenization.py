@@ -216,6 +216,10 @@ class ResponseTokenizer:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         from jinja2.exceptions import TemplateError
 
+        # Tokenizers reject text that is not encodable with a TypeError: name it as a row to skip.
+        if any(isinstance(m.get("content"), str) and invalid_text(m["content"]) for m in messages):
+            raise Skip("invalid_text", "the conversation holds a lone surrogate (not encodable as UTF-8)")
+
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
@@ -234,8 +238,8 @@ class ResponseTokenizer:
         return ids, starts, ends
 
     def __call__(self, messages: list[dict], response: str) -> TokenizedResponse:
-        if invalid_text(response) or any(invalid_text(m.get("content", "")) for m in messages if isinstance(m.get("content"), str)):
-            raise Skip("invalid_text", "the text holds a lone surrogate (not encodable as UTF-8)")
+        if invalid_text(response):
+            raise Skip("invalid_text", "the response holds a lone surrogate (not encodable as UTF-8)")
         prompt = self.prompt_ids(messages)
         if len(prompt) > self.max_prompt_length:
             raise Skip("prompt_too_long", f"{len(prompt)} prompt tokens > max_prompt_length {self.max_prompt_length}")
