@@ -190,13 +190,13 @@ def recording(trainer_class, record: dict):
                 record["tokens"].append(int(inputs["attention_mask"].sum()))  # real tokens forwarded per model
                 record["padded_tokens"].append(inputs["attention_mask"].numel())
                 if "first_batch" not in record:
-                    examples = self.train_dataset.examples
-                    record["first_batch"] = [getattr(examples[i], "row_id", None) or examples[i].responses[0].row_id
-                                             for i in inputs["row_index"].tolist()]
+                    drawn = [self.train_dataset[i] for i in inputs["row_index"].tolist()]  # a list or a lazy dataset
+                    record["first_batch"] = [getattr(e, "row_id", None) or e.responses[0].row_id for e in drawn]
             return out
 
         def save_model(self, output_dir=None, _internal_call=False):
-            pass
+            if output_dir:  # an empty folder: the pipeline publishes whatever was saved
+                Path(output_dir).mkdir(parents=True, exist_ok=True)
 
     return Recording
 
@@ -227,16 +227,26 @@ def pairs_from_shards(shard_sets, rule, order: list[str] | None = None):
     """(chosen, rejected) examples from the shards' token ids only: the reference approach's
     batches. Dummy zeros stand in for the reference log-probs, which no in-memory path reads.
     `order`: chosen row ids giving the order (that of the `wspo_shards` path)."""
+    import tempfile
+    from collections import Counter
+
     import numpy as np
 
-    from wspo.shards.store import list_arrays
-    from wspo.train.pairs import load_preference_examples
+    from wspo.train.pairs import PAIR_COLUMNS, PREFERENCE_SLOTS, PreferenceRowsDataset, group_examples
+    from wspo.train.rows import OpenRows
 
-    dummy = {}
-    for shard_set in shard_sets:
-        table = shard_set.read_table(columns=["id", "token_ids"])
-        dummy.update((i, np.zeros(len(t), np.float32)) for i, t in zip(table["id"].to_pylist(), list_arrays(table["token_ids"])))
-    pairs, _ = load_preference_examples(shard_sets, rule, "dpo", dummy)
+    class ZeroReference:  # stands in for logp_ref, which the in-memory paths never read
+        def __init__(self, rows):
+            self.n_tokens = rows.table["n_tokens"].to_numpy()
+
+        def logps(self, position):
+            return np.zeros(self.n_tokens[position], np.float32)
+
+    with tempfile.TemporaryDirectory() as cache:
+        rows = OpenRows(shard_sets, PAIR_COLUMNS, cache, PREFERENCE_SLOTS["dpo"])
+        dataset = PreferenceRowsDataset(rows, group_examples(rows.table, PREFERENCE_SLOTS["dpo"], Counter()), rule,
+                                        ZeroReference(rows))
+        pairs = [dataset[i] for i in range(len(dataset))]
     if order is not None:
         by_chosen = {p.responses[0].row_id: p for p in pairs}
         pairs = [by_chosen[row_id] for row_id in order if row_id in by_chosen]
@@ -257,7 +267,7 @@ def child(spec: dict) -> None:
     from wspo.models import load_tokenizer, resolve_dtype, resolve_model_dir
     from wspo.train.config import WSPOArguments
     from wspo.train.data import load_examples, open_shard_sets, strong_rule
-    from wspo.train.pairs import PreferenceCollator, PreferenceDataset
+    from wspo.train.pairs import PreferenceCollator
     from wspo.train.trainer import WSPOTrainer
 
     baseline = proc_status("VmRSS")  # after the imports, before any model or data
@@ -293,7 +303,7 @@ def child(spec: dict) -> None:
             trainer_class, extra = recording(dpo_in_memory, record), dict(beta=args.beta)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else rule.end_of_turn_id
         trainer = trainer_class(policy, training_args, ref_model=reference, data_collator=PreferenceCollator(pad_id),
-                                train_dataset=PreferenceDataset(pairs), processing_class=tokenizer, callbacks=callbacks, **extra)
+                                train_dataset=pairs, processing_class=tokenizer, callbacks=callbacks, **extra)
         trainer.train()
     gpu = device.startswith("cuda")
     ends = record["step_ends"]

@@ -143,7 +143,7 @@ def pairs_from_shards(args: RewardsArguments, policy_dir: Path) -> tuple[list[Pa
     source = args.tokenizer or str(policy_dir)
     try:
         rule = _rule(args, source, args.end_of_turn_token or shard_tok["end_of_turn_token"], shard_tok.get("rule_version", 1))
-        same = rule.fingerprint == shard_tok["fingerprint"]
+        same = rule.matches(shard_tok)
     except ValueError:  # the shards' end-of-turn token is not in this vocabulary
         same = False
     if not same:

@@ -109,7 +109,7 @@ def cmd_project(shards: ShardSet, args) -> int:
                              end_of_turn_token=args.end_of_turn_token,
                              rule_version=shards.tokenizer.get("rule_version", 1))
     # One vocabulary on both sides: ids name the same pieces, so identical pieces pair one to one.
-    same_tokenizer = rule.fingerprint == shards.tokenizer["fingerprint"]
+    same_tokenizer = rule.matches(shards.tokenizer)
     table = shards.read_table(columns=["id", "response", "token_ids", "token_start", "token_end", "truncated"])
     weak_ids, weak_starts, weak_ends = (list_arrays(table[c]) for c in ("token_ids", "token_start", "token_end"))
     totals = dict(weak_tokens=0, strong_tokens=0, excluded_weak_tokens=0, excluded_strong_tokens=0,

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from importlib import resources
 
 RULE_VERSION = 2  # 2: end-of-turn token read from the chat template (1: the tokenizer's eos)
+# 2: the backend's own serialization hashed as it is (1: re-dumped as sorted-key JSON; sets
+# written then carry no `fingerprint_version` and are compared under it: `matches`)
+FINGERPRINT_VERSION = 2
 
 # A response no template alters: rendering it shows what the template writes after a response.
 _MARKER = "wspoResponseMarker7f3a"
@@ -164,11 +167,36 @@ class ResponseTokenizer:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """sha256 of vocabulary + normalisation/pre-tokenisation + chat template + rule settings.
+        """sha256 of vocabulary + normalisation/pre-tokenisation + chat template + rule settings
+        (definition `FINGERPRINT_VERSION`).
 
-        Truncation and padding settings of the tokenizer file are left out: they do not change
-        the ids this rule produces, and two copies of one tokenizer often differ there.
+        Truncation and padding settings of the tokenizer are left out: they do not change the
+        ids this rule produces, and two copies of one tokenizer often differ there. The tokenizer
+        is hashed as its backend serializes it (fields in a fixed order, vocabulary by id):
+        re-parsing and re-dumping that JSON (definition 1) cost about a second per run with a
+        150k vocabulary.
         """
+        backend = self.tokenizer.backend_tokenizer
+        truncation, padding = backend.truncation, backend.padding
+        backend.no_truncation()
+        backend.no_padding()
+        try:
+            serialized = backend.to_str()
+        finally:  # restore exactly what the caller's tokenizer had
+            if truncation is not None:
+                backend.enable_truncation(**truncation)
+            if padding is not None:
+                backend.enable_padding(**padding)
+        rule = json.dumps({"chat_template": self.chat_template, "rule": self.settings()}, sort_keys=True, ensure_ascii=False)
+        digest = hashlib.sha256(rule.encode())
+        digest.update(b"\n")
+        digest.update(serialized.encode())
+        return digest.hexdigest()
+
+    @functools.cached_property
+    def fingerprint_v1(self) -> str:
+        """The fingerprint under definition 1 (sets written before `fingerprint_version` was
+        recorded): the same content, as one sorted-key JSON document."""
         backend = json.loads(self.tokenizer.backend_tokenizer.to_str())
         backend.pop("truncation", None)
         backend.pop("padding", None)
@@ -179,10 +207,20 @@ class ResponseTokenizer:
         )
         return hashlib.sha256(blob.encode()).hexdigest()
 
+    def matches(self, record: dict) -> bool:
+        """Whether a manifest's tokenizer record (`describe()` of the rule that wrote a set) has
+        this rule's fingerprint, under the definition the set was written with."""
+        version = record.get("fingerprint_version", 1)
+        if version not in (1, FINGERPRINT_VERSION):
+            raise ValueError(f"tokenizer fingerprint version {version} is newer than this toolkit reads; upgrade wspo")
+        mine = self.fingerprint if version == FINGERPRINT_VERSION else self.fingerprint_v1
+        return record["fingerprint"] == mine
+
     def describe(self) -> dict:
         return {
             "name": self.tokenizer.name_or_path,
             "fingerprint": self.fingerprint,
+            "fingerprint_version": FINGERPRINT_VERSION,
             "chat_template_hash": self.chat_template_hash,
             "vocab_size": len(self.tokenizer),
             "max_length": self.max_length,

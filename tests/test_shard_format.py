@@ -87,8 +87,14 @@ def test_a_manifest_that_disagrees_with_its_files_is_named(case, expected, shard
         ShardSet.open(copy).check()
 
 
-def test_version_1_sets_stay_readable(shard_dir, tmp_path):
-    """A version-1 set (parts next to the manifest, no checksum, no card) reads as before."""
+def test_version_1_sets_stay_readable(shard_dir, tmp_path, tiny_models):
+    """A version-1 set (parts next to the manifest, no checksum, no card, the tokenizer
+    fingerprint under its first definition) reads as before, and training still finds its
+    tokenizer to be the strong model's (rewards token for token), alone or beside a new set."""
+    from wspo.models import load_tokenizer
+    from wspo.shards.tokenization import ResponseTokenizer
+    from wspo.train.data import open_shard_sets, strong_rule
+
     copy = tmp_path / "v1"
     copy.mkdir()
     manifest = json.loads((shard_dir / "manifest.json").read_text())
@@ -97,8 +103,13 @@ def test_version_1_sets_stay_readable(shard_dir, tmp_path):
         shutil.copy(shard_dir / record["path"], copy / name)
         record["path"] = name
     manifest["format_version"] = 1
-    del manifest["checksum"], manifest["command"]
+    del manifest["checksum"], manifest["command"], manifest["tokenizer"]["fingerprint_version"]
+    tokenizer = load_tokenizer(tiny_models["weak_ref"])
+    manifest["tokenizer"]["fingerprint"] = ResponseTokenizer(tokenizer, 384, 256).fingerprint_v1
     (copy / "manifest.json").write_text(json.dumps(manifest))
     v1, v2 = ShardSet.open(copy).check(), ShardSet.open(shard_dir).check()
     assert v1.read_table().equals(v2.read_table())
     assert shards_main(["verify", str(copy)]) == 0
+    for paths in ([str(copy)], [str(copy), str(shard_dir)]):
+        rule, projected = strong_rule(open_shard_sets(paths, "wspo"), tokenizer, 384, "none")
+        assert not projected and rule.fingerprint == v2.tokenizer["fingerprint"]

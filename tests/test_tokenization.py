@@ -74,6 +74,35 @@ def test_fingerprint_identifies_vocabulary_template_and_settings(tokenizer, tiny
     assert ResponseTokenizer(other, 512, 256).fingerprint != base
 
 
+def test_fingerprint_leaves_out_truncation_and_padding_and_keeps_them(tokenizer, tiny_models):
+    """Truncation / padding settings do not change the fingerprint, and computing it leaves the
+    caller's settings as they were."""
+    plain = ResponseTokenizer(AutoTokenizer.from_pretrained(tiny_models["weak_aligned"]), 512, 256)
+    configured = AutoTokenizer.from_pretrained(tiny_models["weak_ref"])
+    rule = ResponseTokenizer(configured, 512, 256)
+    backend = configured.backend_tokenizer
+    backend.enable_truncation(100, stride=3)
+    backend.enable_padding(pad_id=5, pad_token="x", length=7)
+    settings = (backend.truncation, backend.padding)
+    assert rule.fingerprint == plain.fingerprint
+    assert rule.fingerprint_v1 == plain.fingerprint_v1 and rule.fingerprint_v1 != rule.fingerprint
+    assert (backend.truncation, backend.padding) == settings
+
+
+def test_sets_written_under_fingerprint_definition_1_still_match(tokenizer):
+    """A manifest record without `fingerprint_version` (sets written before it) is compared under
+    definition 1; a record of another tokenizer under either definition does not match."""
+    rule = ResponseTokenizer(tokenizer, 512, 256)
+    record = rule.describe()
+    assert record["fingerprint_version"] == 2 and rule.matches(record)
+    legacy = {k: v for k, v in record.items() if k != "fingerprint_version"} | {"fingerprint": rule.fingerprint_v1}
+    assert rule.matches(legacy)
+    assert not rule.matches(legacy | {"fingerprint": rule.fingerprint})  # v2 value read as v1
+    assert not rule.matches(record | {"fingerprint": rule.fingerprint_v1})
+    with pytest.raises(ValueError, match="fingerprint version 3"):
+        rule.matches(record | {"fingerprint_version": 3})
+
+
 def test_bad_end_of_turn_token_is_named(tokenizer):
     with pytest.raises(ValueError, match="<nope>"):
         ResponseTokenizer(tokenizer, 512, 256, end_of_turn_token="<nope>")

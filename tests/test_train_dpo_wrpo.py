@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_train_helpers import SHARD_MAX_LENGTH, SHARD_MAX_PROMPT_LENGTH, TRAIN_MAX_LENGTH, train_argv, train_setup  # noqa: F401
@@ -154,17 +156,26 @@ def direct_loss(loss: str, groups: list[list[dict]], tokenizer, reference, polic
     return sum(terms) / len(terms)
 
 
-def preference_batch(setup, shards: Path, loss: str):
+def preference_examples(setup, paths: list[str], loss: str, cache_dir: Path):
+    """Every example of the shard sets (drawn from the Arrow-backed dataset), its counts, the rule."""
     from wspo.models import load_tokenizer
-    from wspo.shards.store import ShardSet
-    from wspo.train.data import open_shard_sets, reference_logps, strong_rule
-    from wspo.train.pairs import PreferenceCollator, load_preference_examples
+    from wspo.train.data import open_shard_sets, reference_sets, strong_rule
+    from wspo.train.pairs import pair_datasets
 
-    sets = open_shard_sets([str(shards)], loss)
-    tokenizer = load_tokenizer(setup["strong_sft"])
-    rule, _ = strong_rule(sets, tokenizer, TRAIN_MAX_LENGTH, "none")
-    ref, _ = reference_logps([str(shards)], sets, setup["strong_sft"], scorer_name="ref")
-    examples, counts = load_preference_examples(sets, rule, loss, ref)
+    sets = open_shard_sets(paths, loss)
+    rule, _ = strong_rule(sets, load_tokenizer(setup["strong_sft"]), TRAIN_MAX_LENGTH, "none")
+    counts = Counter()
+    ref_sets = reference_sets(paths, sets, setup["strong_sft"], rule, "ref")
+    dataset, _, _ = pair_datasets(sets, rule, loss, ref_sets, 0.0, cache_dir, counts)
+    return [dataset[i] for i in range(len(dataset))], counts, rule
+
+
+def preference_batch(setup, shards: Path, loss: str, cache_dir: Path):
+    from wspo.shards.store import ShardSet
+    from wspo.train.pairs import PreferenceCollator
+
+    examples, counts, rule = preference_examples(setup, [str(shards)], loss, cache_dir)
+    tokenizer = rule.tokenizer
     chosen = examples[:BATCH]
     by_id = {r["id"]: r for r in ShardSet.open(shards).read_table(columns=["id", "slot", "messages", "response"]).to_pylist()}
     groups = [[by_id[r.row_id] for r in e.responses] for e in chosen]
@@ -183,7 +194,7 @@ def test_trainer_loss_equals_direct_computation(train_setup, dpo_shards, wrpo_sh
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
     shards = dpo_shards if loss == "dpo" else wrpo_shards
-    batch, groups, tokenizer, examples, counts = preference_batch(train_setup, shards, loss)
+    batch, groups, tokenizer, examples, counts = preference_batch(train_setup, shards, loss, tmp_path / "cache")
     k = len(SLOTS[loss])
     assert batch["input_ids"].shape[0] == BATCH * k and len(batch["ref_logps"]) == int(batch["target_mask"].sum())
     assert counts["examples_complete"] == len(examples) > BATCH
@@ -230,13 +241,13 @@ def test_wrpo_alpha_follows_optimizer_steps(train_setup, wrpo_shards, tmp_path, 
     one, 0.08 at the last: alpha_max is never reached during training."""
     import wspo.train.losses as losses
 
-    used, original = [], losses.wrpo_loss
+    used, original = [], losses.wrpo_losses
 
     def recording(*args):
         used.append(args[-1])
         return original(*args)
 
-    monkeypatch.setattr(losses, "wrpo_loss", recording)
+    monkeypatch.setattr(losses, "wrpo_losses", recording)
     out = tmp_path / "wrpo"
     rc, err = run_cli(capsys, train_argv(train_setup, out, shards=wrpo_shards, loss="wrpo", max_steps=5,
                                          gradient_accumulation_steps=2, per_device_train_batch_size=2, learning_rate=1e-4))
@@ -363,21 +374,62 @@ def test_preference_recipes_parse():
 
 def test_examples_missing_a_side_are_skipped_and_counted(train_setup, tmp_path):  # noqa: F811
     """Two shard sets: chosen rows of 8 examples, rejected rows of the first 4: 4 pairs, 4 counted."""
-    from wspo.models import load_tokenizer
-    from wspo.train.data import open_shard_sets, reference_logps, strong_rule
-    from wspo.train.pairs import load_preference_examples
-
     chosen = precompute_ref(tmp_path / "chosen", train_setup["strong_sft"], "chosen", 8)
     rejected = precompute_ref(tmp_path / "rejected", train_setup["strong_sft"], "rejected", 4)
-    paths = [str(chosen), str(rejected)]
-    sets = open_shard_sets(paths, "dpo")
-    rule, _ = strong_rule(sets, load_tokenizer(train_setup["strong_sft"]), TRAIN_MAX_LENGTH, "none")
-    ref, _ = reference_logps(paths, sets, train_setup["strong_sft"], scorer_name="ref")
-    examples, counts = load_preference_examples(sets, rule, "dpo", ref)
+    examples, counts, _ = preference_examples(train_setup, [str(chosen), str(rejected)], "dpo", tmp_path / "cache")
     assert len(examples) == 4 and counts["skipped_missing_rejected"] == 4 and counts["unpaired_rows"] == 4
     assert counts["rows_chosen"] == 8 and counts["rows_rejected"] == 4
     for e in examples:
         assert [len(r.ref_logps) for r in e.responses] == [len(r.input_ids) - r.prompt_length for r in e.responses]
+
+
+def test_grouping_pairs_rows_in_reading_order():
+    """group_examples: one tuple per complete set of slots, in slot order; several rows of a slot
+    pair in reading order; incomplete examples and leftover rows are counted."""
+    import pyarrow as pa
+
+    from wspo.train.pairs import group_examples
+
+    #            0    1    2    3    4    5    6    7    8
+    examples = ["a", "b", "a", "c", "a", "b", "a", "d", "d"]
+    slots = ["rejected", "chosen", "chosen", "chosen", "chosen", "rejected", "rejected", "rejected", "rejected"]
+    table = pa.table({"example_id": examples, "slot": pa.array(slots).dictionary_encode()})
+    counts = Counter()
+    tuples = group_examples(table, ("chosen", "rejected"), counts)
+    # a: chosen 2, 4 / rejected 0, 6 -> (2, 0), (4, 6); b: (1, 5); c: no rejected; d: no chosen.
+    assert tuples.tolist() == [[2, 0], [4, 6], [1, 5]]
+    assert counts == {"skipped_missing_chosen": 1, "skipped_missing_rejected": 1, "unpaired_rows": 3}
+    counts = Counter()
+    assert group_examples(table.slice(0, 0), ("chosen", "rejected"), counts).shape == (0, 2)
+
+
+def test_pairs_stay_in_arrow(train_setup, dpo_shards, tmp_path):  # noqa: F811
+    """The datasets hold row positions (a few integers per tuple), pickle without row data, and
+    the held-out side is chosen by example_id like the WSPO rows."""
+    import pickle
+
+    from wspo.models import load_tokenizer
+    from wspo.shards.store import ShardSet
+    from wspo.train.data import is_eval_example, open_shard_sets, reference_sets, strong_rule
+    from wspo.train.pairs import pair_datasets
+
+    sets = open_shard_sets([str(dpo_shards)], "dpo")
+    rule, _ = strong_rule(sets, load_tokenizer(train_setup["strong_sft"]), TRAIN_MAX_LENGTH, "none")
+    ref_sets = reference_sets([str(dpo_shards)], sets, train_setup["strong_sft"], rule, "ref")
+    train, held_out, n = pair_datasets(sets, rule, "dpo", ref_sets, 0.3, tmp_path / "cache", Counter())
+    assert len(train) + len(held_out) == n and len(held_out) > 0 and train.tuples.dtype == np.int64
+    # Pickled (a data loader worker) as cache paths, positions and the rule: no row text.
+    pickled = pickle.dumps(train)
+    texts = ShardSet.open(dpo_shards).read_table(columns=["response"])["response"].to_pylist()
+    assert not any(t.encode() in pickled for t in texts if len(t) > 20)
+    for side, held in ((train, False), (held_out, True)):
+        drawn = [side[i] for i in range(len(side))]
+        assert all(is_eval_example(e.example_id, 0.3) == held for e in drawn)
+        assert [e.index for e in drawn] == list(range(len(side)))  # no tuple skipped here
+    again = pickle.loads(pickle.dumps(held_out))[0]
+    first = held_out[0]
+    assert [r.input_ids for r in again.responses] == [r.input_ids for r in first.responses]
+    assert all(np.array_equal(a.ref_logps, b.ref_logps) for a, b in zip(again.responses, first.responses))
 
 
 def test_reference_logps_keep_float32_when_inputs_are_cast(train_setup, dpo_shards, tmp_path, monkeypatch):  # noqa: F811
@@ -394,7 +446,7 @@ def test_reference_logps_keep_float32_when_inputs_are_cast(train_setup, dpo_shar
         return data.to(torch.bfloat16) if isinstance(data, torch.Tensor) and data.is_floating_point() else data
 
     monkeypatch.setattr(Trainer, "_prepare_input", cast_like_deepspeed)
-    batch, *_ = preference_batch(train_setup, dpo_shards, "dpo")
+    batch, *_ = preference_batch(train_setup, dpo_shards, "dpo", tmp_path / "cache")
     policy = AutoModelForCausalLM.from_pretrained(str(train_setup["strong_sft"]), dtype=torch.float32)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=True)
     trainer = WSPOTrainer(policy, args, loss="dpo", reference_from_shards=True, train_dataset=[0])

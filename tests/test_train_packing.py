@@ -126,7 +126,8 @@ def test_preference_loss_and_grads_packed_equal_padded(train_setup, dpo_shards, 
     from wspo.train.pairs import PreferenceCollator
     from wspo.train.trainer import WSPOTrainer
 
-    padded_batch, _, tokenizer, examples, _ = preference_batch(train_setup, dpo_shards if loss == "dpo" else wrpo_shards, loss)
+    padded_batch, _, tokenizer, examples, _ = preference_batch(train_setup, dpo_shards if loss == "dpo" else wrpo_shards, loss,
+                                                               tmp_path / "cache")
     packed_batch = PreferenceCollator(tokenizer.pad_token_id, PACK_LENGTH, PACK_LENGTH)(examples[:4])
     assert packed_batch["input_ids"].shape[0] < padded_batch["input_ids"].shape[0]
     perturb_model(train_setup["strong_sft"], tmp_path / "policy", scale=0.02, seed=3)

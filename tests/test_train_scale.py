@@ -61,9 +61,9 @@ def test_reference_join_equals_eager(train_setup, tmp_path):  # noqa: F811
 
     ref_shards = precompute(tmp_path / "ref", None, None, strong_ref=train_setup["strong_sft"])
     sets, rule = rule_of(train_setup)
-    by_id, _ = reference_logps([str(ref_shards)], sets, train_setup["strong_sft"])
+    by_id, _ = reference_logps([str(ref_shards)], sets, train_setup["strong_sft"], rule)
     eager, _ = split_examples(load_examples(sets, rule, with_rewards=True, reference=by_id)[0], 0.0)
-    reference = (reference_sets([str(ref_shards)], sets, train_setup["strong_sft"]), "logp_strong_ref")
+    reference = (reference_sets([str(ref_shards)], sets, train_setup["strong_sft"], rule), "logp_strong_ref")
     train, _, _ = row_datasets(sets, rule, "wspo", False, 0.0, tmp_path / "cache", Counter(), reference)
     assert_same_examples(train, eager)
 

@@ -4,13 +4,17 @@
     strong_rule       the tokenization rule under the strong tokenizer; refuse a tokenizer that
                       differs from the shards' unless reward projection is allowed
     project_row       with another strong tokenizer: rewards summed over chunks (DESIGN section 5)
-    load_examples     re-tokenize each chosen row with the strong tokenizer, check the ids equal
-                      the stored ones, cut to the training max_length (rewards too)
-    reference_logps   optionally, the strong reference's log-probs scored in phase one
-                      (logp_strong_ref), checked to come from the model being trained
-    split_examples    held-out evaluation rows, chosen by a hash of example_id
-    Collator          pad a list of examples; rewards and sequence indices flattened in the
-                      order `response_logprobs` returns its log-probs
+    token_example     one checked row cut to the training max_length (rewards too)
+    reference_sets    the sets holding the strong reference's log-probs scored in phase one
+                      (logp_strong_ref; logp_ref for DPO / WRPO), checked to come from the model
+                      being trained and the same tokenizer
+    is_eval_example   held-out evaluation rows, chosen by a hash of example_id
+    Collator          pad (or pack) a list of examples; rewards and sequence indices flattened
+                      in the order `response_logprobs` returns its log-probs
+
+Training reads rows lazily from memory-mapped Arrow (rows.py, pairs.py) with these functions.
+`load_examples`, `reference_logps` and `split_examples` do the same eagerly, every row at once:
+the plain reference the lazy datasets are tested against (tests/test_train_scale.py).
 
 Phase two reads nothing else: not the dataset, not the weak models.
 """
@@ -76,8 +80,12 @@ def open_shard_sets(paths: list[str], loss: str) -> list[ShardSet]:
                 f"{', '.join(shard_set.scorer_names) or 'nothing'}); loss wspo needs shards scored with both "
                 "weak_ref and weak_aligned. Rescore, or use --loss sft."
             )
-    fingerprints = {s.tokenizer["fingerprint"] for s in sets}
-    if len(fingerprints) > 1:
+    # Sets written under one fingerprint definition compare here; mixed definitions are compared
+    # against the strong tokenizer in strong_rule.
+    by_version = {}
+    for s in sets:
+        by_version.setdefault(s.tokenizer.get("fingerprint_version", 1), set()).add(s.tokenizer["fingerprint"])
+    if any(len(fingerprints) > 1 for fingerprints in by_version.values()):
         raise DataError(f"the shard sets {', '.join(paths)} were tokenized with different tokenizers; train on one kind at a time")
     return sets
 
@@ -95,10 +103,16 @@ def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_p
     try:
         rule = ResponseTokenizer(tokenizer, max_length, max_length - 1, shard_tok["end_of_turn_token"],
                                  rule_version=shard_tok.get("rule_version", 1))
-        if rule.fingerprint == shard_tok["fingerprint"]:
-            return rule, False
     except ValueError:  # the shards' end-of-turn token is not even in the strong vocabulary
-        pass
+        rule = None
+    matching = [s.root for s in shard_sets if rule is not None and rule.matches(s.tokenizer)]
+    if len(matching) == len(shard_sets):
+        return rule, False
+    if matching:
+        raise DataError(
+            f"the shard sets {', '.join(str(s.root) for s in shard_sets)} were tokenized with different "
+            "tokenizers; train on one kind at a time"
+        )
     if reward_projection == "chunks":
         return ResponseTokenizer(tokenizer, max_length, max_length - 1), True
     raise DataError(
@@ -112,8 +126,8 @@ def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_p
 # -- reference log-probs from shards ------------------------------------------------------------
 
 
-def reference_logps(paths: list[str], train_sets: list[ShardSet], model_dir: Path, scorer_name: str = REFERENCE_SCORER,
-                    allow_other_weights: bool = False) -> tuple[dict[str, np.ndarray], list[ShardSet]]:
+def reference_logps(paths: list[str], train_sets: list[ShardSet], model_dir: Path, rule: ResponseTokenizer,
+                    scorer_name: str = REFERENCE_SCORER, allow_other_weights: bool = False) -> tuple[dict[str, np.ndarray], list[ShardSet]]:
     """Row id -> logp_strong_ref, from shard sets scored in phase one with the strong SFT model
     (and those sets, for the run record). DPO and WRPO use it with scorer_name 'ref' (logp_ref).
 
@@ -121,7 +135,7 @@ def reference_logps(paths: list[str], train_sets: list[ShardSet], model_dir: Pat
     training starts from (the scorer fingerprint in the manifest; `allow_other_weights` lifts
     this check) and the same tokenizer.
     """
-    sets = reference_sets(paths, train_sets, model_dir, scorer_name, allow_other_weights)
+    sets = reference_sets(paths, train_sets, model_dir, rule, scorer_name, allow_other_weights)
     column = logp_column(scorer_name)
     logps = {}
     for shard_set in sets:
@@ -130,9 +144,10 @@ def reference_logps(paths: list[str], train_sets: list[ShardSet], model_dir: Pat
     return logps, sets
 
 
-def reference_sets(paths: list[str], train_sets: list[ShardSet], model_dir: Path, scorer_name: str = REFERENCE_SCORER,
-                   allow_other_weights: bool = False) -> list[ShardSet]:
-    """The reference shard sets, opened and checked as `reference_logps` describes (nothing read)."""
+def reference_sets(paths: list[str], train_sets: list[ShardSet], model_dir: Path, rule: ResponseTokenizer,
+                   scorer_name: str = REFERENCE_SCORER, allow_other_weights: bool = False) -> list[ShardSet]:
+    """The reference shard sets, opened and checked as `reference_logps` describes (nothing read).
+    `rule`: the training sets' rule under the strong tokenizer (their tokenizer, not projected)."""
     by_root = {str(s.root): s for s in train_sets}
     sets = [by_root.get(str(Path(path))) or ShardSet.open(path).check() for path in paths]
     weights = None if allow_other_weights else model_fingerprint(model_dir)
@@ -154,7 +169,7 @@ def reference_sets(paths: list[str], train_sets: list[ShardSet], model_dir: Path
                 f"{column} of {shard_set.root} was scored with {scorer['model']}, whose weights differ from "
                 f"model_name_or_path ({model_dir}); the reference must be the model training starts from{hint}"
             )
-        if shard_set.tokenizer["fingerprint"] != train_sets[0].tokenizer["fingerprint"]:
+        if not rule.matches(shard_set.tokenizer):
             raise DataError(f"shard set {shard_set.root} was tokenized differently from the training shards")
     return sets
 
@@ -258,7 +273,7 @@ def _load_projected(shard_sets: list[ShardSet], rule: ResponseTokenizer, columns
     for shard_set in shard_sets:
         # Identical vocabularies (a forced projection, as in the exactness test) may use token ids
         # as pieces: then every chunk is one token of each side.
-        same_vocab = rule.fingerprint == shard_set.tokenizer["fingerprint"]
+        same_vocab = rule.matches(shard_set.tokenizer)
         table = shard_set.read_table(columns=columns)
         for slot, n in Counter(table["slot"].to_pylist()).items():
             counts[f"rows_{slot}"] += n
@@ -348,26 +363,6 @@ def split_examples(examples: list[Example], eval_fraction: float) -> tuple[list[
         for i, example in enumerate(side):
             example.index = i
     return train, held_out
-
-
-class ExampleDataset(torch.utils.data.Dataset):
-    def __init__(self, examples: list[Example]):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> Example:
-        return self.examples[i]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(e.input_ids) - e.prompt_length for e in self.examples)
-
-    @property
-    def lengths(self) -> list[int]:
-        """Tokens per example, for length-grouped sampling."""
-        return [len(e.input_ids) for e in self.examples]
 
 
 # -- batches ------------------------------------------------------------------------------------

@@ -51,13 +51,19 @@ def wspo_loss(
     Returns the scalar loss. Every sequence counts equally, however long it is, as in the
     authors' code (squared per token, divided by the sequence's number of tokens).
     """
+    return wspo_sequence_losses(policy_logps, ref_logps, rewards, seq_ids, n_seqs, gamma, token_segments).mean()
+
+
+def wspo_sequence_losses(policy_logps, ref_logps, rewards, seq_ids, n_seqs: int, gamma: float,
+                         token_segments: torch.Tensor | None = None) -> torch.Tensor:
+    """[n_seqs] each sequence's term of `wspo_loss` (its mean squared error over segments)."""
     logratio = policy_logps - ref_logps
     if token_segments is not None:
         logratio = segment_sums(logratio, token_segments, rewards.shape[0])
     squared = (gamma * logratio - rewards) ** 2
     per_seq_sum = segment_sums(squared, seq_ids, n_seqs)
     per_seq_count = segment_sums(torch.ones_like(squared), seq_ids, n_seqs)
-    return (per_seq_sum / per_seq_count).mean()
+    return per_seq_sum / per_seq_count
 
 
 def sft_loss(policy_logps: torch.Tensor) -> torch.Tensor:
@@ -82,8 +88,13 @@ def dpo_loss(
     (with gradient) or the reference (without). The implicit reward of a response is
     beta * (pi - ref); see `implicit_rewards`.
     """
+    return dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta).mean()
+
+
+def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> torch.Tensor:
+    """[pairs] each pair's term of `dpo_loss`."""
     margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    return -F.logsigmoid(beta * margin).mean()
+    return -F.logsigmoid(beta * margin)
 
 
 def wrpo_loss(
@@ -102,8 +113,14 @@ def wrpo_loss(
     chosen response, y_wt the target model's chosen response, y_l the rejected one. Arguments as
     in `dpo_loss`; alpha = 0 is DPO on (y_wt, y_l).
     """
+    return wrpo_losses(policy_source, policy_target, policy_rejected, ref_source, ref_target, ref_rejected, beta, alpha).mean()
+
+
+def wrpo_losses(policy_source, policy_target, policy_rejected, ref_source, ref_target, ref_rejected, beta: float,
+                alpha: float) -> torch.Tensor:
+    """[triples] each triple's term of `wrpo_loss`."""
     chosen = alpha * (policy_source - ref_source) + (1.0 - alpha) * (policy_target - ref_target)
-    return -F.logsigmoid(beta * (chosen - (policy_rejected - ref_rejected))).mean()
+    return -F.logsigmoid(beta * (chosen - (policy_rejected - ref_rejected)))
 
 
 def implicit_rewards(policy_sums: torch.Tensor, ref_sums: torch.Tensor, beta: float) -> torch.Tensor:
@@ -130,6 +147,13 @@ def pearson_sums(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     across steps and ranks, so the logged correlation is exact over every token of a log period."""
     x, y = x.detach().double(), y.detach().double()
     return torch.stack([x.new_tensor(x.numel()), x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum()])
+
+
+def pearson_sums_by(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """[n, 6] the `pearson_sums` of each group (x[i], y[i] belong to group index[i])."""
+    x, y = x.detach().double(), y.detach().double()
+    columns = (torch.ones_like(x), x, y, x * x, y * y, x * y)
+    return torch.stack([segment_sums(c, index, n) for c in columns], dim=1)
 
 
 def pearson_from_sums(sums: torch.Tensor) -> float:

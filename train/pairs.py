@@ -1,4 +1,4 @@
-"""Shard rows -> preference examples (DPO pairs, WRPO triples) -> padded batches.
+"""Shard rows -> preference examples (DPO pairs, WRPO triples) -> batches (DESIGN section 8).
 
 DPO and WRPO compare several responses to one prompt. Phase one writes one row per scored
 response, each with its `slot` and the source row's `example_id`; here the rows of one example
@@ -7,33 +7,47 @@ are put back together, in the loss's slot order:
     dpo    chosen, rejected
     wrpo   chosen_source (y_ws), chosen_target (y_wt), rejected (y_l)
 
-Each response is re-tokenized with the trained model's tokenizer and checked against the stored
-ids exactly like the WSPO rows (data.py), cut to the training max_length, and carries the
-reference's per-token log-probs from the shards (`logp_ref`, scored in phase one by
-`wspo-precompute --ref_model`), cut the same way: D_ref of a response is their sum over exactly
-the tokens the policy is scored on. No reference model is in training memory.
+The rows stay in memory-mapped Arrow (rows.py's row cache, with the preference slots). Grouping
+is vectorised (`group_examples`): each complete tuple is a row of row positions, a few integers
+per shard row and no Python object per row. An example missing one of its slots is skipped and
+counted (`skipped_missing_<slot>`); an example with several rows of a slot (a dataset with a
+repeated example id) gives one tuple per complete set, paired in reading order, and the rest are
+counted as `unpaired_rows`.
 
-An example missing one of its slots is skipped and counted (`skipped_missing_<slot>`); an
-example with several rows of a slot (a dataset with a repeated example id) gives one tuple per
-complete set, paired in reading order, and the rest are counted as `unpaired_rows`.
+When a tuple is drawn (`PreferenceRowsDataset`), each response is re-tokenized with the trained
+model's tokenizer and checked against the stored ids exactly like the WSPO rows, cut to the
+training max_length, and carries the reference's per-token log-probs from the shards
+(`logp_ref`, scored in phase one by `wspo-precompute --ref_model`, joined on `id`), cut the same
+way: D_ref of a response is their sum over exactly the tokens the policy is scored on. No
+reference model is in training memory. A tuple with a response that cannot be trained on (no
+room under max_length, a conversation the chat template refuses) is counted and the next tuple
+stands in, so batches keep their size.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
+from wspo.shards.schema import logp_column
 from wspo.shards.store import ShardSet
-from wspo.shards.tokenization import ResponseTokenizer
+from wspo.shards.tokenization import ResponseTokenizer, Skip
 
-from .data import DataError, ExampleDataset, checked_rows, sequence_batch, token_order_ids
+from .data import DataError, _check_retokenized, reference_sets, sequence_batch, token_order_ids
+from .row_cache import BUCKET_COLUMN
+from .rows import OpenRows, ReferenceJoin
 
 PREFERENCE_SLOTS = {"dpo": ("chosen", "rejected"), "wrpo": ("chosen_source", "chosen_target", "rejected")}
 PREFERENCE_REFERENCE = "ref"  # phase one's name for the single DPO/WRPO reference (column logp_ref)
 PRECOMPUTE_SLOTS = {"dpo": "chosen,rejected", "wrpo": "chosen_source,chosen_target,rejected"}
+PAIR_COLUMNS = ["id", "example_id", "slot", "messages", "response", "token_ids", "truncated", "n_tokens"]
 
 
 @dataclass
@@ -55,77 +69,127 @@ class PreferenceExample:
         return sum(len(r.input_ids) - r.prompt_length for r in self.responses)
 
 
-def load_preference_examples(
-    shard_sets: list[ShardSet], rule: ResponseTokenizer, loss: str, reference: dict[str, np.ndarray]
-) -> tuple[list[PreferenceExample], Counter]:
-    """The complete pairs (dpo) or triples (wrpo) of every shard set, checked and cut.
+def group_examples(table: pa.Table, slots: tuple[str, ...], counts: Counter) -> np.ndarray:
+    """[tuples, len(slots)]: the row positions of every complete tuple, in slot order; tuples in
+    the reading order of their examples' first rows, then of the rows of each slot. Counts the
+    incomplete examples and the rows left unpaired."""
+    k, n = len(slots), table.num_rows
+    if n == 0:
+        return np.zeros((0, k), dtype=np.int64)
+    example = pc.index_in(table["example_id"], value_set=pc.unique(table["example_id"])).to_numpy().astype(np.int64)
+    slot = pc.index_in(table["slot"].cast(pa.string()), value_set=pa.array(list(slots))).to_numpy().astype(np.int64)
+    per_slot = np.bincount(example * k + slot, minlength=(example.max() + 1) * k).reshape(-1, k)  # [examples, k]
+    complete = per_slot.min(axis=1)  # tuples of each example
+    for j, name in enumerate(slots):
+        counts[f"skipped_missing_{name}"] += int((per_slot[:, j] == 0).sum())
+    counts["unpaired_rows"] += int((per_slot.sum(axis=1) - k * complete).sum())
+    # Each row's rank among its example's rows of its slot, in reading order; tuple r takes rank r.
+    order = np.lexsort((np.arange(n), slot, example))
+    key = (example * k + slot)[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    kept = np.flatnonzero(rank < complete[example])
+    return kept[np.lexsort((slot[kept], rank[kept], example[kept]))].reshape(-1, k)
 
-    `reference`: row id -> logp_ref (from `data.reference_logps(..., scorer_name='ref')`).
-    Returns the examples and counts (rows per slot, examples skipped by reason, rows cut).
+
+class PreferenceRowsDataset(torch.utils.data.Dataset):
+    """One side (train or held out) of the complete tuples; examples built and checked when drawn."""
+
+    def __init__(self, rows: OpenRows, tuples: np.ndarray, rule: ResponseTokenizer, reference: ReferenceJoin):
+        self.rows, self.tuples, self.rule, self.reference = rows, tuples, rule, reference
+        self.counts: Counter = Counter()  # tuples skipped / responses cut as met (in this process)
+
+    def __len__(self) -> int:
+        return len(self.tuples)
+
+    def __getitem__(self, i: int) -> PreferenceExample:
+        for step in range(len(self.tuples)):  # a tuple that cannot be trained on: the next one stands in
+            j = (i + step) % len(self.tuples)
+            example = self._example(j)
+            if example is not None:
+                return example
+        raise DataError(f"none of the {len(self.tuples)} examples can be trained on under max_length "
+                        f"{self.rule.max_length} (skipped: {dict(self.counts)})")
+
+    def _example(self, j: int) -> PreferenceExample | None:
+        responses = []
+        for position in self.tuples[j].tolist():
+            row = self.rows.table.slice(position, 1).to_pylist()[0]
+            response = self._response(row, position)
+            if response is None:
+                return None
+            responses.append(response)
+        return PreferenceExample(j, row["example_id"], responses)
+
+    def _response(self, row: dict, position: int) -> Response | None:
+        try:
+            prompt = self.rule.prompt_ids(json.loads(row["messages"]))
+        except Skip as skip:  # the strong chat template rejects this conversation
+            self.counts[f"skipped_{skip.reason}"] += 1
+            return None
+        full_response, _, _ = self.rule.response_tokens(row["response"])
+        stored = row["token_ids"]
+        _check_retokenized(row, stored, full_response, self.rows.root_of(position))
+        ref = self.reference.logps(position)
+        # Phase one may have cut the response; a shorter training max_length (or a reference
+        # scored under a shorter one) cuts it further. Policy and reference sums then run
+        # over the same kept tokens.
+        keep = min(len(stored), self.rule.max_length - len(prompt), len(ref))
+        if keep <= 0:
+            self.counts["skipped_prompt_too_long"] += 1
+            return None
+        if keep < len(stored):
+            self.counts["cut_to_max_length"] += 1
+        return Response(row["id"], prompt + stored[:keep], len(prompt), ref[:keep])
+
+    @property
+    def num_tokens(self) -> int:
+        """Response tokens as the shards store them (before a shorter training max_length cuts them)."""
+        return int(self.rows.table["n_tokens"].to_numpy()[self.tuples].sum())
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Approximate tokens per example for length-grouped sampling: rows.ShardRowsDataset's
+        estimate, summed over the tuple's responses."""
+        messages = pc.binary_length(self.rows.table["messages"].combine_chunks()).to_numpy()
+        per_row = self.rows.table["n_tokens"].to_numpy() + messages // 4
+        return per_row[self.tuples].sum(axis=1)
+
+
+def pair_datasets(shard_sets: list[ShardSet], rule: ResponseTokenizer, loss: str, ref_sets: list[ShardSet],
+                  eval_fraction: float, cache_dir: Path, counts: Counter):
+    """(train dataset, held-out dataset or None, complete tuples) of the shard sets' rows of the
+    loss's slots, with `logp_ref` from `ref_sets`; held out by the hash of example_id
+    (data.is_eval_example). `counts` receives rows per slot and incomplete examples now, and
+    skipped tuples and cut responses as they are drawn (the run record's counts).
+
     Raises DataError naming the row when a row has no reference log-probs, and when no example
     is complete (saying which slots the shards hold and how to score the missing ones).
     """
     slots = PREFERENCE_SLOTS[loss]
-    counts: Counter = Counter()
-    groups: dict[str, dict[str, list[Response | None]]] = {}  # example_id -> slot -> responses, reading order
-    for shard_set, row, prompt, stored, _ in checked_rows(shard_sets, rule, slots, counts):
-        ref = reference.get(row["id"])
-        if ref is None:
-            raise DataError(
-                f"row {row['id']} (example {row['example_id']}, slot {row['slot']}) of {shard_set.root} has no "
-                "logp_ref in the reference shards"
-            )
-        # Phase one may have cut the response; a shorter training max_length (or a reference
-        # scored under a shorter one) cuts it further. Policy and reference sums then run
-        # over the same kept tokens.
-        keep = min(len(stored), rule.max_length - len(prompt), len(ref))
-        response = None
-        if keep > 0:
-            if keep < len(stored):
-                counts["cut_to_max_length"] += 1
-            response = Response(row["id"], prompt + stored[:keep], len(prompt), ref[:keep].astype(np.float32))
-        groups.setdefault(row["example_id"], {s: [] for s in slots})[row["slot"]].append(response)
-
-    examples: list[PreferenceExample] = []
-    for example_id, by_slot in groups.items():
-        missing = [s for s in slots if not by_slot[s]]
-        if missing:
-            for s in missing:
-                counts[f"skipped_missing_{s}"] += 1
-            counts["unpaired_rows"] += sum(len(v) for v in by_slot.values())
-            continue
-        n = min(len(v) for v in by_slot.values())
-        extra = sum(len(v) - n for v in by_slot.values())
-        if extra:
-            counts["unpaired_rows"] += extra
-        for j in range(n):
-            responses = [by_slot[s][j] for s in slots]
-            if any(r is None for r in responses):
-                counts["skipped_prompt_too_long"] += 1
-                continue
-            examples.append(PreferenceExample(len(examples), example_id, responses))
-    counts["examples_complete"] = len(examples)
-    if not examples:
+    rows = OpenRows(shard_sets, PAIR_COLUMNS, cache_dir, slots)
+    counts.update(rows.counts)
+    join = ReferenceJoin(rows, ref_sets, logp_column(PREFERENCE_REFERENCE), cache_dir, slots)
+    tuples = group_examples(rows.table, slots, counts)
+    counts["examples_complete"] = len(tuples)
+    if not len(tuples):
         held = {k.removeprefix("rows_"): v for k, v in sorted(counts.items()) if k.startswith("rows_")}
-        skipped = {k: v for k, v in sorted(counts.items()) if k.startswith("skipped_")}
+        skipped = {k: v for k, v in sorted(counts.items()) if k.startswith("skipped_") and v}
         raise DataError(
             f"loss {loss} needs, for each example_id, one row of each slot {', '.join(slots)}; no example of "
             f"{', '.join(str(s.root) for s in shard_sets)} is complete (rows by slot: {held or 'none'}; skipped: "
             f"{skipped or 'none'}). Score all of them with their reference: wspo-precompute --ref_model MODEL "
             f"--slots {PRECOMPUTE_SLOTS[loss]}"
         )
-    return examples, counts
+    held_out = rows.table[BUCKET_COLUMN].to_numpy()[tuples[:, 0]] / 2**32 < eval_fraction
 
+    def side(selected: np.ndarray) -> PreferenceRowsDataset:
+        dataset = PreferenceRowsDataset(rows, selected, rule, join)
+        dataset.counts = counts
+        return dataset
 
-class PreferenceDataset(ExampleDataset):
-    @property
-    def num_tokens(self) -> int:
-        return sum(e.num_tokens for e in self.examples)
-
-    @property
-    def lengths(self) -> list[int]:
-        """Tokens of all responses of each example, for length-grouped sampling."""
-        return [sum(len(r.input_ids) for r in e.responses) for e in self.examples]
+    return side(tuples[~held_out]), side(tuples[held_out]) if held_out.any() else None, len(tuples)
 
 
 class PreferenceCollator:
@@ -153,8 +217,10 @@ class PreferenceCollator:
         return batch
 
 
-def preference_examples(args, shard_sets: list[ShardSet], rule: ResponseTokenizer, projected: bool, model_dir):
-    """Pipeline step 2 for dpo / wrpo: (examples, counts, row id -> logp_ref, reference sets, record).
+def preference_datasets(args, shard_sets: list[ShardSet], rule: ResponseTokenizer, projected: bool, model_dir,
+                        cache_dir: Path, counts: Counter):
+    """Pipeline step 2 for dpo / wrpo: (train dataset, held-out dataset or None, complete tuples,
+    reference sets, record).
 
     The reference is checked to be the model training starts from (scorer fingerprint in the
     shards' manifest == fingerprint of model_name_or_path), since that is what DPO's reference is
@@ -163,23 +229,20 @@ def preference_examples(args, shard_sets: list[ShardSet], rule: ResponseTokenize
     """
     from wspo.models import model_fingerprint
 
-    from .data import reference_logps
-
     if projected:
         raise DataError(
             f"loss {args.loss} compares log-probs summed over the shards' tokens (logp_ref); train a model with the "
             "shards' tokenizer (reward_projection applies to wspo only)"
         )
     paths = args.reference_shards or args.shards
-    by_id, reference_sets = reference_logps(paths, shard_sets, model_dir, scorer_name=PREFERENCE_REFERENCE,
-                                            allow_other_weights=args.allow_reference_mismatch)
-    examples, counts = load_preference_examples(shard_sets, rule, args.loss, by_id)
-    scorers = [next(sc for sc in s.scorers if sc["name"] == PREFERENCE_REFERENCE) for s in reference_sets]
+    ref_sets = reference_sets(paths, shard_sets, model_dir, rule, PREFERENCE_REFERENCE, args.allow_reference_mismatch)
+    train, held_out, n_tuples = pair_datasets(shard_sets, rule, args.loss, ref_sets, args.eval_fraction, cache_dir, counts)
+    scorers = [next(sc for sc in s.scorers if sc["name"] == PREFERENCE_REFERENCE) for s in ref_sets]
     if args.allow_reference_mismatch:
         weights = model_fingerprint(model_dir)
         same = all(sc["fingerprint"] == weights for sc in scorers)
     else:
-        same = True  # checked by reference_logps
+        same = True  # checked by reference_sets
     record = {
         "loss": args.loss,
         "slots": list(PREFERENCE_SLOTS[args.loss]),
@@ -193,4 +256,4 @@ def preference_examples(args, shard_sets: list[ShardSet], rule: ResponseTokenize
             "checked": not args.allow_reference_mismatch,
         },
     }
-    return examples, counts, by_id, reference_sets, record
+    return train, held_out, n_tuples, ref_sets, record

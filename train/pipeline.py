@@ -30,10 +30,10 @@ from wspo.shards.schema import logp_column
 from wspo.models import load_tokenizer, read_config, resolve_model_dir
 
 from .config import PREFERENCE_LOSSES, WSPOArguments
-from .data import REFERENCE_SCORER, Collator, DataError, describe_shards, open_shard_sets, split_examples, strong_rule
+from .data import REFERENCE_SCORER, Collator, DataError, describe_shards, open_shard_sets, strong_rule
 from .data import reference_sets as reference_sets_of
 from .packing import check_packing_attention
-from .pairs import PreferenceCollator, PreferenceDataset, preference_examples
+from .pairs import PreferenceCollator, preference_datasets
 from .checkpoints import publish_final, resolve_resume
 from .guards import NonFiniteGuard
 from .rows import row_datasets
@@ -119,26 +119,24 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
     vocab = read_config(model_dir).get("vocab_size")
     if vocab is not None and len(tokenizer) > vocab:
         raise DataError(f"model {model_dir} has {vocab} embeddings but its tokenizer has {len(tokenizer)} tokens")
+    # Rows stay in memory-mapped Arrow; each example is re-tokenized and checked when drawn
+    # (rows.py; pairs.py for dpo / wrpo). The local main process writes the row cache; the
+    # others map it.
     reference_sets = []
     preference = None  # dpo / wrpo: what wspo_run.json records of the pairs and their reference
-    if args.loss in PREFERENCE_LOSSES:
-        examples, counts, _, reference_sets, preference = preference_examples(args, shard_sets, rule, projected, model_dir)
-        train_examples, eval_examples = split_examples(examples, args.eval_fraction)
-        train_set = PreferenceDataset(train_examples)
-        eval_set = PreferenceDataset(eval_examples) if eval_examples else None
-        n_rows = len(examples)
-    else:
-        # wspo / sft: rows stay in memory-mapped Arrow; each example is re-tokenized and checked
-        # when drawn (rows.py). The local main process writes the row cache; the others map it.
-        reference = None
-        if args.loss == "wspo" and args.reference_logps == "shards":
-            reference_sets = reference_sets_of(args.reference_shards or args.shards, shard_sets, model_dir)
-            reference = (reference_sets, logp_column(REFERENCE_SCORER))
-        cache_dir = Path(args.data_cache_dir or Path(training_args.output_dir) / ".wspo_cache")
-        counts = Counter()
-        with training_args.main_process_first(local=True, desc="shard row cache"):
-            train_set, eval_set, n_rows = row_datasets(shard_sets, rule, args.loss, projected, args.eval_fraction, cache_dir,
-                                                       counts, reference)
+    cache_dir = Path(args.data_cache_dir or Path(training_args.output_dir) / ".wspo_cache")
+    counts = Counter()
+    with training_args.main_process_first(local=True, desc="shard row cache"):
+        if args.loss in PREFERENCE_LOSSES:
+            train_set, eval_set, n_rows, reference_sets, preference = preference_datasets(
+                args, shard_sets, rule, projected, model_dir, cache_dir, counts)
+        else:
+            reference = None
+            if args.loss == "wspo" and args.reference_logps == "shards":
+                reference_sets = reference_sets_of(args.reference_shards or args.shards, shard_sets, model_dir, rule)
+                reference = (reference_sets, logp_column(REFERENCE_SCORER))
+            train_set, eval_set, n_rows = row_datasets(shard_sets, rule, args.loss, projected, args.eval_fraction,
+                                                       cache_dir, counts, reference)
     if not n_rows:
         slots = {k.removeprefix("rows_"): v for k, v in counts.items() if k.startswith("rows_")}
         raise DataError(

@@ -8,7 +8,8 @@ from the shards) beside them. Per response, policy and reference log-probs are s
 WRPO's alpha follows `losses.wrpo_alpha` at `state.global_step`, which the Trainer advances once
 per optimizer step: all micro-batches of one accumulated step use the same alpha.
 
-Logged (per log period, summed over micro-batches and ranks; `eval_` prefix in evaluation), with
+Logged (per log period, summed over micro-batches and ranks; `eval_` prefix in evaluation, where
+each held-out example counts once: held_out.py), with
 implicit reward r(y) = beta * (pi(y) - ref(y)) summed over the response:
     rewards/<slot>, logps/<slot>   mean per response of each slot
     rewards/chosen                 wrpo: alpha * r(y_ws) + (1 - alpha) * r(y_wt)
@@ -41,8 +42,8 @@ class PreferenceMixin:
         self.wrpo_alpha_schedule = wrpo_alpha_schedule
         self.preference_slots = PREFERENCE_SLOTS.get(loss, ())
         k = len(self.preference_slots)
-        # Per mode: [examples, correct, sum margin, sum r per slot (k), sum logp per slot (k)].
-        self._pref_sums = {mode: torch.zeros(3 + 2 * k, dtype=torch.float64) for mode in ("train", "eval")}
+        # Training log period: [examples, correct, sum margin, sum r per slot (k), sum logp per slot (k)].
+        self._pref_sums = torch.zeros(3 + 2 * k, dtype=torch.float64)
         self._pref_alpha = {"train": None, "eval": None}
 
     @property
@@ -74,33 +75,39 @@ class PreferenceMixin:
         ref = segment_sums(inputs["ref_logps"].double(), seq_ids, n_seqs).view(-1, k)
         rewards = implicit_rewards(pol, ref, self.beta)  # [examples, k]
         if self.loss_name == "dpo":
-            loss = losses.dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], self.beta)
+            per_example = losses.dpo_losses(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], self.beta)
             chosen = rewards[:, 0]
         else:
             alpha = self.current_wrpo_alpha()
             self._pref_alpha[mode] = alpha
-            loss = losses.wrpo_loss(pol[:, 0], pol[:, 1], pol[:, 2], ref[:, 0], ref[:, 1], ref[:, 2], self.beta, alpha)
+            per_example = losses.wrpo_losses(pol[:, 0], pol[:, 1], pol[:, 2], ref[:, 0], ref[:, 1], ref[:, 2], self.beta, alpha)
             chosen = alpha * rewards[:, 0] + (1.0 - alpha) * rewards[:, 1]
         margin = chosen - rewards[:, -1]
-        stats = torch.cat([
-            margin.new_tensor([margin.numel(), float((margin > 0).sum()), float(margin.sum())]),
-            rewards.sum(0),
-            pol.detach().sum(0),
-        ])
-        self._pref_sums[mode] += stats.cpu()
-        return loss.float()
+        # Per example: [1, correct, margin, r per slot (k), logp per slot (k)].
+        stats = torch.cat([torch.ones_like(margin)[:, None], (margin > 0).double()[:, None], margin[:, None], rewards,
+                           pol.detach()], dim=1)
+        if mode == "eval":  # with its loss term, one row per held-out example
+            self.held_out.add(inputs["row_index"], torch.cat([per_example.detach()[:, None], stats], 1))
+        else:
+            self._pref_sums += stats.sum(0).cpu()
+        return per_example.mean().float()  # losses.dpo_loss / wrpo_loss
 
-    def _preference_metrics(self, mode: str) -> dict[str, float]:
-        """The log period's DPO/WRPO values, summed over ranks (every rank logs at the same points), then reset."""
-        sums = self._pref_sums[mode].clone()  # the accumulator is reset below
+    def _preference_metrics(self) -> dict[str, float]:
+        """The training log period's DPO/WRPO values, summed over ranks (every rank logs at the
+        same points), then reset."""
+        sums = self._pref_sums.clone()  # the accumulator is reset below
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").cpu()
-        self._pref_sums[mode].zero_()
+        self._pref_sums.zero_()
+        return self._preference_metrics_of(sums, "")
+
+    def _preference_metrics_of(self, sums: torch.Tensor, prefix: str) -> dict[str, float]:
+        """The logged values from summed per-example statistics (see `preference_loss`)."""
         n = sums[0].item()
         if n == 0:
             return {}
         k = len(self.preference_slots)
-        prefix = "eval_" if mode == "eval" else ""
+        mode = "eval" if prefix else "train"
         metrics = {
             f"{prefix}rewards/accuracies": sums[1].item() / n,
             f"{prefix}rewards/margins": sums[2].item() / n,
@@ -115,9 +122,6 @@ class PreferenceMixin:
         return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.is_preference_loss:
-            if "loss" in logs:
-                logs.update(self._preference_metrics("train"))
-            elif "eval_loss" in logs:
-                logs.update(self._preference_metrics("eval"))
+        if self.is_preference_loss and "loss" in logs:  # evaluation: WSPOTrainer._held_out_metrics
+            logs.update(self._preference_metrics())
         super().log(logs, start_time)

@@ -71,8 +71,8 @@ class OpenRows:
     """The cached training rows of every set (`MappedTables`), the rows per slot, and the
     vectorised check that no row id is in two sets."""
 
-    def __init__(self, shard_sets: list[ShardSet], columns: list[str], cache_dir: Path):
-        cached = [(s.root, row_cache(s, columns, TRAIN_SLOTS, cache_dir)) for s in shard_sets]
+    def __init__(self, shard_sets: list[ShardSet], columns: list[str], cache_dir: Path, slots=TRAIN_SLOTS):
+        cached = [(s.root, row_cache(s, columns, slots, cache_dir)) for s in shard_sets]
         self.counts = Counter()
         self.roots = [root for root, path in cached if path is not None]
         self.mapped = MappedTables([path for _, path in cached if path is not None])
@@ -107,8 +107,8 @@ class ReferenceJoin:
     """Row id -> its reference log-probs (logp_strong_ref) in the reference sets: a vectorised
     `id` join, one int64 per training row; a training row missing there is named up front."""
 
-    def __init__(self, rows: OpenRows, sets: list[ShardSet], column: str, cache_dir: Path):
-        paths = [row_cache(s, ["id", column], TRAIN_SLOTS, cache_dir) for s in sets]
+    def __init__(self, rows: OpenRows, sets: list[ShardSet], column: str, cache_dir: Path, slots=TRAIN_SLOTS):
+        paths = [row_cache(s, ["id", column], slots, cache_dir) for s in sets]
         self.mapped = MappedTables([p for p in paths if p is not None])
         self.column = column
         ids = self.mapped.table["id"].combine_chunks() if self.mapped.table.num_rows else pa.array([], pa.string())
@@ -198,7 +198,7 @@ def row_datasets(shard_sets: list[ShardSet], rule: ResponseTokenizer, loss: str,
     counts.update(rows.counts)
     join = ReferenceJoin(rows, reference[0], reference[1], cache_dir) if reference is not None else None
     train, held_out = rows.split(eval_fraction)
-    same_vocab = rule.fingerprint == shard_sets[0].tokenizer["fingerprint"]
+    same_vocab = rule.matches(shard_sets[0].tokenizer)
 
     def side(positions):
         dataset = ShardRowsDataset(rows, positions, rule, with_rewards=loss == "wspo", project=project, reference=join,

@@ -11,7 +11,10 @@ resuming, `report_to`) is the stock Trainer. What this class adds:
   DeepSpeed is on (ZeRO-3 partitions it across ranks too); or, with `reference_from_shards`,
   log-probs scored in phase one that arrive in the batch (`ref_logps`): no reference forward;
 - extra logged values: mean weak reward, mean scaled strong log-ratio (gamma * logratio), their
-  per-token Pearson correlation, tokens/s; summed over every micro-batch and rank of a log period.
+  per-token Pearson correlation, tokens/s; summed over every micro-batch and rank of a log period;
+- held-out metrics (eval_loss included) over the held-out set counted once per example, however
+  many processes evaluate it (held_out.py): eval_loss is the loss of the whole held-out set as
+  one batch.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from wspo.logprobs import response_logprobs
 
-from .losses import pearson_from_sums, pearson_sums, segment_sums, sft_loss, wspo_loss
+from .held_out import HeldOutLedger
+from .losses import pearson_from_sums, pearson_sums_by, segment_sums, sft_loss, wspo_sequence_losses
 from .preference import PreferenceMixin
 
 
@@ -61,9 +65,11 @@ class WSPOTrainer(PreferenceMixin, Trainer):
             self.reference_kind = "policy with adapters disabled"
         else:
             self.reference_kind = "frozen copy" + (" (DeepSpeed engine)" if self.is_deepspeed_enabled else "")
-        # Per mode: [n, sum r, sum g*lr, sum r^2, sum (g*lr)^2, sum r*g*lr] and response tokens seen.
-        self._sums = {"train": torch.zeros(6, dtype=torch.float64), "eval": torch.zeros(6, dtype=torch.float64)}
-        self._tokens = {"train": 0, "eval": 0}
+        # Training: [n, sum r, sum g*lr, sum r^2, sum (g*lr)^2, sum r*g*lr] and response tokens
+        # of the log period. Evaluation: one row per held-out example (held_out.py).
+        self._sums = torch.zeros(6, dtype=torch.float64)
+        self._tokens = 0
+        self.held_out = HeldOutLedger()
         self._period_start = time.perf_counter()
 
     # -- the reference model --
@@ -123,15 +129,22 @@ class WSPOTrainer(PreferenceMixin, Trainer):
         # Padded batches carry attention_mask; packed ones position_ids instead (packing.py).
         ids, mask, target = inputs["input_ids"], inputs.get("attention_mask"), inputs["target_mask"]
         positions = inputs.get("position_ids")
-        n_seqs = inputs["row_index"].shape[0]  # sequences, not rows: a packed row holds several
+        row_index = inputs["row_index"]
+        n_seqs = row_index.shape[0]  # sequences, not rows: a packed row holds several
         mode = "train" if model.training else "eval"
-        self._tokens[mode] += int(target.sum())
+        if mode == "train":
+            self._tokens += int(target.sum())
         if self.is_preference_loss:  # dpo / wrpo: preference.py
             loss = self.preference_loss(model, inputs, mode)
             return (loss, {}) if return_outputs else loss
         policy_logps = response_logprobs(model, ids, mask, target, position_ids=positions)
         if self.loss_name == "sft":
             loss = sft_loss(policy_logps)
+            if mode == "eval":  # per example: summed negative log-likelihood, tokens
+                seq_ids = inputs["seq_ids"]
+                nll = segment_sums(-policy_logps.detach().double(), seq_ids, n_seqs)
+                tokens = segment_sums(torch.ones_like(nll[seq_ids]), seq_ids, n_seqs)
+                self.held_out.add(row_index, torch.stack([nll, tokens], 1))
         else:
             if self.reference_from_shards:
                 ref_logps = inputs["ref_logps"].float()
@@ -143,11 +156,17 @@ class WSPOTrainer(PreferenceMixin, Trainer):
             # Reward projection: one segment per chunk of strong tokens; else one per token.
             segments = inputs.get("token_segments")
             seq_of_segment = inputs.get("segment_seq_ids", inputs["seq_ids"])
-            loss = wspo_loss(policy_logps, ref_logps, rewards, seq_of_segment, n_seqs, self.gamma, token_segments=segments)
+            per_seq_loss = wspo_sequence_losses(policy_logps, ref_logps, rewards, seq_of_segment, n_seqs, self.gamma,
+                                                token_segments=segments)
+            loss = per_seq_loss.mean()  # losses.wspo_loss
             logratio = policy_logps.detach() - ref_logps
             if segments is not None:
                 logratio = segment_sums(logratio, segments, rewards.shape[0])
-            self._sums[mode] += pearson_sums(rewards, self.gamma * logratio).cpu()
+            per_seq = pearson_sums_by(rewards, self.gamma * logratio, seq_of_segment, n_seqs)
+            if mode == "eval":  # per example: its loss term, its pearson sums
+                self.held_out.add(row_index, torch.cat([per_seq_loss.detach().double()[:, None], per_seq], 1))
+            else:
+                self._sums += per_seq.sum(0).cpu()
         return (loss, {}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -162,34 +181,49 @@ class WSPOTrainer(PreferenceMixin, Trainer):
         self._period_start = time.perf_counter()
         return super().train(*args, **kwargs)
 
-    def _period_metrics(self, mode: str) -> dict[str, float]:
-        """The log period's extra values, summed over ranks, then reset.
+    @staticmethod
+    def _reward_metrics(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
+        """WSPO's logged reward values from summed `pearson_sums`."""
+        n = sums[0].item()
+        if n == 0:
+            return {}
+        return {f"{prefix}reward_mean": sums[1].item() / n, f"{prefix}scaled_logratio_mean": sums[2].item() / n,
+                f"{prefix}reward_logratio_pearson": pearson_from_sums(sums)}
+
+    def _period_metrics(self) -> dict[str, float]:
+        """The training log period's extra values, summed over ranks, then reset.
 
         Every rank calls `log` at the same points (the Trainer gathers the loss there too), so
         the reduction below is a collective every rank joins.
         """
-        totals = torch.cat([self._sums[mode], torch.tensor([float(self._tokens[mode])], dtype=torch.float64)])
+        totals = torch.cat([self._sums, torch.tensor([float(self._tokens)], dtype=torch.float64)])
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
         sums, tokens = totals[:6], totals[6].item()
-        self._sums[mode].zero_()
-        self._tokens[mode] = 0
-        prefix = "eval_" if mode == "eval" else ""
-        metrics = {}
-        if self.loss_name == "wspo" and sums[0] > 0:
-            n = sums[0].item()
-            metrics[f"{prefix}reward_mean"] = sums[1].item() / n
-            metrics[f"{prefix}scaled_logratio_mean"] = sums[2].item() / n
-            metrics[f"{prefix}reward_logratio_pearson"] = pearson_from_sums(sums)
-        if mode == "train":
-            now = time.perf_counter()
-            metrics["response_tokens_per_second"] = tokens / max(now - self._period_start, 1e-9)
-            self._period_start = now
+        self._sums.zero_()
+        self._tokens = 0
+        metrics = self._reward_metrics(sums) if self.loss_name == "wspo" else {}
+        now = time.perf_counter()
+        metrics["response_tokens_per_second"] = tokens / max(now - self._period_start, 1e-9)
+        self._period_start = now
         return metrics
+
+    def _held_out_metrics(self) -> dict[str, float]:
+        """eval_loss and the held-out values, each held-out example counted once (held_out.py);
+        a collective, like `_period_metrics`."""
+        n, totals = self.held_out.totals(self.accelerator)
+        if n == 0:
+            return {}
+        if self.loss_name == "sft":  # per token over the held-out set
+            return {"eval_loss": totals[0] / totals[1]}
+        metrics = {"eval_loss": totals[0] / n}  # mean over examples of their loss terms
+        if self.is_preference_loss:
+            return metrics | self._preference_metrics_of(torch.from_numpy(totals[1:]), "eval_")
+        return metrics | self._reward_metrics(torch.from_numpy(totals[1:7]), "eval_")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            logs.update(self._period_metrics("train"))
-        elif "eval_loss" in logs:
-            logs.update(self._period_metrics("eval"))
+            logs.update(self._period_metrics())
+        elif "eval_loss" in logs:  # replaces the stock eval_loss, which counts repeated examples
+            logs.update(self._held_out_metrics())
         super().log(logs, start_time)
