@@ -246,7 +246,7 @@ def pairs_from_shards(shard_sets, rule, order: list[str] | None = None):
         rows = OpenRows(shard_sets, PAIR_COLUMNS, cache, PREFERENCE_SLOTS["dpo"])
         dataset = PreferenceRowsDataset(rows, group_examples(rows.table, PREFERENCE_SLOTS["dpo"], Counter()), rule,
                                         ZeroReference(rows))
-        pairs = [dataset[i] for i in range(len(dataset))]
+        pairs = [e for i, e in ((i, dataset[i]) for i in range(len(dataset))) if e.index == i]  # no stand-ins twice
     if order is not None:
         by_chosen = {p.responses[0].row_id: p for p in pairs}
         pairs = [by_chosen[row_id] for row_id in order if row_id in by_chosen]

@@ -143,9 +143,9 @@ def pairs_from_shards(args: RewardsArguments, policy_dir: Path) -> tuple[list[Pa
     source = args.tokenizer or str(policy_dir)
     try:
         rule = _rule(args, source, args.end_of_turn_token or shard_tok["end_of_turn_token"], shard_tok.get("rule_version", 1))
-        same = rule.matches(shard_tok)
     except ValueError:  # the shards' end-of-turn token is not in this vocabulary
-        same = False
+        rule = None
+    same = rule is not None and rule.matches(shard_tok)
     if not same:
         if ref_column:
             raise EvalError(f"reference_column {ref_column}: the tokenization here ({source}, end-of-turn "

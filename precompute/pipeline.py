@@ -305,6 +305,34 @@ def _resume_state(out: Path, work: Path, manifest_path: Path, run_fp: str, args:
     return False
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _tokenizer_record(tokenize: ResponseTokenizer, out: Path, work: Path, identity_fp) -> dict:
+    """The rule's manifest record (`describe`) under the fingerprint definition the output already
+    uses: a set, or an interrupted run, begun before definition 2 keeps definition 1, so it
+    resumes (or is found complete) and its workers' manifests agree. `identity_fp(record)` is the
+    run fingerprint a record gives."""
+    for path in sorted(out.glob("manifest*.json")):  # this worker's or another's finished manifest
+        record = _read_json(path).get("tokenizer") or {}
+        if "fingerprint" in record:
+            if record.get("fingerprint_version", 1) == 1:
+                legacy = tokenize.describe(fingerprint_version=1)
+                if record["fingerprint"] == legacy["fingerprint"]:
+                    return legacy
+            return tokenize.describe()
+    run = _read_json(work / "run.json")  # an interrupted run of this worker
+    if run.get("run_fingerprint") and run.get("fingerprint_version", 1) == 1:
+        legacy = tokenize.describe(fingerprint_version=1)
+        if identity_fp(legacy) == run["run_fingerprint"]:
+            return legacy
+    return tokenize.describe()
+
+
 def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
     """Run phase one for this worker; returns its manifest.
 
@@ -345,19 +373,26 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
         "strict": args.strict,
         "rows_per_file": args.rows_per_file,
     }
-    identity = {"run_settings": run_settings, "tokenizer": tokenize.describe(), "scorers": scorers,
-                "workers": {"num_workers": args.num_workers, "worker_index": args.worker_index}}
-    run_fp = hashlib.sha256(canonical_json(identity).encode()).hexdigest()
+    workers = {"num_workers": args.num_workers, "worker_index": args.worker_index}
+
+    def identity_of(tokenizer_record: dict) -> dict:
+        return {"run_settings": run_settings, "tokenizer": tokenizer_record, "scorers": scorers, "workers": workers}
+
+    def identity_fp(tokenizer_record: dict) -> str:
+        return hashlib.sha256(canonical_json(identity_of(tokenizer_record)).encode()).hexdigest()
 
     out.mkdir(parents=True, exist_ok=True)
     work = out / f"_work-{args.worker_index:05d}"
+    tokenizer_record = _tokenizer_record(tokenize, out, work, identity_fp)
+    identity, run_fp = identity_of(tokenizer_record), identity_fp(tokenizer_record)
     manifest_path = out / manifest_name(args.num_workers, args.worker_index)
     with OutputLock(out, args.worker_index, owner=lock_owner):
         if _resume_state(out, work, manifest_path, run_fp, args):
             print(f"{manifest_path} is already complete for these settings; nothing to do.", file=sys.stderr)
             return json.loads(manifest_path.read_text())
         work.mkdir(exist_ok=True)
-        write_json({"run_fingerprint": run_fp}, work / "run.json")
+        write_json({"run_fingerprint": run_fp, "fingerprint_version": tokenizer_record.get("fingerprint_version", 1)},
+                   work / "run.json")
 
         built, assembled = build_parts(args, source, block, layout, tokenize, out, work, run_fp)
         if not built.num_parts:

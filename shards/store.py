@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .schema import FORMAT_NAME, FORMAT_VERSION, float_list_columns
+from .tokenization import FINGERPRINT_VERSION
 
 ROWS_PER_ROW_GROUP = 4096
 
@@ -224,6 +225,12 @@ def _load_manifest(path: Path) -> dict:
         raise ShardError(
             f"{path}: shard format version {version!r} is newer than this toolkit reads "
             f"(version {FORMAT_VERSION}); upgrade wspo"
+        )
+    fingerprint_version = manifest.get("tokenizer", {}).get("fingerprint_version", 1)
+    if not isinstance(fingerprint_version, int) or fingerprint_version > FINGERPRINT_VERSION:
+        raise ShardError(
+            f"{path}: tokenizer fingerprint version {fingerprint_version!r} is newer than this toolkit reads "
+            f"(version {FINGERPRINT_VERSION}); upgrade wspo"
         )
     if "checksum" in manifest and manifest["checksum"] != manifest_checksum(manifest):  # older sets have none
         raise ShardError(f"{path}: the manifest was edited after it was written (its checksum does not match its content)")

@@ -216,11 +216,16 @@ class ResponseTokenizer:
         mine = self.fingerprint if version == FINGERPRINT_VERSION else self.fingerprint_v1
         return record["fingerprint"] == mine
 
-    def describe(self) -> dict:
+    def describe(self, fingerprint_version: int = FINGERPRINT_VERSION) -> dict:
+        """The manifest's tokenizer record; `fingerprint_version` 1 writes it as sets written
+        before definition 2 hold it (no `fingerprint_version` key), to resume such a set."""
+        if fingerprint_version == FINGERPRINT_VERSION:
+            identity = {"fingerprint": self.fingerprint, "fingerprint_version": FINGERPRINT_VERSION}
+        else:
+            identity = {"fingerprint": self.fingerprint_v1}
         return {
             "name": self.tokenizer.name_or_path,
-            "fingerprint": self.fingerprint,
-            "fingerprint_version": FINGERPRINT_VERSION,
+            **identity,
             "chat_template_hash": self.chat_template_hash,
             "vocab_size": len(self.tokenizer),
             "max_length": self.max_length,

@@ -245,6 +245,11 @@ def test_schema_version_from_the_future(shards, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match="manifest.json: shard format version 3 is newer"):
         ShardSet.open(copy)
+    manifest["format_version"] = 2
+    manifest["tokenizer"]["fingerprint_version"] = 3
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="manifest.json: tokenizer fingerprint version 3 is newer"):
+        ShardSet.open(copy)
 
 
 def test_other_settings_in_output_dir_fail_unless_overwrite(shards, tiny_models, tmp_path):

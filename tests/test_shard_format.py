@@ -113,3 +113,41 @@ def test_version_1_sets_stay_readable(shard_dir, tmp_path, tiny_models):
     for paths in ([str(copy)], [str(copy), str(shard_dir)]):
         rule, projected = strong_rule(open_shard_sets(paths, "wspo"), tokenizer, 384, "none")
         assert not projected and rule.fingerprint == v2.tokenizer["fingerprint"]
+    # A version-1 set of another tokenizer (here another chat template) beside a version-2 set:
+    # the fingerprints cannot be compared, what does not depend on the definition can.
+    manifest["tokenizer"]["chat_template_hash"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    from wspo.train.data import DataError
+
+    with pytest.raises(DataError, match="tokenized with different tokenizers"):
+        open_shard_sets([str(copy), str(shard_dir)], "wspo")
+
+
+def test_sets_begun_before_fingerprint_definition_2_resume(tiny_models, tmp_path, monkeypatch):
+    """A worker's part written by the previous release (tokenizer record under fingerprint
+    definition 1) is found complete by the same command after the upgrade, nothing rewritten; the
+    set's other worker, run after the upgrade, writes a record that agrees, so the set opens."""
+    from wspo.models import load_tokenizer
+    from wspo.shards.tokenization import ResponseTokenizer
+
+    out = tmp_path / "set"
+
+    def args(worker_index):
+        return PrecomputeArguments(output_dir=str(out), weak_ref=str(tiny_models["weak_ref"]),
+                                   weak_aligned=str(tiny_models["weak_aligned"]), max_samples=12, max_length=384,
+                                   max_prompt_length=256, num_workers=2, worker_index=worker_index)
+
+    original = ResponseTokenizer.describe
+    with monkeypatch.context() as previous_release:
+        previous_release.setattr(ResponseTokenizer, "describe", lambda self, fingerprint_version=1: original(self, 1))
+        run(args(0))
+    written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (manifest,) = out.glob("manifest-*.json")
+    assert "fingerprint_version" not in json.loads(manifest.read_text())["tokenizer"]
+
+    run(args(0))  # after the upgrade: the same command finds its part complete
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p in written} == written
+    run(args(1))
+    shard_set = ShardSet.open(out).check()
+    assert "fingerprint_version" not in shard_set.tokenizer
+    assert ResponseTokenizer(load_tokenizer(tiny_models["weak_ref"]), 384, 256).matches(shard_set.tokenizer)

@@ -89,6 +89,12 @@ def test_train_a_strong_model_of_another_tokenizer_family(train_setup, tmp_path,
     assert train_main(base) == 1
     assert "--reward_projection chunks" in capsys.readouterr().err
 
+    # Reference log-probs from shards are per token of the shards' tokenizer: not with projection.
+    refused = train_argv(train_setup, tmp_path / "no_ref", model_name_or_path=strong, reward_projection="chunks",
+                         reference_logps="shards")
+    assert train_main(refused) == 1
+    assert "with reward projection use --reference_logps model" in capsys.readouterr().err
+
     out = tmp_path / "out"
     argv = train_argv(train_setup, out, model_name_or_path=strong, reward_projection="chunks", max_steps=30,
                       learning_rate=2e-3)

@@ -80,14 +80,19 @@ def open_shard_sets(paths: list[str], loss: str) -> list[ShardSet]:
                 f"{', '.join(shard_set.scorer_names) or 'nothing'}); loss wspo needs shards scored with both "
                 "weak_ref and weak_aligned. Rescore, or use --loss sft."
             )
-    # Sets written under one fingerprint definition compare here; mixed definitions are compared
-    # against the strong tokenizer in strong_rule.
+    # Sets written under one fingerprint definition compare their fingerprints; across definitions
+    # what does not depend on it (and strong_rule checks each against the strong tokenizer).
     by_version = {}
     for s in sets:
         by_version.setdefault(s.tokenizer.get("fingerprint_version", 1), set()).add(s.tokenizer["fingerprint"])
-    if any(len(fingerprints) > 1 for fingerprints in by_version.values()):
+    plain = {tuple(s.tokenizer.get(k) for k in _DEFINITION_FREE) for s in sets}
+    if any(len(fingerprints) > 1 for fingerprints in by_version.values()) or len(plain) > 1:
         raise DataError(f"the shard sets {', '.join(paths)} were tokenized with different tokenizers; train on one kind at a time")
     return sets
+
+
+# What a manifest's tokenizer record says independently of the fingerprint definition.
+_DEFINITION_FREE = ("vocab_size", "chat_template_hash", "end_of_turn_token", "end_of_turn_id", "rule_version")
 
 
 def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_projection: str) -> tuple[ResponseTokenizer, bool]:

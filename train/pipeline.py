@@ -133,6 +133,9 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
         else:
             reference = None
             if args.loss == "wspo" and args.reference_logps == "shards":
+                if projected:
+                    raise DataError("reference log-probs from shards are per token of the shards' tokenizer; with "
+                                    "reward projection use --reference_logps model")
                 reference_sets = reference_sets_of(args.reference_shards or args.shards, shard_sets, model_dir, rule)
                 reference = (reference_sets, logp_column(REFERENCE_SCORER))
             train_set, eval_set, n_rows = row_datasets(shard_sets, rule, args.loss, projected, args.eval_fraction,

@@ -107,7 +107,7 @@ class PreferenceMixin:
         if n == 0:
             return {}
         k = len(self.preference_slots)
-        mode = "eval" if prefix else "train"
+        mode = "eval" if prefix else "train"  # any evaluation prefix (eval_, test_, ...)
         metrics = {
             f"{prefix}rewards/accuracies": sums[1].item() / n,
             f"{prefix}rewards/margins": sums[2].item() / n,

@@ -6,7 +6,7 @@
                      fingerprint (reused by later runs), with the held-out bucket of each row's
                      example_id; opened as a memory-mapped table, so the ranks of a node share
                      its pages and nothing scales with the number of rows in Python objects
-    open_rows        the cached tables of every training set, the rows per slot, and the
+    OpenRows         the cached tables of every training set, the rows per slot, and the
                      vectorised checks (a row id in two sets; the `id` join with logp_strong_ref)
     ShardRowsDataset the train or held-out side (numpy positions chosen by the example_id hash);
                      `__getitem__` re-tokenizes one row, checks it against its stored ids (the
@@ -175,7 +175,7 @@ class ShardRowsDataset(torch.utils.data.Dataset):
     def lengths(self) -> np.ndarray:
         """Approximate tokens per row for length-grouped sampling: the stored response tokens plus
         the conversation's UTF-8 bytes / 4 (the prompt is tokenized only when the row is drawn)."""
-        messages = pc.binary_length(self.rows.table["messages"].combine_chunks()).to_numpy()
+        messages = pc.binary_length(self.rows.table["messages"]).to_numpy()  # no copy of the text
         return self.rows.table["n_tokens"].to_numpy()[self.positions] + messages[self.positions] // 4
 
 

@@ -208,22 +208,25 @@ class WSPOTrainer(PreferenceMixin, Trainer):
         self._period_start = now
         return metrics
 
-    def _held_out_metrics(self) -> dict[str, float]:
-        """eval_loss and the held-out values, each held-out example counted once (held_out.py);
-        a collective, like `_period_metrics`."""
+    def _held_out_metrics(self, prefix: str) -> dict[str, float]:
+        """<prefix>loss and the held-out values, each held-out example counted once
+        (held_out.py); a collective, like `_period_metrics`."""
         n, totals = self.held_out.totals(self.accelerator)
         if n == 0:
             return {}
         if self.loss_name == "sft":  # per token over the held-out set
-            return {"eval_loss": totals[0] / totals[1]}
-        metrics = {"eval_loss": totals[0] / n}  # mean over examples of their loss terms
+            return {f"{prefix}loss": totals[0] / totals[1]}
+        metrics = {f"{prefix}loss": totals[0] / n}  # mean over examples of their loss terms
         if self.is_preference_loss:
-            return metrics | self._preference_metrics_of(torch.from_numpy(totals[1:]), "eval_")
-        return metrics | self._reward_metrics(torch.from_numpy(totals[1:7]), "eval_")
+            return metrics | self._preference_metrics_of(torch.from_numpy(totals[1:]), prefix)
+        return metrics | self._reward_metrics(torch.from_numpy(totals[1:7]), prefix)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # The end of an evaluation logs "<prefix>_loss" (eval_, eval_<name>_ for several
+        # evaluation sets, test_ from predict); the end of training "train_loss", no evaluation.
+        evaluated = next((k for k in logs if k.endswith("_loss") and k != "train_loss"), None)
         if "loss" in logs:
             logs.update(self._period_metrics())
-        elif "eval_loss" in logs:  # replaces the stock eval_loss, which counts repeated examples
-            logs.update(self._held_out_metrics())
+        elif evaluated is not None:  # replaces the stock value, which counts repeated examples
+            logs.update(self._held_out_metrics(evaluated.removesuffix("loss")))
         super().log(logs, start_time)
