@@ -142,13 +142,14 @@ class ResponseTokenizer:
                 f"tokenizer {tokenizer.name_or_path!r}: its chat template shows no end-of-turn token and it has no "
                 "eos token: set end_of_turn_token"
             )
-        # Look the token up in the vocabulary itself: some tokenizers map unknown strings to an
-        # unk id that is also a real token (Qwen2's <|endoftext|>).
-        vocab = tokenizer.get_vocab()
-        if eot not in vocab:
+        # Look the token up in the vocabulary itself (the backend's map, added tokens included;
+        # None when absent), not through convert_tokens_to_ids: some tokenizers map unknown
+        # strings to an unk id that is also a real token (Qwen2's <|endoftext|>).
+        eot_id = tokenizer.backend_tokenizer.token_to_id(eot)
+        if eot_id is None:
             raise ValueError(f"end_of_turn_token {eot!r} is not in the vocabulary of {tokenizer.name_or_path!r}")
         self.end_of_turn_token = eot
-        self.end_of_turn_id = int(vocab[eot])
+        self.end_of_turn_id = int(eot_id)
 
     # -- identity -----------------------------------------------------------------------------
 
