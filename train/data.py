@@ -202,15 +202,24 @@ def checked_rows(shard_sets: list[ShardSet], rule: ResponseTokenizer, slots, cou
             if seen.get(row["id"], shard_set.root) != shard_set.root:
                 raise DataError(f"row {row['id']} (example {row['example_id']}) is in both {seen[row['id']]} and {shard_set.root}")
             seen[row["id"]] = shard_set.root
-            try:
-                prompt = rule.prompt_ids(json.loads(row["messages"]))
-            except Skip as skip:  # the strong chat template rejects this conversation
-                counts[f"skipped_{skip.reason}"] += 1
-                continue
-            full_response, _, _ = rule.response_tokens(row["response"])
             stored = arrays["token_ids"][k].tolist()
-            _check_retokenized(row, stored, full_response, shard_set.root)
-            yield shard_set, row, prompt, stored, {c: arrays[c][k] for c in extra_columns}
+            prompt = checked_prompt(row, stored, rule, counts, shard_set.root)
+            if prompt is not None:
+                yield shard_set, row, prompt, stored, {c: arrays[c][k] for c in extra_columns}
+
+
+def checked_prompt(row: dict, stored: list[int], rule: ResponseTokenizer, counts: Counter, root: Path) -> list[int] | None:
+    """The strong prompt ids of a shard row whose response, re-tokenized with the strong
+    tokenizer, gives its stored ids (else the error naming the row, `_check_retokenized`); None,
+    counted, when the strong chat template refuses the conversation."""
+    try:
+        prompt = rule.prompt_ids(json.loads(row["messages"]))
+    except Skip as skip:
+        counts[f"skipped_{skip.reason}"] += 1
+        return None
+    full_response, _, _ = rule.response_tokens(row["response"])
+    _check_retokenized(row, stored, full_response, root)
+    return prompt
 
 
 def load_examples(

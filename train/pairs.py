@@ -26,7 +26,6 @@ stands in, so batches keep their size.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +37,9 @@ import torch
 
 from wspo.shards.schema import logp_column
 from wspo.shards.store import ShardSet
-from wspo.shards.tokenization import ResponseTokenizer, Skip
+from wspo.shards.tokenization import ResponseTokenizer
 
-from .data import DataError, _check_retokenized, reference_sets, sequence_batch, token_order_ids
+from .data import DataError, checked_prompt, reference_sets, sequence_batch, token_order_ids
 from .row_cache import BUCKET_COLUMN
 from .rows import OpenRows, ReferenceJoin
 
@@ -123,14 +122,10 @@ class PreferenceRowsDataset(torch.utils.data.Dataset):
         return PreferenceExample(j, row["example_id"], responses)
 
     def _response(self, row: dict, position: int) -> Response | None:
-        try:
-            prompt = self.rule.prompt_ids(json.loads(row["messages"]))
-        except Skip as skip:  # the strong chat template rejects this conversation
-            self.counts[f"skipped_{skip.reason}"] += 1
-            return None
-        full_response, _, _ = self.rule.response_tokens(row["response"])
         stored = row["token_ids"]
-        _check_retokenized(row, stored, full_response, self.rows.root_of(position))
+        prompt = checked_prompt(row, stored, self.rule, self.counts, self.rows.root_of(position))
+        if prompt is None:
+            return None
         ref = self.reference.logps(position)
         # Phase one may have cut the response; a shorter training max_length (or a reference
         # scored under a shorter one) cuts it further. Policy and reference sums then run

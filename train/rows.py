@@ -31,9 +31,9 @@ import pyarrow.compute as pc
 import torch
 
 from wspo.shards.store import ShardSet
-from wspo.shards.tokenization import ResponseTokenizer, Skip
+from wspo.shards.tokenization import ResponseTokenizer
 
-from .data import TRAIN_SLOTS, DataError, _check_retokenized, project_row, token_example
+from .data import TRAIN_SLOTS, DataError, checked_prompt, project_row, token_example
 from .row_cache import BUCKET_COLUMN, row_cache
 
 
@@ -154,14 +154,10 @@ class ShardRowsDataset(torch.utils.data.Dataset):
         if self.project:
             weak = {c: np.asarray(row[c]) for c in ("token_ids", "token_start", "token_end", "reward") if c in row}
             return project_row(row, self.rule, weak, self.same_vocab, self.counts)
-        try:
-            prompt = self.rule.prompt_ids(json.loads(row["messages"]))
-        except Skip as skip:  # the strong chat template rejects this conversation
-            self.counts[f"skipped_{skip.reason}"] += 1
-            return None
-        full_response, _, _ = self.rule.response_tokens(row["response"])
         stored = row["token_ids"]
-        _check_retokenized(row, stored, full_response, root)
+        prompt = checked_prompt(row, stored, self.rule, self.counts, root)
+        if prompt is None:
+            return None
         reward = np.asarray(row["reward"], dtype=np.float32) if self.with_rewards else None
         ref = self.reference.logps(position) if self.reference is not None else None
         return token_example(row, prompt, stored, reward, ref, self.rule, self.counts, root)
