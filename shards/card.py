@@ -63,8 +63,14 @@ def write_card(root: Path) -> None:
     from .store import _load_manifest, write_text
 
     root = Path(root)
-    paths = sorted(root.glob("manifest-*-of-*.json")) or [root / "manifest.json"]
-    manifests = [_load_manifest(p) for p in paths if p.exists()]
-    if not manifests:
-        return
-    write_text(render_card(manifests, manifests[0]["workers"]["num_workers"]), root / "README.md")
+    while True:
+        paths = sorted(root.glob("manifest-*-of-*.json")) or [root / "manifest.json"]
+        manifests = [_load_manifest(p) for p in paths if p.exists()]
+        if not manifests:
+            return
+        write_text(render_card(manifests, manifests[0]["workers"]["num_workers"]), root / "README.md")
+        # Workers finishing together: one may rename its card after another's that saw more
+        # manifests. Each writes its manifest before its card, so rendering again until no
+        # manifest appeared meanwhile leaves the last card with every manifest.
+        if (sorted(root.glob("manifest-*-of-*.json")) or [root / "manifest.json"]) == paths:
+            return

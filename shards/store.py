@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _tmp_path(path: Path) -> Path:
+    """A temporary name of this writer's own: several workers (on several hosts) may write one
+    shared file at once (the dataset card), and must not rename each other's half-written file."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
 def _publish(tmp: Path, path: Path) -> None:
     """fsync then rename: after a crash, a file under its final name is whole."""
     with open(tmp, "rb") as f:
@@ -75,7 +82,7 @@ def write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None =
         table = table.replace_schema_metadata(schema_md)
     floats = [f"{name}.list.element" for name in float_list_columns(table.schema)]
     floats += [f.name for f in table.schema if pa.types.is_floating(f.type)]
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_path(path)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(
         table,
@@ -90,7 +97,7 @@ def write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None =
 
 
 def write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_path(path)
     tmp.write_text(text, encoding="utf-8")
     _publish(tmp, path)
 

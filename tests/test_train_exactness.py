@@ -18,7 +18,7 @@ import pytest
 import torch
 from test_train_helpers import TRAIN_MAX_LENGTH, train_setup  # noqa: F401  (fixture)
 
-from wspo.train.losses import pearson_from_sums, pearson_sums, sft_loss, wspo_loss
+from wspo.train.losses import pearson_from_sums, pearson_sums_by, sft_loss, wspo_loss
 
 GAMMA = 0.1
 BATCH = 4
@@ -64,7 +64,10 @@ def test_pearson_sums_add_up():
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(50, generator=gen), torch.randn(50, generator=gen)
     y = y + 0.5 * x
-    sums = pearson_sums(x[:20], y[:20]) + pearson_sums(x[20:], y[20:])
+    groups = (torch.arange(50) >= 20).long()  # two groups, summed: the statistics of all 50
+    per_group = pearson_sums_by(x, y, groups, 2)
+    assert per_group[:, 0].tolist() == [20.0, 30.0]
+    sums = per_group.sum(0)
     expected = np.corrcoef(x.numpy(), y.numpy())[0, 1]
     assert abs(pearson_from_sums(sums) - expected) < 1e-10
 

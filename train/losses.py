@@ -142,15 +142,10 @@ def wrpo_alpha(step: int, max_steps: int, alpha_max: float, schedule: str = "lin
     return float(alpha_max) * min(1.0, max(0, step) / max_steps)
 
 
-def pearson_sums(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """[n, sum x, sum y, sum x^2, sum y^2, sum xy] in float64: sufficient statistics that add up
-    across steps and ranks, so the logged correlation is exact over every token of a log period."""
-    x, y = x.detach().double(), y.detach().double()
-    return torch.stack([x.new_tensor(x.numel()), x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum()])
-
-
 def pearson_sums_by(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
-    """[n, 6] the `pearson_sums` of each group (x[i], y[i] belong to group index[i])."""
+    """[n, 6] per group (x[i], y[i] belong to group index[i]): [count, sum x, sum y, sum x^2,
+    sum y^2, sum xy] in float64, sufficient statistics that add up across groups, steps and
+    ranks, so the logged correlation is exact over every token of a log period."""
     x, y = x.detach().double(), y.detach().double()
     columns = (torch.ones_like(x), x, y, x * x, y * y, x * y)
     return torch.stack([segment_sums(c, index, n) for c in columns], dim=1)

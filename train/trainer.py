@@ -143,7 +143,7 @@ class WSPOTrainer(PreferenceMixin, Trainer):
             if mode == "eval":  # per example: summed negative log-likelihood, tokens
                 seq_ids = inputs["seq_ids"]
                 nll = segment_sums(-policy_logps.detach().double(), seq_ids, n_seqs)
-                tokens = segment_sums(torch.ones_like(nll[seq_ids]), seq_ids, n_seqs)
+                tokens = torch.bincount(seq_ids, minlength=n_seqs).double()
                 self.held_out.add(row_index, torch.stack([nll, tokens], 1))
         else:
             if self.reference_from_shards:
@@ -183,7 +183,7 @@ class WSPOTrainer(PreferenceMixin, Trainer):
 
     @staticmethod
     def _reward_metrics(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
-        """WSPO's logged reward values from summed `pearson_sums`."""
+        """WSPO's logged reward values from summed `pearson_sums_by` rows."""
         n = sums[0].item()
         if n == 0:
             return {}
