@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from wspo.errors import WspoError
 
-class OutputPathError(ValueError):
+
+class OutputPathError(WspoError, ValueError):
     """An output path that would overwrite an input or cannot be written."""
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from wspo.errors import WspoError
 from wspo.models import default_device, load_tokenizer, model_fingerprint, resolve_dtype, resolve_model_dir
 from wspo.precompute.data import detect_format, load_rows, to_example
 from wspo.precompute.scorers import HFScorer
@@ -38,7 +39,7 @@ from .config import RewardsArguments
 SLOTS = ["chosen", "rejected"]
 
 
-class EvalError(Exception):
+class EvalError(WspoError):
     """A problem with the user's input; the CLI prints it as one line."""
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from wspo.errors import WspoError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -44,7 +46,7 @@ CODE_FROM_DTYPE = {dtype: code for code, dtype in DTYPE_FROM_CODE.items()}
 CHUNK_ELEMENTS = 1 << 20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WspoError, ValueError):
     """A checkpoint that cannot be read or does not match its partner; the message names the file or tensor."""
 
 

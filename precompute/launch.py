@@ -19,6 +19,8 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+from wspo.errors import WspoError
+
 SLURM_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
 K8S_VAR = "JOB_COMPLETION_INDEX"
 
@@ -80,7 +82,7 @@ def resolve_workers(num_workers, worker_index, launcher: str = "none", env=None)
 # -- Ray ----------------------------------------------------------------------------------------
 
 
-class StorageError(Exception):
+class StorageError(WspoError):
     """A worker task cannot see or write the driver's output_dir."""
 
 

@@ -16,8 +16,10 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from wspo.errors import WspoError
 
-class LockError(Exception):
+
+class LockError(WspoError):
     """Another run holds this worker's lock."""
 
 

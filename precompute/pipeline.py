@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 import wspo
+from wspo.errors import WspoError
 from wspo.models import (
     check_weights, default_device, load_tokenizer, model_fingerprint, read_config, resolve_dtype, resolve_model_dir,
 )
@@ -72,7 +73,7 @@ SEQUENCE_SCHEMA = pa.schema(
 )
 
 
-class PrecomputeError(Exception):
+class PrecomputeError(WspoError):
     """A phase-one failure with a message for the user (the CLI prints it without a traceback)."""
 
 

@@ -18,13 +18,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from wspo.errors import WspoError
+
 from .schema import FORMAT_NAME, FORMAT_VERSION, float_list_columns
 from .tokenization import FINGERPRINT_VERSION
 
 ROWS_PER_ROW_GROUP = 4096
 
 
-class ShardError(Exception):
+class ShardError(WspoError):
     """A shard set that cannot be used as it is; the message names the file and the problem."""
 
 

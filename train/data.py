@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from wspo.errors import WspoError
 from wspo.logprobs import right_pad
 from wspo.models import model_fingerprint
 from wspo.shards.projection import EXCLUDED, chunk_rewards, chunk_tokens, roundtrip_ok
@@ -45,7 +46,7 @@ TRAIN_SLOTS = ["chosen"]  # WSPO and SFT learn from chosen responses only (DESIG
 REFERENCE_SCORER = "strong_ref"  # phase one's name for the strong SFT model (column logp_strong_ref)
 
 
-class DataError(Exception):
+class DataError(WspoError):
     """Shards that cannot be trained on as asked; the message says which rows or files and why."""
 
 

@@ -13,8 +13,10 @@ import math
 import torch
 from transformers import TrainerCallback
 
+from wspo.errors import WspoError
 
-class NonFiniteError(ValueError):
+
+class NonFiniteError(WspoError, ValueError):
     """Training produced a NaN or infinite loss or gradient."""
 
 

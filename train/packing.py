@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import torch
 
+from wspo.errors import WspoError
+
 # transformers' attention implementations that build the block-diagonal mask from position_ids
 # (sdpa, eager, flex_attention: masking_utils; flash_attention_*: cumulative sequence lengths).
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
-class PackingError(ValueError):
+class PackingError(WspoError, ValueError):
     """Packing asked for where it would be wrong; the message names the reason."""
 
 
