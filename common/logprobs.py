@@ -57,7 +57,9 @@ def response_logprobs(
     chunk_rows: int | None = None,
     position_ids: torch.Tensor | None = None,
     chunk_bytes: int = HEAD_CHUNK_BYTES,
-) -> torch.Tensor:
+    topk: int = 0,
+    gather_ids: torch.Tensor | None = None,
+):
     """Log-probs of `input_ids[b, t]` given `input_ids[b, :t]` wherever `target_mask[b, t]`.
 
     Returns a 1-D float32 tensor of the selected positions in row-major order (row 0's response
@@ -67,6 +69,12 @@ def response_logprobs(
     Packed rows (`wspo.train.packing.pack_sequences`): `attention_mask` None and `position_ids`
     restarting at 0 at every sequence; the model then keeps attention inside each sequence, and
     a response token is still predicted from the position before it, in its own sequence.
+
+    Distillation (wspo.shards.topk), from the same chunks of logits, never the whole vocabulary:
+    `topk=K` also returns the K most likely ids of every selected position and their log-probs
+    (phase one's teacher); `gather_ids` ([positions, K] ids) also returns the log-probs of those
+    ids (phase two's student). Then the result is (log-probs, extra):
+    extra = (topk log-probs [positions, K], topk ids [positions, K]) or gathered log-probs [positions, K].
     """
     if target_mask[:, 0].any():
         raise ValueError("target_mask marks position 0, which has no preceding context")
@@ -120,11 +128,31 @@ def response_logprobs(
         # out_features, not weight.shape: under ZeRO-3 the local weight is an empty partition.
         vocab = getattr(head, "out_features", None) or inner.config.vocab_size
         chunk_rows = max(1, chunk_bytes // (4 * vocab))
-    pieces = []
+    pieces, extra = [], []
     for start in range(0, states.shape[0], chunk_rows):
         logits = _softcap(head(states[start : start + chunk_rows]), inner.config).float()
         picked = logits.gather(1, targets[start : start + chunk_rows, None]).squeeze(1)
-        pieces.append(picked - torch.logsumexp(logits, dim=-1))
+        normaliser = torch.logsumexp(logits, dim=-1)
+        pieces.append(picked - normaliser)
+        if topk or gather_ids is not None:
+            extra.append(_distillation_columns(logits, normaliser, topk, gather_ids, start, chunk_rows))
     if not pieces:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(pieces)
+        logps = hidden.new_zeros(0, dtype=torch.float32)
+        if not (topk or gather_ids is not None):
+            return logps
+        width = topk or gather_ids.shape[1]
+        empty = hidden.new_zeros((0, width), dtype=torch.float32)
+        return logps, ((empty, empty.long()) if topk else empty)
+    if not (topk or gather_ids is not None):
+        return torch.cat(pieces)
+    if topk:
+        return torch.cat(pieces), (torch.cat([v for v, _ in extra]), torch.cat([i for _, i in extra]))
+    return torch.cat(pieces), torch.cat(extra)
+
+
+def _distillation_columns(logits, normaliser, topk: int, gather_ids, start: int, chunk_rows: int):
+    """One chunk's top-k (log-probs, ids), or its log-probs at `gather_ids`."""
+    if topk:
+        values, ids = logits.topk(min(topk, logits.shape[-1]), dim=-1)  # sorted, most likely first
+        return values - normaliser[:, None], ids
+    return logits.gather(1, gather_ids[start : start + chunk_rows]) - normaliser[:, None]

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from wspo.errors import WspoError
 
-from .schema import FORMAT_NAME, FORMAT_VERSION, float_list_columns
+from .schema import FORMAT_NAME, FORMAT_VERSION, byte_stream_split_columns
 from .tokenization import FINGERPRINT_VERSION
 
 ROWS_PER_ROW_GROUP = 4096
@@ -82,7 +82,7 @@ def write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None =
         schema_md = dict(table.schema.metadata or {})
         schema_md.update({k.encode(): v.encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(schema_md)
-    floats = [f"{name}.list.element" for name in float_list_columns(table.schema)]
+    floats = [f"{name}.list.element" for name in byte_stream_split_columns(table.schema)]
     floats += [f.name for f in table.schema if pa.types.is_floating(f.type)]
     tmp = _tmp_path(path)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +253,7 @@ def _load_manifest(path: Path) -> dict:
 
 
 # Manifest entries that every worker of one set must agree on.
-_SHARED_KEYS = ("run_settings", "tokenizer", "scorers")
+_SHARED_KEYS = ("run_settings", "tokenizer", "scorers", "topk")
 
 
 @dataclass
@@ -292,7 +292,7 @@ class ShardSet:
             if m["workers"]["num_workers"] != total:
                 raise ShardError(f"{p}: num_workers {m['workers']['num_workers']} differs from {paths[0].name} ({total})")
             for key in _SHARED_KEYS:
-                if m[key] != manifests[0][key]:
+                if m.get(key) != manifests[0].get(key):
                     raise ShardError(f"{p}: '{key}' differs from {paths[0].name}: the workers ran different settings")
         manifests.sort(key=lambda m: m["workers"]["worker_index"])
         return cls(root, manifests)
@@ -306,6 +306,11 @@ class ShardSet:
     @property
     def scorers(self) -> list[dict]:
         return self.manifests[0]["scorers"]
+
+    @property
+    def topk(self) -> dict | None:
+        """The top-k record (shards/topk.py) of a version-3 set with top-k columns, else None."""
+        return self.manifests[0].get("topk")
 
     @property
     def scorer_names(self) -> list[str]:
