@@ -84,6 +84,24 @@ def decode_topk(ids: np.ndarray, logps: np.ndarray, k: int, encoding: str) -> tu
     return np.cumsum(ids, axis=1, dtype=np.int64), (logps.astype(np.float32) / -LOGP_SCALE)
 
 
-def topk_of(manifest: dict) -> dict | None:
-    """A manifest's top-k record (None for sets without top-k columns)."""
-    return manifest.get("topk")
+def column_bytes(paths, columns: list[str]) -> int:
+    """Compressed bytes of `columns` in the Parquet files `paths`, from their footers (what the
+    columns cost on disk; `wspo-shards info` and benchmarks/distill.py report it per token)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for path in paths:
+        metadata = pq.ParquetFile(path).metadata
+        for g in range(metadata.num_row_groups):
+            group = metadata.row_group(g)
+            for c in range(group.num_columns):
+                chunk = group.column(c)
+                if chunk.path_in_schema.split(".")[0] in columns:
+                    total += chunk.total_compressed_size
+    return total
+
+
+def alternatives(ids: np.ndarray, logps: np.ndarray, n: int = 5) -> list[tuple[int, float]]:
+    """The n most likely (id, log-prob) of one position's decoded top-k (either encoding's order)."""
+    order = np.argsort(-logps, kind="stable")[:n]
+    return [(int(ids[i]), float(logps[i])) for i in order]
