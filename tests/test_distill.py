@@ -35,7 +35,13 @@ def teacher(tiny_models, tmp_path_factory):
     return out
 
 
-def precompute(tiny_models, teacher, out, encoding="fp32", **keys):
+def precompute(tiny_models, teacher, out, encoding="fp32", topk_override=None, **keys):
+    from wspo.precompute.config import PrecomputeArguments
+    from wspo.precompute.pipeline import run
+
+    if topk_override is not None:  # in-process, so the error arrives as the exception
+        run(PrecomputeArguments(output_dir=str(out), teacher=str(teacher), topk=topk_override, max_samples=2,
+                                max_length=256, max_prompt_length=192))
     from wspo.precompute.cli import main
 
     argv = ["--output_dir", str(out), "--weak_ref", str(tiny_models["weak_ref"]), "--teacher", str(teacher),
@@ -315,3 +321,11 @@ def test_kd_refuses_sets_without_top_k_and_another_tokenizer(exact_set, tiny_mod
         WSPOArguments(model_name_or_path="m", shards=["s"], loss="kd", reward_projection="chunks")
     with pytest.raises(ValueError, match="kd_alpha must be in"):
         WSPOArguments(model_name_or_path="m", shards=["s"], loss="kd", kd_alpha=1.5)
+
+
+def test_topk_larger_than_the_vocabulary_is_refused(tiny_models, teacher, tmp_path):
+    from wspo.precompute.pipeline import PrecomputeError
+
+    with pytest.raises(PrecomputeError, match=r"topk 5000 exceeds the 2048 tokens of teacher .*; set --topk 2048 or lower"):
+        precompute(tiny_models, teacher, tmp_path / "out", topk_override=5000)
+    assert not (tmp_path / "out" / "manifest.json").exists()
