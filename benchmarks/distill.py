@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=151_936)
     parser.add_argument("--logit_scale", type=float, default=8.0)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=6, help="phase two steps per run (0: phase one only)")
     cli = parser.parse_args()
     from wspo.shards.store import ShardSet
     from wspo.shards.topk import column_bytes, ids_column, logps_column
@@ -121,6 +121,9 @@ def main() -> None:
             result["phase_one"]["k"][k] = entry
         result["phase_one"]["distillkit_recommended_k128_bytes_per_token"] = 300
 
+        if not cli.steps:  # phase one only
+            print(json.dumps(result, indent=2))
+            return
         from wspo.train.cli import main as train_main
 
         step_seconds = {}
