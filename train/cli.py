@@ -11,6 +11,7 @@ import warnings
 from transformers import TrainingArguments
 
 from wspo.args import parse_config
+from wspo.errors import WspoError
 from wspo.paths import check_output
 from wspo.shards.store import ShardError
 
@@ -62,13 +63,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not (math.isfinite(training_args.learning_rate) and training_args.learning_rate > 0):
             raise ValueError(f"learning_rate must be finite and positive, got {training_args.learning_rate}")
+        if training_args.max_steps == 0 or training_args.max_steps < -1:
+            raise ValueError(f"max_steps must be a positive number of optimizer steps, or -1 to train for "
+                             f"num_train_epochs, got {training_args.max_steps}")
         check_report_to(training_args.report_to)
         check_output(training_args.output_dir, {"model_name_or_path": args.model_name_or_path, "shards": args.shards,
                                                 "reference_shards": args.reference_shards})
         from .pipeline import run  # after parsing, so `--help` and argument errors stay fast
 
         record = run(args, training_args)
-    except (DataError, ShardError, FileNotFoundError, ValueError) as e:
+    except (WspoError, DataError, ShardError, FileNotFoundError, ValueError) as e:
         print(f"wspo-train: error: {e}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) != 0:

@@ -10,6 +10,12 @@ pyarrow and the shard store only): the allocators keep decompression buffers for
 that would make its memory grow with the number of rows read. Written under a temporary name and
 renamed, so a crash never leaves a file that looks complete and two ranks writing at once both
 produce the same file.
+
+Its sha256 is written last, beside it (`<file>.sha256`), and checked each time the file is opened:
+a cache whose bytes changed (a bad disk, a stray write), or one without its checksum (a crash
+between the two renames), is named, removed and rebuilt from the verified shard set, never
+trained on. Hashing reads the file once per run at disk/page-cache speed (see
+benchmarks/row_cache_checksum.py for its cost next to writing the cache).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from wspo.shards.store import ShardError, ShardSet
+from wspo.shards.store import ShardError, ShardSet, sha256_file, write_text
 
 CACHE_VERSION = 1  # bump when the cached layout changes
 BUCKET_COLUMN = "eval_bucket"  # uint32: the first 4 bytes of sha256(example_id), see data.is_eval_example
@@ -46,6 +52,13 @@ def row_cache(shard_set: ShardSet, columns: list[str], slots: list[str], cache_d
     columns = sorted(set(columns))
     key = json.dumps([CACHE_VERSION, shard_set.fingerprint, columns, sorted(slots)])
     path = Path(cache_dir) / f"rows-{shard_set.fingerprint[:16]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.arrow"
+    if path.exists():
+        problem = cache_problem(path)
+        if problem is None:
+            return path
+        print(f"row cache {path} is damaged ({problem}); rebuilding it from {shard_set.root}", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        checksum_path(path).unlink(missing_ok=True)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         parts = [str(shard_set.root / record["path"]) for record in shard_set.files]
@@ -55,6 +68,22 @@ def row_cache(shard_set: ShardSet, columns: list[str], slots: list[str], cache_d
             lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
             raise ShardError(f"writing the row cache {path} failed: {lines[-1]}")
     return path
+
+
+def checksum_path(path: Path) -> Path:
+    return Path(f"{path}.sha256")
+
+
+def cache_problem(path: Path) -> str | None:
+    """What is wrong with a cache file, or None when its sha256 matches the one written after it."""
+    try:
+        recorded = checksum_path(path).read_text().strip()
+    except OSError:
+        return f"no checksum file {checksum_path(path).name}: its writing was interrupted"
+    actual = sha256_file(path)
+    if actual != recorded:
+        return f"sha256 {actual[:12]}… does not match {recorded[:12]}… recorded when it was written"
+    return None
 
 
 def write_cache(parts: list[str], columns: list[str], slots: list[str], path: str) -> None:
@@ -79,7 +108,9 @@ def write_cache(parts: list[str], columns: list[str], slots: list[str], path: st
                                                                       schema=schema))
                 except (OSError, pa.ArrowException) as e:
                     raise ShardError(f"{part}: cannot read ({e})") from None
+        digest = sha256_file(tmp)
         os.replace(tmp, path)
+        write_text(digest + "\n", checksum_path(path))  # last: a cache without it is incomplete
     finally:
         tmp.unlink(missing_ok=True)
 
