@@ -107,11 +107,8 @@ def guard_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
             (output_dir / name).unlink(missing_ok=True)
         shutil.rmtree(output_dir / FINAL_TMP, ignore_errors=True)
         return
-    if model is not None:
-        raise RunIdentityError(
-            f"output_dir {output_dir} already holds a finished model ({model}): it is never replaced silently. "
-            "Use another output_dir, or --overwrite true to replace it (its checkpoints are removed too)."
-        )
+    if model is not None and not resuming:  # a resume may go on from its own run's model: checked later
+        raise _finished(output_dir, model)
     # An incomplete checkpoint (a kill or a full disk while saving) is no earlier work: the
     # Trainer writes that step's folder again.
     old = [p for p in checkpoints(output_dir) if checkpoint_problem(p) is None]
@@ -121,6 +118,21 @@ def guard_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
             f"{', ...' if len(old) > 3 else ''}). Go on from them with --resume_from_checkpoint true, use another "
             "output_dir, or --overwrite true to start over (they are removed)."
         )
+
+
+def _finished(output_dir: Path, model: str) -> RunIdentityError:
+    return RunIdentityError(
+        f"output_dir {output_dir} already holds a finished model ({model}): it is never replaced silently. "
+        "Use another output_dir, or --overwrite true to replace it (its checkpoints are removed too)."
+    )
+
+
+def guard_finished_model(output_dir: Path, identity: dict, allow_mismatch: bool) -> None:
+    """A resume replaces a finished model in output_dir only when that model is this run's
+    (the same identity: training it further), or the mismatch is allowed."""
+    model = finished_model(output_dir)
+    if model is not None and _read_identity(output_dir) != identity and not allow_mismatch:
+        raise _finished(output_dir, model)
 
 
 def check_resume_identity(checkpoint: str, identity: dict, allow_mismatch: bool) -> None:

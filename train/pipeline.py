@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 import wspo
 from wspo.shards.schema import logp_column
 from wspo.shards.store import write_json
-from wspo.models import load_tokenizer, read_config, resolve_model_dir
+from wspo.models import check_weights, load_tokenizer, read_config, resolve_model_dir
 
 from .config import PREFERENCE_LOSSES, WSPOArguments
 from .data import REFERENCE_SCORER, Collator, DataError, describe_shards, open_shard_sets, strong_rule
@@ -39,7 +39,8 @@ from .pairs import PreferenceCollator, preference_datasets
 from .checkpoints import publish_final, resolve_resume
 from .guards import NonFiniteGuard
 from .identity import (
-    IDENTITY_FILE, RUN_FILE, IdentityInCheckpoints, check_resume_identity, guard_output_dir, hold_output_dir, run_identity,
+    IDENTITY_FILE, RUN_FILE, IdentityInCheckpoints, check_resume_identity, guard_finished_model, guard_output_dir,
+    hold_output_dir, run_identity,
 )
 from .rows import row_datasets
 from .trainer import WSPOTrainer
@@ -127,6 +128,7 @@ def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list 
 
     # 2. strong tokenizer and examples
     model_dir = resolve_model_dir(args.model_name_or_path, option="model_name_or_path").resolve()
+    check_weights(model_dir, option="model_name_or_path")
     tokenizer = load_tokenizer(model_dir)
     max_length = args.max_length or shard_sets[0].tokenizer["max_length"]
     rule, projected = strong_rule(shard_sets, tokenizer, max_length, args.reward_projection)
@@ -176,6 +178,7 @@ def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list 
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume:
         check_resume_identity(resume, identity, args.allow_resume_mismatch)
+        guard_finished_model(Path(training_args.output_dir), identity, args.allow_resume_mismatch)
     if training_args.process_index == 0:
         write_json(identity, Path(training_args.output_dir) / IDENTITY_FILE)
 

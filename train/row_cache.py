@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from wspo.disk import disk_errno, disk_message
 from wspo.shards.store import ShardError, ShardSet, sha256_file, write_text
 
 CACHE_VERSION = 1  # bump when the cached layout changes
@@ -107,6 +108,8 @@ def write_cache(parts: list[str], columns: list[str], slots: list[str], path: st
                         writer.write_batch(pa.RecordBatch.from_arrays([*(batch.column(c) for c in columns), pa.array(buckets)],
                                                                       schema=schema))
                 except (OSError, pa.ArrowException) as e:
+                    if disk_errno(e):  # writing the cache failed, not reading the part
+                        raise
                     raise ShardError(f"{part}: cannot read ({e})") from None
         digest = sha256_file(tmp)
         os.replace(tmp, path)
@@ -128,3 +131,5 @@ if __name__ == "__main__":  # the helper process: a JSON request on stdin; the l
         write_cache(request["parts"], request["columns"], request["slots"], request["path"])
     except ShardError as e:
         sys.exit(str(e))
+    except OSError as e:  # a full disk, a quota, a read-only file system: named with the cache's path
+        sys.exit(disk_message(e, f"{request['path']}.tmp", "rerun: the row cache is rebuilt") or str(e))
