@@ -172,7 +172,7 @@ def test_a_damaged_row_cache_is_named_and_rebuilt(finished, capsys):
 
     out = finished[0]
     caches = sorted((out / ".wspo_cache").glob("rows-*.arrow"))
-    assert caches and all(Path(f"{p}.sha256").exists() for p in caches)
+    assert caches and all(Path(f"{p}.xxh3").exists() for p in caches)
     path = caches[0]
     good = path.read_bytes()
     damaged = bytearray(good)
@@ -186,8 +186,8 @@ def test_a_damaged_row_cache_is_named_and_rebuilt(finished, capsys):
     capsys.readouterr()
     assert row_cache(shard_set, columns, slots, out / ".wspo_cache") == path
     err = capsys.readouterr().err
-    assert f"row cache {path} is damaged (sha256 " in err and "rebuilding it from" in err
+    assert f"row cache {path} is damaged (checksum " in err and "rebuilding it from" in err
     assert path.read_bytes() == good  # rebuilt, byte for byte the cache of a clean run
-    Path(f"{path}.sha256").unlink()  # a crash between the two renames: rebuilt too
+    Path(f"{path}.xxh3").unlink()  # a crash between the two renames: rebuilt too
     assert row_cache(shard_set, columns, slots, out / ".wspo_cache") == path
     assert "no checksum file" in capsys.readouterr().err and path.read_bytes() == good

@@ -11,17 +11,19 @@ that would make its memory grow with the number of rows read. Written under a te
 renamed, so a crash never leaves a file that looks complete and two ranks writing at once both
 produce the same file.
 
-Its sha256 is written last, beside it (`<file>.sha256`), and checked each time the file is opened:
+Its checksum is written last, beside it (`<file>.xxh3`), and checked each time the file is opened:
 a cache whose bytes changed (a bad disk, a stray write), or one without its checksum (a crash
 between the two renames), is named, removed and rebuilt from the verified shard set, never
-trained on. Hashing reads the file once per run at disk/page-cache speed (see
-benchmarks/row_cache_checksum.py for its cost next to writing the cache).
+trained on. The checksum is XXH3-128 (xxhash, a dependency of `datasets`): it guards against
+damage, not tampering, and reads several GB/s where sha256 reads about 0.5 here, so the check on
+every start-up stays a small fraction of writing the cache (benchmarks/row_cache_checksum.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -30,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wspo.disk import disk_errno, disk_message
-from wspo.shards.store import ShardError, ShardSet, sha256_file, write_text
+from wspo.shards.store import ShardError, ShardSet, write_text
 
 CACHE_VERSION = 1  # bump when the cached layout changes
 BUCKET_COLUMN = "eval_bucket"  # uint32: the first 4 bytes of sha256(example_id), see data.is_eval_example
@@ -72,18 +75,27 @@ def row_cache(shard_set: ShardSet, columns: list[str], slots: list[str], cache_d
 
 
 def checksum_path(path: Path) -> Path:
-    return Path(f"{path}.sha256")
+    return Path(f"{path}.xxh3")
+
+
+def checksum_file(path: Path) -> str:
+    """XXH3-128 of the file, read through a memory map (no copies: page-cache speed)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return xxhash.xxh3_128().hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return xxhash.xxh3_128(view).hexdigest()
 
 
 def cache_problem(path: Path) -> str | None:
-    """What is wrong with a cache file, or None when its sha256 matches the one written after it."""
+    """What is wrong with a cache file, or None when its checksum matches the one written after it."""
     try:
         recorded = checksum_path(path).read_text().strip()
     except OSError:
         return f"no checksum file {checksum_path(path).name}: its writing was interrupted"
-    actual = sha256_file(path)
+    actual = checksum_file(path)
     if actual != recorded:
-        return f"sha256 {actual[:12]}… does not match {recorded[:12]}… recorded when it was written"
+        return f"checksum {actual[:12]}… does not match {recorded[:12]}…, recorded when it was written"
     return None
 
 
@@ -111,7 +123,7 @@ def write_cache(parts: list[str], columns: list[str], slots: list[str], path: st
                     if disk_errno(e):  # writing the cache failed, not reading the part
                         raise
                     raise ShardError(f"{part}: cannot read ({e})") from None
-        digest = sha256_file(tmp)
+        digest = checksum_file(tmp)
         os.replace(tmp, path)
         write_text(digest + "\n", checksum_path(path))  # last: a cache without it is incomplete
     finally:
