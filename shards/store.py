@@ -100,7 +100,11 @@ def write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None =
 
 def write_text(text: str, path: Path) -> None:
     tmp = _tmp_path(path)
-    tmp.write_text(text, encoding="utf-8")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+    except BaseException:  # a full disk: no half-written temporary left behind
+        tmp.unlink(missing_ok=True)
+        raise
     _publish(tmp, path)
 
 
