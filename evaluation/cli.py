@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from wspo.args import parse_config
+from wspo.errors import WspoError
 from wspo.paths import check_output
 from wspo.shards.store import ShardError
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             summary, _ = run(args)
         if getattr(args, "output_file", None) and task == "rewards":
             _write_json(summary, args.output_file)
-    except (EvalError, ShardError, FileNotFoundError, ValueError) as e:
+    except (EvalError, ShardError, WspoError, FileNotFoundError, ValueError) as e:
         print(f"wspo-eval {task}: error: {e}", file=sys.stderr)
         return 1
     finally:

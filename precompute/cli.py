@@ -6,7 +6,9 @@ import json
 import sys
 
 from wspo.args import parse_config
+from wspo.errors import WspoError
 from wspo.paths import check_output
+from wspo.shards.storage import is_url
 from wspo.shards.store import ShardError
 
 from .config import PrecomputeArguments
@@ -21,9 +23,10 @@ def main(argv: list[str] | None = None) -> int:
             [PrecomputeArguments], argv,
             description="Score dataset responses under the weak models and write Parquet reward shards.",
         )
-        check_output(args.output_dir, {"dataset": args.dataset, "tokenizer": args.tokenizer, **args.scorer_paths()})
+        if not is_url(args.output_dir):  # an object-store URL cannot be, hold or lie inside a local input
+            check_output(args.output_dir, {"dataset": args.dataset, "tokenizer": args.tokenizer, **args.scorer_paths()})
         manifest = run_ray(args) if args.launcher == "ray" else run(args)
-    except (PrecomputeError, ShardError, LockError, StorageError, FileNotFoundError, ValueError) as e:
+    except (PrecomputeError, ShardError, LockError, StorageError, WspoError, FileNotFoundError, ValueError) as e:
         print(f"wspo-precompute: error: {e}", file=sys.stderr)
         return 1
     counts, timing = manifest["counts"], manifest["timing"]

@@ -11,6 +11,7 @@ import warnings
 from transformers import TrainingArguments
 
 from wspo.args import parse_config
+from wspo.errors import WspoError
 from wspo.paths import check_output
 from wspo.shards.store import ShardError
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import run  # after parsing, so `--help` and argument errors stay fast
 
         record = run(args, training_args)
-    except (DataError, ShardError, FileNotFoundError, ValueError) as e:
+    except (DataError, ShardError, WspoError, FileNotFoundError, ValueError) as e:
         print(f"wspo-train: error: {e}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) != 0:
