@@ -61,9 +61,9 @@ def shard_path(location) -> Union[Path, "UrlPath"]:
 def _install_hint(protocol: str) -> str:
     if protocol in ("s3", "s3a"):
         return 'pip install "wspo[s3]" (s3fs)'
-    import fsspec.registry
+    from fsspec.registry import known_implementations
 
-    known = fsspec.registry.known_implementations.get(protocol, {})
+    known = known_implementations.get(protocol, {})
     package = known.get("class", "").split(".")[0]
     return f"pip install {package}" if package else "install the fsspec filesystem package for it"
 
@@ -174,11 +174,13 @@ class UrlPath:
             raise StoreError(f"{self.url}: cannot {what} ({kind}: {e}){hint}") from None
 
     def _check_bucket(self) -> None:
-        if self.bucket:
+        if not self.bucket:
+            return
+        try:
             with self._errors("look up its bucket"):
-                found = self.fs.exists(self.bucket)
-            if not found:
-                raise StoreError(f"{self.url}: no such bucket '{self.bucket}' (create it first, or fix the URL)")
+                self.fs.info(self.bucket)  # not exists(): s3fs answers False for an unreachable endpoint too
+        except FileNotFoundError:
+            raise StoreError(f"{self.url}: no such bucket '{self.bucket}' (create it first, or fix the URL)") from None
 
     # -- reading --
 
