@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from test_train_helpers import train_argv, train_setup  # noqa: F401  (fixture)
 
 from wspo.precompute.cli import main as precompute_main
 from wspo.precompute.config import PrecomputeArguments
@@ -158,8 +159,6 @@ def test_sigkill_then_resume_on_s3_gives_identical_bytes(tiny_models, s3_bucket,
 def test_train_from_s3_equals_train_from_the_local_copy(train_setup, s3_bucket, tmp_path, capsys):  # noqa: F811
     """The shared set copied to S3: `wspo-train --shards s3://...` copies its rows once into the
     local row cache and trains exactly as from the local folder (equal losses, step by step)."""
-    from test_train_helpers import train_argv
-
     from wspo.train.cli import main as train_main
 
     url = f"{s3_bucket}/train-set"
