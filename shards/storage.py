@@ -142,8 +142,10 @@ class UrlPath:
 
     @property
     def bucket(self) -> str:
-        """The top-level container (bucket) of an object store; '' for filesystems without one."""
-        return self.path.split("/", 1)[0] if "/" in self.path and not self.path.startswith("/") else ""
+        """The bucket (container) of an object store; '' for filesystems without buckets. The
+        object-store filesystems (s3fs, gcsfs, adlfs) are the ones with a `split_path`."""
+        split = getattr(self.fs, "split_path", None)
+        return split(self.path)[0] if split is not None else ""
 
     # -- the store's own failures, named --
 

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from s3_endpoint import free_port, moto_endpoint, s3_environment
 from test_train_helpers import train_argv, train_setup  # noqa: F401  (fixture)
 
 from wspo.precompute.cli import main as precompute_main
@@ -205,9 +206,7 @@ def test_store_errors_name_the_url_and_the_fix(tiny_models, s3_bucket, capsys):
 def test_an_unreachable_endpoint_is_named(s3_bucket, monkeypatch, capsys):
     import s3fs
 
-    with socket_port() as port:
-        pass  # nothing listens there any more
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     s3fs.S3FileSystem.clear_instance_cache()
     try:
@@ -218,50 +217,18 @@ def test_an_unreachable_endpoint_is_named(s3_bucket, monkeypatch, capsys):
     assert f"{s3_bucket}/set: cannot" in line and "check the endpoint (AWS_ENDPOINT_URL) and the network" in line
 
 
-def socket_port():
-    import socket
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-
-    class Port:
-        def __enter__(self):
-            return sock.getsockname()[1]
-
-        def __exit__(self, *exc):
-            sock.close()
-
-    return Port()
-
-
-def test_access_denied_is_named(tmp_path, capsys):
+def test_access_denied_is_named(capsys):
     """A second endpoint that checks credentials (moto with IAM enforced): the test keys are unknown there."""
     import s3fs
 
-    with socket_port() as port:
-        pass
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env=environment(INITIAL_NO_AUTH_ACTION_COUNT=0), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        import urllib.request
-
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}", timeout=1).close()
-                break
-            except OSError as e:
-                if getattr(e, "code", None):  # an HTTP error: the server answers
-                    break
-                time.sleep(0.1)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-            s3fs.S3FileSystem.clear_instance_cache()
+    with moto_endpoint(env=environment(INITIAL_NO_AUTH_ACTION_COUNT=0)) as endpoint, pytest.MonkeyPatch.context() as patch:
+        for key, value in s3_environment(endpoint).items():
+            patch.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
             assert shards_main(["verify", "s3://wspo-test/set"]) == 1
+        finally:
             s3fs.S3FileSystem.clear_instance_cache()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     line = error_line(capsys.readouterr().err, "wspo-shards")
     assert "s3://wspo-test/set: access denied" in line and "check the credentials" in line
 
