@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from wspo.args import parse_config
+from wspo.errors import WspoError
 from wspo.paths import check_output
 from wspo.disk import error_text
 from wspo.shards.store import ShardError, write_text

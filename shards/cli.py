@@ -7,9 +7,11 @@ import json
 import sys
 
 import numpy as np
-import pyarrow.parquet as pq
+
+from wspo.errors import WspoError
 
 from .schema import COLUMNS, has_reward, logp_column
+from .storage import read_parquet
 from .store import ShardError, ShardSet, list_arrays, reward_statistics
 
 
@@ -36,7 +38,7 @@ def cmd_info(shards: ShardSet, args) -> int:
     }
     if has_reward(shards.scorer_names):
         # One file at a time: the summary's memory does not grow with the set.
-        stats = reward_statistics(pq.read_table(shards.root / f["path"], columns=["reward", "reward_sum"]) for f in shards.files)
+        stats = reward_statistics(read_parquet(shards.root / f["path"], columns=["reward", "reward_sum"]) for f in shards.files)
         if stats:
             info["reward"] = {k: [round(q, 4) for q in v] if isinstance(v, list) else v if isinstance(v, bool) else round(v, 6)
                               for k, v in stats.items()}
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         from wspo.disk import error_text
 
         then = "rerun the same command: the page is written whole or not at all"
-        print(f"wspo-shards: error: {error_text(e, (ShardError, ValueError), getattr(args, 'html', None), then)}",
+        print(f"wspo-shards: error: {error_text(e, (ShardError, WspoError, ValueError), getattr(args, 'html', None), then)}",
               file=sys.stderr)
         return 1
 
