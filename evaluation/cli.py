@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - user-facing errors and disk faults are named; the rest is re-raised
         then = "rerun the same command: no output file was left half-written"
         where = getattr(locals().get("args"), "output_file", None) or "the output file"
-        print(f"wspo-eval {task}: error: {error_text(e, (EvalError, ShardError, FileNotFoundError, ValueError), where, then)}",
+        print(f"wspo-eval {task}: error: {error_text(e, (EvalError, ShardError, WspoError, FileNotFoundError, ValueError), where, then)}",
               file=sys.stderr)
         return 1
     finally:
