@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 from wspo.args import parse_config
+from wspo.errors import WspoError
 from wspo.paths import check_output
-from wspo.shards.store import ShardError
 
 from .config import GenerateArguments, RewardsArguments
-from .rewards import EvalError
 
 USAGE = """usage: wspo-eval {rewards,generate} [CONFIG.yaml] [--key value ...]
 
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             summary, _ = run(args)
         if getattr(args, "output_file", None) and task == "rewards":
             _write_json(summary, args.output_file)
-    except (EvalError, ShardError, FileNotFoundError, ValueError) as e:
+    except WspoError as e:  # the one base of every user-facing failure (wspo/errors.py)
         print(f"wspo-eval {task}: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -7,11 +7,11 @@ import warnings
 from dataclasses import dataclass, field
 
 from wspo.args import parse_config
-
+from wspo.errors import WspoError
 from wspo.paths import check_output
 
 from .expo import OUT_DTYPES, extrapolate
-from .tensors import CheckpointError, parse_size
+from .tensors import parse_size
 
 
 @dataclass
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                                   max_shard_size=parse_size(args.max_shard_size),
                                   swallow_threshold=args.swallow_threshold, overwrite=args.overwrite,
                                   allow_base_mismatch=args.allow_base_mismatch)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except WspoError as e:  # the one base of every user-facing failure (wspo/errors.py)
         print(f"wspo-extrapolate: error: {e}", file=sys.stderr)
         return 1
     gib = 2**30

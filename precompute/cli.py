@@ -6,13 +6,12 @@ import json
 import sys
 
 from wspo.args import parse_config
+from wspo.errors import WspoError
 from wspo.paths import check_output
-from wspo.shards.store import ShardError
 
 from .config import PrecomputeArguments
-from .launch import StorageError, run_ray
-from .lock import LockError
-from .pipeline import PrecomputeError, run
+from .launch import run_ray
+from .pipeline import run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         check_output(args.output_dir, {"dataset": args.dataset, "tokenizer": args.tokenizer, **args.scorer_paths()})
         manifest = run_ray(args) if args.launcher == "ray" else run(args)
-    except (PrecomputeError, ShardError, LockError, StorageError, FileNotFoundError, ValueError) as e:
+    except WspoError as e:  # the one base of every user-facing failure (wspo/errors.py)
         print(f"wspo-precompute: error: {e}", file=sys.stderr)
         return 1
     counts, timing = manifest["counts"], manifest["timing"]

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 import wspo
-from wspo.errors import WspoError
+from wspo.errors import NonFiniteError, WspoError
 from wspo.models import (
     check_weights, default_device, load_tokenizer, model_fingerprint, read_config, resolve_dtype, resolve_model_dir,
 )
@@ -75,6 +75,10 @@ SEQUENCE_SCHEMA = pa.schema(
 
 class PrecomputeError(WspoError):
     """A phase-one failure with a message for the user (the CLI prints it without a traceback)."""
+
+
+class NonFiniteScoresError(PrecomputeError, NonFiniteError):
+    """A scorer returned NaN or infinite log-probs; nothing was published for those rows."""
 
 
 @dataclass
@@ -194,7 +198,7 @@ def check_finite(scorer: str, part: pa.Table, logps: list[np.ndarray], source: s
         ids, example_ids, slots = (part[c].to_pylist() for c in ("id", "example_id", "slot"))
         names = ", ".join(f"{example_ids[i]}/{slots[i]} (id {ids[i][:12]})" for i in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise PrecomputeError(
+        raise NonFiniteScoresError(
             f"scorer {scorer} ({source}) returned NaN or infinite log-probs for {len(bad)} row(s): {names}{more}. "
             "Nothing was published for these rows; check the model's weights and dtype (float16 overflows are common)."
         )

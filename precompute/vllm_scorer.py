@@ -36,6 +36,7 @@ import numpy as np
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
+from wspo.errors import ConfigError
 from wspo.models import default_device, resolve_dtype
 
 
@@ -50,7 +51,7 @@ class VLLMScorer:
             max_model_len = config.get("max_position_embeddings", config.get("text_config", {}).get(
                 "max_position_embeddings"))
             if max_model_len is None:
-                raise ValueError(f"{model_dir}: config.json has no max_position_embeddings; set max_model_len")
+                raise ConfigError(f"{model_dir}: config.json has no max_position_embeddings; set max_model_len")
             max_model_len -= 1
         self.max_model_len = int(max_model_len)
         self.llm = LLM(

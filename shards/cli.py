@@ -9,6 +9,9 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 
+from wspo.args import SuggestingParser
+from wspo.errors import WspoError
+
 from .schema import COLUMNS, has_reward, logp_column
 from .store import ShardError, ShardSet, list_arrays, reward_statistics
 
@@ -160,7 +163,7 @@ def cmd_project(shards: ShardSet, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="wspo-shards", allow_abbrev=False,
         description="Inspect and check wspo shard sets.",
         epilog="Columns:\n" + "\n".join(f"  {k:<14} {v}" for k, v in COLUMNS.items()),
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shards = ShardSet.open(args.shards)
         return {"info": cmd_info, "verify": cmd_verify, "head": cmd_head, "show": cmd_show, "project": cmd_project}[args.command](shards, args)
-    except (ShardError, ValueError) as e:
+    except WspoError as e:  # the one base of every user-facing failure (wspo/errors.py)
         print(f"wspo-shards: error: {e}", file=sys.stderr)
         return 1
 

@@ -15,6 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from wspo.errors import ConfigError
+
 WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 OPTIMIZER = ("optimizer.pt", "optimizer.bin")
 FINAL_TMP = ".final-partial"
@@ -55,7 +57,7 @@ def resolve_resume(resume, output_dir: str) -> str | bool | None:
     if isinstance(resume, str) and resume.lower() not in ("true", "last", "latest"):
         problem = checkpoint_problem(Path(resume)) if Path(resume).is_dir() else "no such folder"
         if problem:
-            raise ValueError(f"resume_from_checkpoint {resume}: not a complete checkpoint ({problem})")
+            raise ConfigError(f"resume_from_checkpoint {resume}: not a complete checkpoint ({problem})")
         return resume
     folders = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
                      key=lambda p: int(p.name.split("-")[-1]), reverse=True)
@@ -67,7 +69,7 @@ def resolve_resume(resume, output_dir: str) -> str | bool | None:
             print(f"resuming from {folder}{note}", file=sys.stderr)
             return str(folder)
         skipped.append(f"{folder.name}: {problem}")
-    raise ValueError(
+    raise ConfigError(
         f"resume_from_checkpoint true: no complete checkpoint in {output_dir}"
         + (f" (incomplete: {'; '.join(skipped)})" if skipped else " (none written yet)")
     )
@@ -84,7 +86,7 @@ def publish_final(trainer, output_dir: str) -> None:
         trainer.save_model(str(tmp))
     except OSError as e:  # a full disk, a quota: nothing reaches output_dir
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"could not write the final model to {out} ({e.strerror or e}); nothing was published "
+        raise ConfigError(f"could not write the final model to {out} ({e.strerror or e}); nothing was published "
                          "there (checkpoints are kept)") from None
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():

@@ -10,12 +10,11 @@ import warnings
 
 from transformers import TrainingArguments
 
+from wspo.errors import ConfigError, WspoError
 from wspo.args import parse_config
 from wspo.paths import check_output
-from wspo.shards.store import ShardError
 
 from .config import WSPOArguments
-from .data import DataError
 
 
 def check_report_to(report_to) -> None:
@@ -24,7 +23,7 @@ def check_report_to(report_to) -> None:
     wanted = [report_to] if isinstance(report_to, str) else list(report_to or [])
     if "tensorboard" in wanted and importlib.util.find_spec("tensorboard") is None \
             and importlib.util.find_spec("tensorboardX") is None:
-        raise ValueError("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
+        raise ConfigError("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
                          "(or pip install 'wspo[test]'), or pass --report_to none")
 
 
@@ -61,14 +60,14 @@ def main(argv: list[str] | None = None) -> int:
             description="Train from wspo-precompute shards (WSPO, SFT, DPO or WRPO; LoRA or full; DeepSpeed).",
         )
         if not (math.isfinite(training_args.learning_rate) and training_args.learning_rate > 0):
-            raise ValueError(f"learning_rate must be finite and positive, got {training_args.learning_rate}")
+            raise ConfigError(f"learning_rate must be finite and positive, got {training_args.learning_rate}")
         check_report_to(training_args.report_to)
         check_output(training_args.output_dir, {"model_name_or_path": args.model_name_or_path, "shards": args.shards,
                                                 "reference_shards": args.reference_shards})
         from .pipeline import run  # after parsing, so `--help` and argument errors stay fast
 
         record = run(args, training_args)
-    except (DataError, ShardError, FileNotFoundError, ValueError) as e:
+    except WspoError as e:  # the one base of every user-facing failure (wspo/errors.py)
         print(f"wspo-train: error: {e}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) != 0:
