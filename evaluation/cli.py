@@ -33,6 +33,28 @@ def _write_json(obj, path: str) -> None:
     out.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def run_rewards(args: RewardsArguments) -> dict:
+    """Check the output paths, score the pairs, write output_file / pairs_file when set; returns
+    the summary (wspo-eval rewards and wspo.evaluate_rewards)."""
+    _check_outputs(args)
+    from .rewards import run
+
+    summary, pairs = run(args)
+    if args.pairs_file:
+        Path(args.pairs_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.pairs_file).write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    if args.output_file:
+        _write_json(summary, args.output_file)
+    return summary
+
+
+def _check_outputs(args) -> None:
+    inputs = {k: getattr(args, k, None) for k in ("policy", "reference", "model", "dataset", "shards", "instructions", "tokenizer")}
+    for key in ("output_file", "pairs_file"):
+        if getattr(args, key, None):
+            check_output(getattr(args, key), inputs, option=key, is_file=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -46,23 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     program, sys.argv[0] = sys.argv[0], f"wspo-eval {task}"  # argparse's prog: usage and errors name the task
     try:
         (args,) = parse_config([dataclass_type], rest, description=description)
-        inputs = {k: getattr(args, k, None) for k in ("policy", "reference", "model", "dataset", "shards", "instructions", "tokenizer")}
-        for key in ("output_file", "pairs_file"):
-            if getattr(args, key, None):
-                check_output(getattr(args, key), inputs, option=key, is_file=True)
         if task == "rewards":
-            from .rewards import run
-
-            summary, pairs = run(args)
-            if args.pairs_file:
-                Path(args.pairs_file).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.pairs_file).write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+            summary = run_rewards(args)
         else:
+            _check_outputs(args)
             from .generate import run
 
             summary, _ = run(args)
-        if getattr(args, "output_file", None) and task == "rewards":
-            _write_json(summary, args.output_file)
     except WspoError as e:  # the one base of every user-facing failure (wspo/errors.py)
         print(f"wspo-eval {task}: error: {e}", file=sys.stderr)
         return 1

@@ -32,19 +32,25 @@ class ExtrapolateArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace existing OUTPUT_DIR/alpha-* directories."})
     allow_base_mismatch: bool = field(default=False, metadata={
         "help": "Apply a LoRA adapter given as --aligned even though its base_model_name_or_path is not --sft."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Turn the progress bar (on stderr) off."})
+
+
+def run(args: ExtrapolateArguments):
+    """Check the output path, then extrapolate (wspo-extrapolate and wspo.extrapolate)."""
+    check_output(args.output_dir, {"sft": args.sft, "aligned": args.aligned})
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # the swallowed-step warning must reach the user every time
+        return extrapolate(args.sft, args.aligned, args.alpha, args.output_dir, out_dtype=args.out_dtype,
+                           max_shard_size=parse_size(args.max_shard_size),
+                           swallow_threshold=args.swallow_threshold, overwrite=args.overwrite,
+                           allow_base_mismatch=args.allow_base_mismatch, progress=not args.disable_tqdm)
 
 
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse_config([ExtrapolateArguments], argv, prog="wspo-extrapolate", description=(
         "ExPO model extrapolation: theta = theta_aligned + alpha * (theta_aligned - theta_sft), tensor by tensor."))
     try:
-        check_output(args.output_dir, {"sft": args.sft, "aligned": args.aligned})
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")  # the swallowed-step warning must reach the user every time
-            summary = extrapolate(args.sft, args.aligned, args.alpha, args.output_dir, out_dtype=args.out_dtype,
-                                  max_shard_size=parse_size(args.max_shard_size),
-                                  swallow_threshold=args.swallow_threshold, overwrite=args.overwrite,
-                                  allow_base_mismatch=args.allow_base_mismatch)
+        summary = run(args)
     except WspoError as e:  # the one base of every user-facing failure (wspo/errors.py)
         print(f"wspo-extrapolate: error: {e}", file=sys.stderr)
         return 1

@@ -73,6 +73,7 @@ class PrecomputeArguments:
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per engine."})
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vllm: fraction of GPU memory (of RAM on CPU builds) for the engine."})
     overwrite: bool = field(default=False, metadata={"help": "Delete an output_dir written with other settings instead of failing."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Turn the progress bars (on stderr) off."})
 
     def __post_init__(self):
         self.slot_list = [s.strip() for s in self.slots.split(",") if s.strip()]

@@ -168,7 +168,8 @@ def run_ray(args) -> dict:
                                               num_workers=str(args.num_workers))
             pending[task.remote(worker_args, launch_id)] = i
         done, failed = [], {}
-        with tqdm(total=args.num_workers, desc=f"ray: {args.num_workers} workers", unit="worker", dynamic_ncols=True) as bar:
+        with tqdm(total=args.num_workers, desc=f"ray: {args.num_workers} workers", unit="worker", dynamic_ncols=True,
+                  disable=args.disable_tqdm) as bar:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 i = pending.pop(ready[0])

@@ -170,7 +170,8 @@ def build_parts(args: PrecomputeArguments, source: Source, block: range, layout:
         summary.num_parts += 1
 
     part: list[Sequence] = []
-    with tqdm(total=len(block), desc=f"tokenizing{_worker_tag(args)}", unit="row", dynamic_ncols=True, mininterval=1.0) as bar:
+    with tqdm(total=len(block), desc=f"tokenizing{_worker_tag(args)}", unit="row", dynamic_ncols=True, mininterval=1.0,
+              disable=args.disable_tqdm) as bar:
         for seq in iter_sequences(args, source, block, layout, tokenize, summary.skipped, progress=bar):
             part.append(seq)
             summary.rows_written += 1
@@ -216,7 +217,8 @@ def score_parts(args, scorer_name: str, model_dir: Path, num_parts: int, work: P
             "max_model_len": args.max_length} if args.backend == "vllm" else {}),
     )
     try:
-        bar = tqdm(total=len(todo), desc=f"scoring {scorer_name}{_worker_tag(args)}", unit="part", dynamic_ncols=True)
+        bar = tqdm(total=len(todo), desc=f"scoring {scorer_name}{_worker_tag(args)}", unit="part", dynamic_ncols=True,
+                   disable=args.disable_tqdm)
         start, tokens = time.perf_counter(), 0
         for k in todo:
             part = pq.read_table(work / f"seq-{k:05d}.parquet", columns=["id", "example_id", "slot", "token_ids", "prompt_ids"])

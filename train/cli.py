@@ -51,6 +51,15 @@ def closing_summary(record: dict) -> str:
     return "\n".join(lines)
 
 
+def check_training_args(args: WSPOArguments, training_args: TrainingArguments) -> None:
+    """What is checked after parsing and before any work (wspo-train and wspo.train)."""
+    if not (math.isfinite(training_args.learning_rate) and training_args.learning_rate > 0):
+        raise ConfigError(f"learning_rate must be finite and positive, got {training_args.learning_rate}")
+    check_report_to(training_args.report_to)
+    check_output(training_args.output_dir, {"model_name_or_path": args.model_name_or_path, "shards": args.shards,
+                                            "reference_shards": args.reference_shards})
+
+
 def main(argv: list[str] | None = None) -> int:
     # DeepSpeed on recent torch warns on every collective call; once per run says enough.
     warnings.filterwarnings("once", category=FutureWarning, module="torch.distributed")
@@ -59,11 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             [WSPOArguments, TrainingArguments], argv,
             description="Train from wspo-precompute shards (WSPO, SFT, DPO or WRPO; LoRA or full; DeepSpeed).",
         )
-        if not (math.isfinite(training_args.learning_rate) and training_args.learning_rate > 0):
-            raise ConfigError(f"learning_rate must be finite and positive, got {training_args.learning_rate}")
-        check_report_to(training_args.report_to)
-        check_output(training_args.output_dir, {"model_name_or_path": args.model_name_or_path, "shards": args.shards,
-                                                "reference_shards": args.reference_shards})
+        check_training_args(args, training_args)
         from .pipeline import run  # after parsing, so `--help` and argument errors stay fast
 
         record = run(args, training_args)
