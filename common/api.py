@@ -40,9 +40,9 @@ def make_callable(module_name: str) -> None:
 
 
 @contextlib.contextmanager
-def _output(disable_tqdm: bool):
-    """The API's results are return values: whatever the libraries print goes to stderr. With
-    `disable_tqdm`, the bars of transformers (loading weights) and datasets are off too."""
+def library_bars(disable_tqdm: bool):
+    """With `disable_tqdm`, the bars of transformers (loading weights) and datasets are off too,
+    for the duration (the CLIs and the API)."""
     import datasets
     import transformers
 
@@ -52,13 +52,19 @@ def _output(disable_tqdm: bool):
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()
     try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
+        yield
     finally:
         if disable_tqdm and hf_bars:
             transformers.utils.logging.enable_progress_bar()
         if disable_tqdm and datasets_bars:
             datasets.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def _output(disable_tqdm: bool):
+    """The API's results are return values: whatever the libraries print goes to stderr."""
+    with library_bars(disable_tqdm), contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def _split(args: tuple) -> str | None:

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
+from wspo.api import library_bars
 from wspo.args import parse_config
 from wspo.errors import WspoError
 from wspo.paths import check_output
 
 from .config import PrecomputeArguments
 from .launch import run_ray
-from .pipeline import run
+from .pipeline import IdenticalScorersWarning, run
+
+
+def _one_line(show):
+    """The toolkit's own warnings as one line, like its errors; others as `show` prints them."""
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, IdenticalScorersWarning):
+            print(f"wspo-precompute: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return show_warning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
             description="Score dataset responses under the weak models and write Parquet reward shards.",
         )
         check_output(args.output_dir, {"dataset": args.dataset, "tokenizer": args.tokenizer, **args.scorer_paths()})
-        manifest = run_ray(args) if args.launcher == "ray" else run(args)
+        with library_bars(args.disable_tqdm), warnings.catch_warnings():
+            warnings.showwarning = _one_line(warnings.showwarning)
+            manifest = run_ray(args) if args.launcher == "ray" else run(args)
     except WspoError as e:  # the one base of every user-facing failure (wspo/errors.py)
         print(f"wspo-precompute: error: {e}", file=sys.stderr)
         return 1
@@ -33,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         f"truncated: {counts['truncated']}\n"
         f"time: {timing['seconds']:.1f} s, {timing['tokens_per_second']:.0f} tokens/s scored"
     )
+    lengths = manifest.get("lengths")  # sets written before this record have none
+    if lengths:
+        print(f"max_length {lengths['max_length']} ({lengths['max_length_from']}); "
+              f"max_prompt_length {lengths['max_prompt_length']} ({lengths['max_prompt_length_from']})")
     if manifest.get("reward"):
         r = manifest["reward"]
         print(f"reward per token: mean {r['token_mean']:+.4f} std {r['token_std']:.4f}; "

@@ -24,6 +24,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -340,6 +341,28 @@ def _tokenizer_record(tokenize: ResponseTokenizer, out: Path, work: Path, identi
     return tokenize.describe()
 
 
+class IdenticalScorersWarning(UserWarning):
+    """weak_ref and weak_aligned are one model: every reward will be exactly zero."""
+
+
+def check_weak_pair(args: PrecomputeArguments, scorers: list[dict], scorer_dirs: dict[str, Path]) -> None:
+    """weak_ref and weak_aligned naming the same model, or two folders with identical config and
+    weight files (equal fingerprints), would score for minutes and write all-zero rewards: warn
+    before scoring; in strict mode refuse."""
+    fingerprints = {s["name"]: s["fingerprint"] for s in scorers}
+    if not {"weak_ref", "weak_aligned"} <= set(fingerprints):
+        return
+    same_dir = scorer_dirs["weak_ref"].resolve() == scorer_dirs["weak_aligned"].resolve()
+    if not same_dir and fingerprints["weak_ref"] != fingerprints["weak_aligned"]:
+        return
+    what = "name the same model" if same_dir else "have identical config and weight files"
+    message = (f"weak_ref ({args.weak_ref}) and weak_aligned ({args.weak_aligned}) {what}: every reward would be "
+               "exactly 0. Give the weak model before alignment (SFT) as weak_ref and the one after (DPO) as weak_aligned.")
+    if args.strict:
+        raise PrecomputeError(message + " (refused in strict mode)")
+    warnings.warn(message, IdenticalScorersWarning, stacklevel=2)
+
+
 def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
     """Run phase one for this worker; returns its manifest.
 
@@ -351,10 +374,12 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
     scorer_paths = args.scorer_paths()
     scorer_dirs = {name: resolve_model_dir(path, option=name) for name, path in scorer_paths.items()}
     tokenizer_source = args.tokenizer or str(scorer_dirs[next(iter(scorer_dirs))])
+    positions_of = {name: read_config(model_dir).get("max_position_embeddings") for name, model_dir in scorer_dirs.items()}
+    lengths = args.resolve_lengths(positions_of)
     tokenize = ResponseTokenizer(load_tokenizer(tokenizer_source), args.max_length, args.max_prompt_length, args.end_of_turn_token)
     for name, model_dir in scorer_dirs.items():
         check_weights(model_dir, option=name)
-        positions = read_config(model_dir).get("max_position_embeddings")
+        positions = positions_of[name]
         if positions is not None and args.max_length > positions:
             # Both backends refuse alike: hf would score past the limit silently, vLLM die in its config check.
             raise PrecomputeError(f"{name}: max_length {args.max_length} exceeds the {positions} positions of model "
@@ -373,6 +398,7 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
          "backend": args.backend, "dtype": str(resolve_dtype(args.dtype, default_device())).removeprefix("torch.")}
         for name, model_dir in scorer_dirs.items()
     ]
+    check_weak_pair(args, scorers, scorer_dirs)
     run_settings = {
         "dataset": {"source": args.dataset, "split": args.dataset_split, "format": layout,
                     "fingerprint": source.fingerprint, "slots": args.slot_list,
@@ -443,6 +469,7 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
                 "skipped": dict(sorted(built.skipped.items())),
             },
             "files": files,
+            "lengths": lengths,
             "reward": stats.result(),
             "timing": {"seconds": round(seconds, 3), "sequence_tokens": built.sequence_tokens,
                        "tokens_per_second": round(built.sequence_tokens * len(names) / seconds, 1)},
