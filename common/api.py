@@ -21,6 +21,8 @@ phase one, and `import wspo.precompute.cli` keeps working, whichever comes first
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import sys
 import types
 from dataclasses import dataclass
@@ -61,10 +63,35 @@ def library_bars(disable_tqdm: bool):
 
 
 @contextlib.contextmanager
-def _output(disable_tqdm: bool):
-    """The API's results are return values: whatever the libraries print goes to stderr."""
-    with library_bars(disable_tqdm), contextlib.redirect_stdout(sys.stderr):
-        yield
+def _stdout_to_stderr():
+    """File descriptor 1 and sys.stdout point at stderr for the duration: a library that prints,
+    or that set up a logging handler on stdout when it was imported (DeepSpeed does), then writes
+    to stderr too."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (an embedded interpreter): Python-level only
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _no_stdout(function):
+    """The API's results are return values: whatever runs inside the call (imports included)
+    prints to stderr."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with _stdout_to_stderr():
+            return function(*args, **kwargs)
+    return wrapper
 
 
 def _split(args: tuple) -> str | None:
@@ -73,6 +100,7 @@ def _split(args: tuple) -> str | None:
     return str(args[0]) if args else None
 
 
+@_no_stdout
 def load_shards(path, checksums: bool = True):
     """Open a shard set written by `wspo-precompute` and verify it (every file's size, row count
     and, with `checksums`, sha256). Raises ShardError naming what is wrong."""
@@ -81,6 +109,7 @@ def load_shards(path, checksums: bool = True):
     return ShardSet.open(path).check(checksums=checksums)
 
 
+@_no_stdout
 def precompute(*recipe, **keys):
     """Phase one, `wspo-precompute [RECIPE.yaml] --key value ...`: returns the ShardSet written.
 
@@ -94,7 +123,7 @@ def precompute(*recipe, **keys):
 
     (args,) = parse_keys([PrecomputeArguments], _split(recipe), keys, prog="wspo.precompute")
     check_output(args.output_dir, {"dataset": args.dataset, "tokenizer": args.tokenizer, **args.scorer_paths()})
-    with _output(args.disable_tqdm):
+    with library_bars(args.disable_tqdm):
         if args.launcher == "ray":
             from wspo.precompute.launch import run_ray
 
@@ -126,6 +155,7 @@ class TrainResult:
         return closing_summary(self.record)
 
 
+@_no_stdout
 def train(*recipe, callbacks: list | None = None, **keys) -> TrainResult:
     """Phase two, `wspo-train [RECIPE.yaml] --key value ...` (WSPOArguments + TrainingArguments
     keys); `callbacks` are extra transformers TrainerCallbacks. Returns a TrainResult."""
@@ -139,11 +169,12 @@ def train(*recipe, callbacks: list | None = None, **keys) -> TrainResult:
     check_training_args(args, training_args)
     from wspo.train.pipeline import run
 
-    with _output(training_args.disable_tqdm):
+    with library_bars(training_args.disable_tqdm):
         record = run(args, training_args, callbacks=callbacks)
     return TrainResult(Path(record["output_dir"]), record["metrics"]["final"], record)
 
 
+@_no_stdout
 def extrapolate(*recipe, **keys):
     """ExPO, `wspo-extrapolate [RECIPE.yaml] --key value ...`: returns the run's Summary
     (output_dirs, tensors, bytes_written, swallowed, ...). The swallowed-step warning is a Python
@@ -152,10 +183,11 @@ def extrapolate(*recipe, **keys):
     from wspo.extrapolate.cli import ExtrapolateArguments, run
 
     (args,) = parse_keys([ExtrapolateArguments], _split(recipe), keys, prog="wspo.extrapolate")
-    with _output(args.disable_tqdm):
+    with library_bars(args.disable_tqdm):
         return run(args)
 
 
+@_no_stdout
 def evaluate_rewards(*recipe, **keys) -> dict:
     """`wspo-eval rewards [RECIPE.yaml] --key value ...`: returns the JSON summary the command
     prints (and writes `output_file` / `pairs_file` when they are set, as the command does)."""
@@ -164,7 +196,7 @@ def evaluate_rewards(*recipe, **keys) -> dict:
     from wspo.evaluation.config import RewardsArguments
 
     (args,) = parse_keys([RewardsArguments], _split(recipe), keys, prog="wspo.evaluate_rewards")
-    with _output(args.disable_tqdm):
+    with library_bars(args.disable_tqdm):
         return run_rewards(args)
 
 
