@@ -356,8 +356,9 @@ def check_weak_pair(args: PrecomputeArguments, scorers: list[dict], scorer_dirs:
     if not same_dir and fingerprints["weak_ref"] != fingerprints["weak_aligned"]:
         return
     what = "name the same model" if same_dir else "have identical config and weight files"
-    message = (f"weak_ref ({args.weak_ref}) and weak_aligned ({args.weak_aligned}) {what}: every reward would be "
-               "exactly 0. Give the weak model before alignment (SFT) as weak_ref and the one after (DPO) as weak_aligned.")
+    message = (f"weak_ref ({args.weak_ref}) and weak_aligned ({args.weak_aligned}) {what}: "
+               "every reward would be exactly 0. "
+               "Give the weak model before alignment (SFT) as weak_ref and the one after (DPO) as weak_aligned.")
     if args.strict:
         raise PrecomputeError(message + " (refused in strict mode)")
     warnings.warn(message, IdenticalScorersWarning, stacklevel=2)
