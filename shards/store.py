@@ -434,9 +434,10 @@ class ShardSet:
         return Dataset.from_parquet([str(self.root / f["path"]) for f in self.files],
                                     cache_dir=None if cache_dir is None else str(cache_dir))
 
-    def to_trl_dpo(self, tokenizer=None, max_length: int | None = None):
-        """A `datasets.Dataset` that TRL's DPOTrainer trains on with the shards' reference log-prob
-        sums (wspo.shards.trl; docs/api.md "Training with TRL")."""
-        from .trl import to_trl_dpo
+    def to_trl_dpo(self, tokenizer=None, max_length: int | None = 1024):
+        """A `datasets.Dataset` that TRL 1.16's DPOTrainer trains on with the shards' reference
+        log-prob sums; refused, naming the row, if TRL would tokenize differently
+        (wspo.shards.trl_export; docs/shard-format.md "Training with TRL")."""
+        from .trl_export import to_trl_dpo
 
         return to_trl_dpo(self, tokenizer=tokenizer, max_length=max_length)
