@@ -21,7 +21,8 @@ class WSPOArguments:
         metadata={"help": "The strong model to train (strong SFT): directory or hub name. Also the reference."}
     )
     shards: list[str] = field(
-        metadata={"help": "One or more shard set directories written by wspo-precompute (YAML list or space-separated)."}
+        metadata={"help": "One or more shard set directories written by wspo-precompute, or their URLs (s3://..., any "
+                  "fsspec URL: copied once per node into data_cache_dir) (YAML list or space-separated)."}
     )
     loss: str = field(
         default="wspo",
@@ -114,6 +115,15 @@ class WSPOArguments:
         default=None,
         metadata={"help": "kd: the scorer whose top-k columns are the teacher (default: the set's only top-k scorer, "
                   "else 'teacher')."},
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace what output_dir holds of an earlier run (a finished model, wspo_run.json, checkpoints); "
+                  "without it such an output_dir is refused (resuming its checkpoints aside)."},
+    )
+    allow_resume_mismatch: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint written by a run with another identity (strong model, shard sets, loss "
+                  "and its keys, tokenizer rule) or with none recorded; by default such a resume is refused naming what differs."},
     )
     model_dtype: str = field(
         default="auto",
