@@ -13,9 +13,10 @@ engine (prompt + one generated token), and no position is computed twice. Engine
 - `logprobs_mode="raw_logprobs"`: the model's own log-softmax, before any logits processor,
   temperature or top-k/p (vLLM's default today; set so a changed default cannot change shards).
 - `prompt_logprobs=0`: only the log-prob of the actual token; `score(..., topk=K)` asks for
-  `prompt_logprobs=K`, the K most likely ids of every prompt position, and `logprobs=K` for the
-  generated position (the last token's); vLLM adds the actual token when it is not among them,
-  and entries are told apart by their `rank`. The engine then needs
+  `prompt_logprobs=K` over the whole sequence, the K most likely ids of every position (vLLM adds
+  the actual token when it is not among them; entries are told apart by their `rank`), so with
+  top-k a sequence must leave the generated token a position (vLLM 0.32 refuses `logprobs=K`
+  beside `logprob_token_ids`, the way the last token is scored without top-k). The engine then needs
   `max_logprobs >= K` (`max_topk`). vLLM 0.32's response-only parameters (`prompt_logprob_start`)
   work only with fixed `prompt_logprob_token_ids`, not with top-k, so the prompt rows are computed
   and dropped as for the actual token's log-prob.
@@ -84,10 +85,10 @@ class VLLMScorer:
         if not sequences:
             return []
         sequences = [[int(t) for t in seq] for seq in sequences]
+        if topk:  # every position's top-k from prompt_logprobs (vLLM 0.32 refuses logprobs=K with logprob_token_ids)
+            return self._score_topk(sequences, prompt_lengths, topk)
         prompts = [TokensPrompt(prompt_token_ids=seq[:-1]) for seq in sequences]
-        # topk: the prompt positions' top-k (prompt_logprobs) and the generated position's (logprobs)
-        params = [SamplingParams(max_tokens=1, prompt_logprobs=topk, logprob_token_ids=[seq[-1]], detokenize=False,
-                                 **({"logprobs": topk} if topk else {}))
+        params = [SamplingParams(max_tokens=1, prompt_logprobs=0, logprob_token_ids=[seq[-1]], detokenize=False)
                   for seq in sequences]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         # `generate` returns outputs in request order; check it rather than trust it silently.
@@ -98,17 +99,31 @@ class VLLMScorer:
             # prompt_logprobs[t] = {token_id: Logprob} for seq[t] given seq[:t]; entry 0 is None.
             # The last token's is the generated position's log-prob of that token.
             if p == len(seq):  # nothing to score
-                empty = np.zeros(0, dtype=np.float32)
-                results.append((empty, np.zeros((0, topk), np.float32), np.zeros((0, topk), np.int64)) if topk else empty)
+                results.append(np.zeros(0, dtype=np.float32))
                 continue
             logps = out.prompt_logprobs
-            generated = out.outputs[0].logprobs[0]
-            last = generated[seq[-1]].logprob
-            actual = np.array([logps[t][seq[t]].logprob for t in range(p, len(seq) - 1)] + [last], dtype=np.float32)
-            if topk:
-                results.append((actual, *_topk_of([logps[t] for t in range(p, len(seq) - 1)] + [generated], topk)))
-            else:
-                results.append(actual)
+            last = out.outputs[0].logprobs[0][seq[-1]].logprob
+            results.append(np.array([logps[t][seq[t]].logprob for t in range(p, len(seq) - 1)] + [last], dtype=np.float32))
+        return results
+
+    def _score_topk(self, sequences: list[list[int]], prompt_lengths: list[int], topk: int) -> list:
+        """The whole sequence as the prompt, `prompt_logprobs=topk`: (actual, top-k log-probs, top-k
+        ids) per sequence. The one generated token needs a position, so a sequence must be shorter
+        than max_model_len here."""
+        for i, seq in enumerate(sequences):
+            if len(seq) >= self.max_model_len:
+                raise ValueError(f"sequence {i} has {len(seq)} tokens; with topk a sequence must be shorter than "
+                                 f"max_model_len {self.max_model_len} (lower max_length by one)")
+        prompts = [TokensPrompt(prompt_token_ids=seq) for seq in sequences]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False, flat_logprobs=True)
+        results = []
+        for i, (seq, p, out) in enumerate(zip(sequences, prompt_lengths, self.llm.generate(prompts, params, use_tqdm=False),
+                                              strict=True)):
+            if list(out.prompt_token_ids) != seq:
+                raise RuntimeError(f"vLLM output {i} is not for input sequence {i}")
+            logps = out.prompt_logprobs  # [t]: seq[t] given seq[:t]; the entries of rank 1..topk and the actual token
+            actual = np.array([logps[t][seq[t]].logprob for t in range(p, len(seq))], dtype=np.float32)
+            results.append((actual, *_topk_of([logps[t] for t in range(p, len(seq))], topk)))
         return results
 
     def close(self) -> None:
