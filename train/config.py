@@ -115,6 +115,7 @@ class WSPOArguments:
         default=None,
         metadata={"help": "kd: the scorer whose top-k columns are the teacher (default: the set's only top-k scorer, "
                   "else 'teacher')."},
+    )
     overwrite: bool = field(
         default=False,
         metadata={"help": "Replace what output_dir holds of an earlier run (a finished model, wspo_run.json, checkpoints); "
