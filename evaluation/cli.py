@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dataclass_type, description = TASKS[task]
     program, sys.argv[0] = sys.argv[0], f"wspo-eval {task}"  # argparse's prog: usage and errors name the task
+    args = None
     try:
         (args,) = parse_config([dataclass_type], rest, description=description)
         inputs = {k: getattr(args, k, None) for k in ("policy", "reference", "model", "dataset", "shards", "instructions", "tokenizer")}
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             _write_json(summary, args.output_file)
     except Exception as e:  # noqa: BLE001 - user-facing errors and disk faults are named; the rest is re-raised
         then = "rerun the same command: no output file was left half-written"
-        where = getattr(locals().get("args"), "output_file", None) or "the output file"
+        where = getattr(args, "output_file", None) or "the output file"
         print(f"wspo-eval {task}: error: {error_text(e, (EvalError, ShardError, FileNotFoundError, ValueError), where, then)}",
               file=sys.stderr)
         return 1

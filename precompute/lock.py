@@ -5,6 +5,8 @@ same part files; the second is refused, naming the first (host, pid, start time)
 process that died (same host, pid gone) is taken over, saying so. A launcher that retries its own
 dead tasks (Ray) passes an `owner` id: a task with the same owner takes the lock over wherever the
 previous attempt ran, since the launcher only retries a task whose attempt is dead.
+
+`wspo-train` holds the same kind of lock on its output_dir (`command`, `name`: train/identity.py).
 """
 
 from __future__ import annotations
