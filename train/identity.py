@@ -94,11 +94,16 @@ def finished_model(output_dir: Path) -> str | None:
     return None
 
 
-def guard_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
+def guard_output_dir(output_dir: Path, overwrite: bool, resume) -> None:
     """Refuse to write over another run's finished model or checkpoints; `overwrite` clears them.
 
-    Called with the lock held, before anything of this run is written.
+    Called with the lock held, before anything of this run is written. `resume` is the
+    `resume_from_checkpoint` value (a folder, `true`, or nothing).
     """
+    resuming = resume not in (None, False, "", "false", "False")
+    if overwrite and resuming and str(resume).lower() in ("true", "last", "latest"):
+        raise RunIdentityError("--overwrite true removes the checkpoints that --resume_from_checkpoint "
+                               f"{resume} would go on from: give one of the two")
     model = finished_model(output_dir)
     if overwrite:
         for folder in checkpoints(output_dir):
