@@ -6,6 +6,11 @@ process that died (same host, pid gone) is taken over, saying so. A launcher tha
 dead tasks (Ray) passes an `owner` id: a task with the same owner takes the lock over wherever the
 previous attempt ran, since the launcher only retries a task whose attempt is dead.
 
+On an object store (`output_dir` a URL) the lock is an object created with a conditional write
+(`If-None-Match: *` on S3): of two workers creating it at once exactly one succeeds. Where the
+store has no conditional write, fsspec checks then writes, and the lock is read back after
+writing: a narrow window remains in which both could start (docs/cluster.md).
+
 `wspo-train` holds the same kind of lock on its output_dir (`command`, `name`: train/identity.py).
 """
 
@@ -16,9 +21,8 @@ import os
 import socket
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
-
 from wspo.errors import WspoError
+from wspo.shards.storage import AnyPath, create_exclusive
 
 
 class LockError(WspoError):
@@ -36,22 +40,16 @@ def _alive(pid: int) -> bool:
 
 
 class OutputLock:
-    def __init__(self, out: Path, worker_index: int, owner: str | None = None, command: str = "wspo-precompute",
+    def __init__(self, out: AnyPath, worker_index: int, owner: str | None = None, command: str = "wspo-precompute",
                  name: str | None = None):
-        self.path = Path(out) / (name or f".lock-{worker_index:05d}")
+        self.path = out / (name or f".lock-{worker_index:05d}")
         self.owner = owner
         self.command = command
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "owner": owner,
                        "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
     def _try_create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.holder, f)
-        return True
+        return create_exclusive(self.path, json.dumps(self.holder).encode())
 
     def __enter__(self) -> "OutputLock":
         if self._try_create():
@@ -79,5 +77,5 @@ class OutputLock:
         try:
             if json.loads(self.path.read_text()).get("pid") == os.getpid():
                 self.path.unlink()
-        except (OSError, ValueError):
+        except (OSError, ValueError, WspoError):  # a store that fails now must not hide the run's own error
             pass

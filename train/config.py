@@ -21,7 +21,8 @@ class WSPOArguments:
         metadata={"help": "The strong model to train (strong SFT): directory or hub name. Also the reference."}
     )
     shards: list[str] = field(
-        metadata={"help": "One or more shard set directories written by wspo-precompute (YAML list or space-separated)."}
+        metadata={"help": "One or more shard set directories written by wspo-precompute, or their URLs (s3://..., any "
+                  "fsspec URL: copied once per node into data_cache_dir) (YAML list or space-separated)."}
     )
     loss: str = field(
         default="wspo",
