@@ -47,15 +47,14 @@ def child(step: str, source: str, target: str, cache_dir: str) -> dict:
 
     import wspo.shards.store as store
 
-    writing = store._tmp_path, store._publish
+    publish = store.publish
     if step == "stream":  # the alternative: Parquet streamed into the object (multipart upload), no local file
 
-        def open_object(path):  # stands in for the temporary file; write_parquet calls tmp.parent.mkdir
-            f = path.fs.open(path.path, "wb")
-            f.parent = path.parent
-            return f
+        def streamed(path, write):
+            with path.fs.open(path.path, "wb") as f:  # pq.write_table takes a file object as well as a path
+                write(f)
 
-        store._tmp_path, store._publish = open_object, lambda f, path: f.close()
+        store.publish = streamed
     start = time.perf_counter()
     if step in ("write", "stream"):
         src = ShardSet.open(source)
@@ -68,7 +67,7 @@ def child(step: str, source: str, target: str, cache_dir: str) -> dict:
             write_parquet(table, out / record["path"], metadata)
             records.append(file_record(out / record["path"], int(pc.sum(table["n_tokens"]).as_py()), root=out))
             del table
-        store._tmp_path, store._publish = writing  # the manifest as always
+        store.publish = publish  # the manifest as always
         manifest = dict(src.manifests[0], files=records)
         manifest.pop("checksum", None)
         write_manifest(manifest, out / "manifest.json")

@@ -38,9 +38,11 @@ def _alive(pid: int) -> bool:
 
 
 class OutputLock:
-    def __init__(self, out: AnyPath, worker_index: int, owner: str | None = None):
-        self.path = out / f".lock-{worker_index:05d}"
+    def __init__(self, out: AnyPath, worker_index: int, owner: str | None = None, command: str = "wspo-precompute",
+                 name: str | None = None):
+        self.path = out / (name or f".lock-{worker_index:05d}")
         self.owner = owner
+        self.command = command
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "owner": owner,
                        "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -58,9 +60,9 @@ class OutputLock:
         dead_here = other.get("host") == self.holder["host"] and isinstance(other.get("pid"), int) and not _alive(other["pid"])
         if not (same_launch or dead_here):
             raise LockError(
-                f"{self.path} is held by another wspo-precompute (pid {other.get('pid', '?')} on host "
-                f"{other.get('host', '?')}, since {other.get('since', '?')}): two runs of one worker cannot write "
-                "one output_dir at once. Wait for it to finish; if that process is gone, delete the lock file."
+                f"{self.path} is held by another {self.command} (pid {other.get('pid', '?')} on host "
+                f"{other.get('host', '?')}, since {other.get('since', '?')}): two runs cannot write the same "
+                "output_dir (or worker of a shard set) at once. Wait for it to finish; if that process is gone, delete the lock file."
             )
         print(f"{self.path}: taking over the lock of a run that is gone (pid {other.get('pid')} on "
               f"{other.get('host')}, since {other.get('since')})", file=sys.stderr)

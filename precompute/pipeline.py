@@ -305,6 +305,27 @@ def _resume_state(out: AnyPath, work: AnyPath, manifest_path: AnyPath, run_fp: s
     return False
 
 
+def _check_other_workers(out: AnyPath, args: PrecomputeArguments, identity: dict) -> None:
+    """Refuse, before scoring, a worker whose set-mates (same `num_workers`, finished or interrupted)
+    were run with other settings: their manifests' run fingerprints must be this run's with only
+    the worker index changed. Readers would refuse the mixed set; this says so before any work."""
+    n = args.num_workers
+    for i in (i for i in range(n) if n > 1 and i != args.worker_index):
+        manifest_path, run_path = out / manifest_name(n, i), out / f"_work-{i:05d}" / "run.json"
+        manifest = _read_json(manifest_path)
+        recorded = manifest.get("run_fingerprint") or _read_json(run_path).get("run_fingerprint")
+        mate = {**identity, "workers": {"num_workers": n, "worker_index": i}}
+        if recorded is None or recorded == hashlib.sha256(canonical_json(mate).encode()).hexdigest():
+            continue
+        differ = [k for k in ("run_settings", "tokenizer", "scorers") if manifest and manifest.get(k) != identity[k]]
+        what = {"run_settings": "dataset or options", "tokenizer": "tokenizer", "scorers": "scorer models"}
+        raise PrecomputeError(
+            f"worker {i} of the shard set in {out} ({manifest_path.name if manifest else run_path}) was run with other "
+            f"{', '.join(what[k] for k in differ) or 'settings'} than this worker: the workers of one set must share the "
+            "dataset, models, tokenizer and options. Run this worker with that worker's settings, or use another output_dir."
+        )
+
+
 def _read_json(path: AnyPath) -> dict:
     try:
         return json.loads(path.read_text())
@@ -387,6 +408,7 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
     identity, run_fp = identity_of(tokenizer_record), identity_fp(tokenizer_record)
     manifest_path = out / manifest_name(args.num_workers, args.worker_index)
     with OutputLock(out, args.worker_index, owner=lock_owner):
+        _check_other_workers(out, args, identity)
         if _resume_state(out, work, manifest_path, run_fp, args):
             print(f"{manifest_path} is already complete for these settings; nothing to do.", file=sys.stderr)
             return json.loads(manifest_path.read_text())

@@ -190,8 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shards = ShardSet.open(args.shards)
         return {"info": cmd_info, "verify": cmd_verify, "head": cmd_head, "show": cmd_show, "project": cmd_project}[args.command](shards, args)
-    except (ShardError, WspoError, ValueError) as e:
-        print(f"wspo-shards: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - user-facing errors and disk faults are named; the rest is re-raised
+        from wspo.disk import error_text
+
+        then = "rerun the same command: the page is written whole or not at all"
+        print(f"wspo-shards: error: {error_text(e, (ShardError, WspoError, ValueError), getattr(args, 'html', None), then)}",
+              file=sys.stderr)
         return 1
 
 

@@ -6,7 +6,7 @@ filesystem for). A `UrlPath` has the few pathlib methods the shard code uses (`/
 `exists`, `glob`, `read_text`, `unlink`, ...), so writers and readers handle both alike; the
 functions below do what pathlib has no method for, for both kinds:
 
-    temporary_path, publish   a file visible under its name only when whole: written to a local
+    publish(path, write)      a file visible under its name only when whole: written to a local
                               temporary file, then renamed (local, after fsync) or uploaded (URL:
                               an object store has no rename, but an upload appears only complete)
     create_exclusive(path)    create a file only if it does not exist (the per-worker lock)
@@ -28,7 +28,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Union
+from typing import Callable, Union
 
 import pyarrow.parquet as pq
 
@@ -277,34 +277,36 @@ class UrlPath:
 AnyPath = Union[Path, UrlPath]
 
 
-def temporary_path(path: AnyPath) -> Path:
-    """Where to write `path` before `publish` makes it visible. Local: a name of this writer's own
-    next to it (several workers, on several hosts, may write one shared file at once, the dataset
-    card, and must not rename each other's half-written file). URL: a new file in the local temp
-    folder (an object store has no rename; the file is uploaded)."""
-    if isinstance(path, UrlPath):
-        fd, name = tempfile.mkstemp(prefix="wspo-upload-", suffix=f"-{path.name}")
-        os.close(fd)
-        return Path(name)
+def _tmp_path(path: Path) -> Path:
+    """A temporary name of this writer's own: several workers (on several hosts) may write one
+    shared file at once (the dataset card), and must not rename each other's half-written file."""
     return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
 
 
-def publish(tmp: Path, path: AnyPath) -> None:
-    """Make the whole temporary file `tmp` visible as `path`, or nothing at all.
+def publish(path: AnyPath, write: Callable[[Path], None]) -> None:
+    """Have `write(tmp)` write a local temporary file, then make it `path` whole or not at all.
 
-    Local: fsync then rename, so after a crash a file under its final name is whole. URL: upload
-    under the final key, then delete `tmp`; an object appears only when its upload completes (a
-    killed upload leaves no object), so the same holds without a rename. Memory holds one part's
-    table while it is written (the caller's), never the set.
+    Local: the temporary file sits next to `path`; fsync then rename, so after a crash a file
+    under its final name is whole. URL: the temporary file is in the local temp folder and is
+    uploaded under the final key; an object appears only when its upload completes (a killed
+    upload leaves no object), so the same holds without a rename. Memory holds what `write`
+    holds (one part), not the file.
     """
     if isinstance(path, UrlPath):
-        try:
+        with tempfile.TemporaryDirectory(prefix="wspo-upload-") as folder:
+            tmp = Path(folder) / path.name
+            write(tmp)
             path.upload(tmp)
-        finally:
-            tmp.unlink(missing_ok=True)
         return
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    tmp = _tmp_path(path)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk: no half-written temporary left behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

@@ -22,8 +22,7 @@ import pyarrow.parquet as pq
 from wspo.errors import WspoError
 
 from .schema import FORMAT_NAME, FORMAT_VERSION, float_list_columns
-from .storage import AnyPath, parquet_file, read_parquet, shard_path
-from .storage import publish as _publish, temporary_path as _tmp_path
+from .storage import AnyPath, parquet_file, publish, read_parquet, shard_path
 from .tokenization import FINGERPRINT_VERSION
 
 ROWS_PER_ROW_GROUP = 4096
@@ -74,9 +73,7 @@ def write_parquet(table: pa.Table, path: AnyPath, metadata: dict[str, str] | Non
         table = table.replace_schema_metadata(schema_md)
     floats = [f"{name}.list.element" for name in float_list_columns(table.schema)]
     floats += [f.name for f in table.schema if pa.types.is_floating(f.type)]
-    tmp = _tmp_path(path)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
+    publish(path, lambda tmp: pq.write_table(
         table,
         tmp,
         compression="zstd",
@@ -84,14 +81,11 @@ def write_parquet(table: pa.Table, path: AnyPath, metadata: dict[str, str] | Non
         use_byte_stream_split=floats,
         write_statistics=[f.name for f in table.schema if not pa.types.is_list(f.type)],
         row_group_size=ROWS_PER_ROW_GROUP,
-    )
-    _publish(tmp, path)
+    ))
 
 
 def write_text(text: str, path: AnyPath) -> None:
-    tmp = _tmp_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    _publish(tmp, path)
+    publish(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(obj: dict, path: AnyPath) -> None:

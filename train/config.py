@@ -102,6 +102,16 @@ class WSPOArguments:
                   "named by its fingerprint; reused by later runs and shared by the ranks of a node). Default: "
                   "<output_dir>/.wspo_cache."},
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace what output_dir holds of an earlier run (a finished model, wspo_run.json, checkpoints); "
+                  "without it such an output_dir is refused (resuming its checkpoints aside)."},
+    )
+    allow_resume_mismatch: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint written by a run with another identity (strong model, shard sets, loss "
+                  "and its keys, tokenizer rule) or with none recorded; by default such a resume is refused naming what differs."},
+    )
     model_dtype: str = field(
         default="auto",
         metadata={"help": "dtype to load the model in: auto (LoRA: the bf16/fp16 training dtype; full fine-tuning: float32), float32, bfloat16, float16."},

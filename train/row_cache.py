@@ -11,6 +11,13 @@ that would make its memory grow with the number of rows read. Written under a te
 renamed, so a crash never leaves a file that looks complete and two ranks writing at once both
 produce the same file.
 
+Its checksum is written last, beside it (`<file>.xxh3`), and checked each time the file is opened:
+a cache whose bytes changed (a bad disk, a stray write), or one without its checksum (a crash
+between the two renames), is named, removed and rebuilt from the verified shard set, never
+trained on. The checksum is XXH3-128 (xxhash, a dependency of `datasets`): it guards against
+damage, not tampering, and reads several GB/s where sha256 reads about 0.5 here, so the check on
+every start-up stays a small fraction of writing the cache (benchmarks/row_cache_checksum.py).
+
 A set on an object store (`--shards s3://...`) is read here and only here: each part is
 downloaded once, in one streaming read, its sha256 checked against the manifest as it arrives
 (open_shard_sets checks only sizes and row counts of such a set), decompressed into the cache
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -30,12 +38,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from wspo.disk import disk_errno, disk_message
 from wspo.errors import WspoError
 from wspo.shards.storage import local_copy, read_parquet, read_parquet_schema, shard_path
-from wspo.shards.store import ShardError, ShardSet
+from wspo.shards.store import ShardError, ShardSet, write_text
 
 CACHE_VERSION = 1  # bump when the cached layout changes
 BUCKET_COLUMN = "eval_bucket"  # uint32: the first 4 bytes of sha256(example_id), see data.is_eval_example
@@ -54,6 +64,13 @@ def row_cache(shard_set: ShardSet, columns: list[str], slots: list[str], cache_d
     columns = sorted(set(columns))
     key = json.dumps([CACHE_VERSION, shard_set.fingerprint, columns, sorted(slots)])
     path = Path(cache_dir) / f"rows-{shard_set.fingerprint[:16]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.arrow"
+    if path.exists():
+        problem = cache_problem(path)
+        if problem is None:
+            return path
+        print(f"row cache {path} is damaged ({problem}); rebuilding it from {shard_set.root}", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        checksum_path(path).unlink(missing_ok=True)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         parts = [str(shard_set.root / record["path"]) for record in shard_set.files]
@@ -64,6 +81,31 @@ def row_cache(shard_set: ShardSet, columns: list[str], slots: list[str], cache_d
             lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
             raise ShardError(f"writing the row cache {path} failed: {lines[-1]}")
     return path
+
+
+def checksum_path(path: Path) -> Path:
+    return Path(f"{path}.xxh3")
+
+
+def checksum_file(path: Path) -> str:
+    """XXH3-128 of the file, read through a memory map (no copies: page-cache speed)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return xxhash.xxh3_128().hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return xxhash.xxh3_128(view).hexdigest()
+
+
+def cache_problem(path: Path) -> str | None:
+    """What is wrong with a cache file, or None when its checksum matches the one written after it."""
+    try:
+        recorded = checksum_path(path).read_text().strip()
+    except OSError:
+        return f"no checksum file {checksum_path(path).name}: its writing was interrupted"
+    actual = checksum_file(path)
+    if actual != recorded:
+        return f"checksum {actual[:12]}… does not match {recorded[:12]}…, recorded when it was written"
+    return None
 
 
 def write_cache(parts: list[str], sha256: list[str], columns: list[str], slots: list[str], path: str) -> None:
@@ -88,8 +130,12 @@ def write_cache(parts: list[str], sha256: list[str], columns: list[str], slots: 
                             writer.write_batch(pa.RecordBatch.from_arrays([*(batch.column(c) for c in columns), pa.array(buckets)],
                                                                           schema=schema))
                 except (OSError, pa.ArrowException) as e:
+                    if disk_errno(e):  # writing the cache failed, not reading the part
+                        raise
                     raise ShardError(f"{part}: cannot read ({e})") from None
+        digest = checksum_file(tmp)
         os.replace(tmp, path)
+        write_text(digest + "\n", checksum_path(path))  # last: a cache without it is incomplete
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -107,3 +153,5 @@ if __name__ == "__main__":  # the helper process: a JSON request on stdin; the l
         write_cache(request["parts"], request["sha256"], request["columns"], request["slots"], request["path"])
     except WspoError as e:  # ShardError, or the store's StoreError
         sys.exit(str(e))
+    except OSError as e:  # a full disk, a quota, a read-only file system: named with the cache's path
+        sys.exit(disk_message(e, f"{request['path']}.tmp", "rerun: the row cache is rebuilt") or str(e))
