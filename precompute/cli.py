@@ -7,6 +7,7 @@ import sys
 
 from wspo.args import parse_config
 from wspo.disk import error_text
+from wspo.errors import WspoError
 from wspo.paths import check_output
 from wspo.shards.storage import is_url
 from wspo.shards.store import ShardError
