@@ -9,6 +9,8 @@ from pathlib import Path
 from wspo.args import parse_config
 from wspo.errors import WspoError
 from wspo.paths import check_output
+from wspo.disk import error_text
+from wspo.shards.store import write_text
 
 from .config import GenerateArguments, RewardsArguments
 
@@ -30,7 +32,7 @@ TASKS = {
 def _write_json(obj, path: str) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", out)  # whole or not at all
 
 
 def run_rewards(args: RewardsArguments) -> dict:
@@ -75,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             from .generate import run
 
             summary, _ = run(args)
-    except WspoError as e:  # the one base of every user-facing failure (wspo/errors.py)
-        print(f"wspo-eval {task}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - user-facing errors (WspoError) and disk faults are named; the rest is re-raised
+        then = "rerun the same command: no output file was left half-written"
+        where = getattr(locals().get("args"), "output_file", None) or "the output file"
+        print(f"wspo-eval {task}: error: {error_text(e, (WspoError,), where, then)}", file=sys.stderr)
         return 1
     finally:
         sys.argv[0] = program

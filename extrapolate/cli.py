@@ -7,6 +7,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from wspo.args import parse_config
+from wspo.disk import error_text
 from wspo.errors import WspoError
 from wspo.paths import check_output
 
@@ -51,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         "ExPO model extrapolation: theta = theta_aligned + alpha * (theta_aligned - theta_sft), tensor by tensor."))
     try:
         summary = run(args)
-    except WspoError as e:  # the one base of every user-facing failure (wspo/errors.py)
-        print(f"wspo-extrapolate: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - user-facing errors (WspoError) and disk faults are named; the rest is re-raised
+        then = "rerun the same command: no incomplete alpha folder was left (each is published whole)"
+        print(f"wspo-extrapolate: error: {error_text(e, (WspoError,), args.output_dir, then)}", file=sys.stderr)
         return 1
     gib = 2**30
     print(f"alphas: {', '.join(str(a) for a in summary.alphas)}")

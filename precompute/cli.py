@@ -8,8 +8,10 @@ import warnings
 
 from wspo.api import library_bars
 from wspo.args import parse_config
+from wspo.disk import error_text
 from wspo.errors import WspoError
 from wspo.paths import check_output
+from wspo.shards.storage import is_url
 
 from .config import PrecomputeArguments
 from .launch import run_ray
@@ -27,17 +29,21 @@ def _one_line(show):
 
 
 def main(argv: list[str] | None = None) -> int:
+    output_dir = None
     try:
         (args,) = parse_config(
             [PrecomputeArguments], argv,
             description="Score dataset responses under the weak models and write Parquet reward shards.",
         )
-        check_output(args.output_dir, {"dataset": args.dataset, "tokenizer": args.tokenizer, **args.scorer_paths()})
+        output_dir = args.output_dir
+        if not is_url(args.output_dir):  # an object-store URL cannot be, hold or lie inside a local input
+            check_output(args.output_dir, {"dataset": args.dataset, "tokenizer": args.tokenizer, **args.scorer_paths()})
         with library_bars(args.disable_tqdm), warnings.catch_warnings():
             warnings.showwarning = _one_line(warnings.showwarning)
             manifest = run_ray(args) if args.launcher == "ray" else run(args)
-    except WspoError as e:  # the one base of every user-facing failure (wspo/errors.py)
-        print(f"wspo-precompute: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - user-facing errors (WspoError) and disk faults are named; the rest is re-raised
+        then = "rerun the same command: the parts already written are kept and the run resumes from them"
+        print(f"wspo-precompute: error: {error_text(e, (WspoError,), output_dir, then)}", file=sys.stderr)
         return 1
     counts, timing = manifest["counts"], manifest["timing"]
     print(

@@ -15,7 +15,8 @@ LAUNCHERS = ("none", "ray")
 
 @dataclass
 class PrecomputeArguments:
-    output_dir: str = field(metadata={"help": "Directory of the shard set to write (created; a rerun resumes it)."})
+    output_dir: str = field(metadata={"help": "Directory of the shard set to write (created; a rerun resumes it), or an "
+                                              "fsspec URL such as s3://bucket/prefix (docs/cluster.md)."})
     dataset: str = field(
         default="embedded",
         metadata={"help": "Hub dataset name, a local JSON/JSONL/Parquet file or folder, or 'embedded' (the bundled sample)."},
@@ -53,9 +54,11 @@ class PrecomputeArguments:
                 f"min({DEFAULT_MAX_LENGTH}, the smallest scorer's max_position_embeddings), reported in the summary and manifest."})
     max_prompt_length: int | None = field(default=None, metadata={
         "help": "Rows whose prompt has more tokens are skipped (counted). Default: half of max_length (as TRL)."})
-    batch_tokens: int = field(
-        default=16384,
-        metadata={"help": "hf: padded tokens per forward batch. vllm: max_num_batched_tokens (bounds the chunk x vocab log-prob tensor)."},
+    batch_tokens: int | None = field(
+        default=None,
+        metadata={"help": "hf: padded tokens per forward batch (default: from the model and device: 16384 on GPU; on CPU "
+                  "512-4096, the widest activation under 32 MiB). vllm: max_num_batched_tokens (default 16384; bounds the "
+                  "chunk x vocab log-prob tensor)."},
     )
     rows_per_file: int = field(default=2048, metadata={"help": "Rows per Parquet part file (the unit of resuming)."})
     max_samples: int | None = field(default=None, metadata={"help": "Read only the first N dataset rows."})

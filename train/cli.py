@@ -10,8 +10,9 @@ import warnings
 
 from transformers import TrainingArguments
 
-from wspo.errors import ConfigError, WspoError
 from wspo.args import parse_config
+from wspo.disk import error_text
+from wspo.errors import ConfigError, WspoError
 from wspo.paths import check_output
 
 from .config import WSPOArguments
@@ -55,6 +56,9 @@ def check_training_args(args: WSPOArguments, training_args: TrainingArguments) -
     """What is checked after parsing and before any work (wspo-train and wspo.train)."""
     if not (math.isfinite(training_args.learning_rate) and training_args.learning_rate > 0):
         raise ConfigError(f"learning_rate must be finite and positive, got {training_args.learning_rate}")
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise ConfigError(f"max_steps must be a positive number of optimizer steps, or -1 to train for "
+                          f"num_train_epochs, got {training_args.max_steps}")
     check_report_to(training_args.report_to)
     check_output(training_args.output_dir, {"model_name_or_path": args.model_name_or_path, "shards": args.shards,
                                             "reference_shards": args.reference_shards})
@@ -63,17 +67,21 @@ def check_training_args(args: WSPOArguments, training_args: TrainingArguments) -
 def main(argv: list[str] | None = None) -> int:
     # DeepSpeed on recent torch warns on every collective call; once per run says enough.
     warnings.filterwarnings("once", category=FutureWarning, module="torch.distributed")
+    output_dir = None
     try:
         args, training_args = parse_config(
             [WSPOArguments, TrainingArguments], argv,
             description="Train from wspo-precompute shards (WSPO, SFT, DPO or WRPO; LoRA or full; DeepSpeed).",
         )
+        output_dir = training_args.output_dir
         check_training_args(args, training_args)
         from .pipeline import run  # after parsing, so `--help` and argument errors stay fast
 
         record = run(args, training_args)
-    except WspoError as e:  # the one base of every user-facing failure (wspo/errors.py)
-        print(f"wspo-train: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - user-facing errors (WspoError) and disk faults are named; the rest is re-raised
+        then = ("rerun the same command (with --resume_from_checkpoint true to go on from the newest complete checkpoint, "
+                "which are kept; an interrupted one is skipped). No final model was published")
+        print(f"wspo-train: error: {error_text(e, (WspoError,), output_dir, then)}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # one summary per run, from the first process
