@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from wspo.errors import WspoError
 
 from .schema import FORMAT_NAME, FORMAT_VERSION, float_list_columns
-from .storage import AnyPath, parquet_file, publish, read_parquet, shard_path
+from .storage import AnyPath, is_url, parquet_file, publish, read_parquet, shard_path
 from .tokenization import FINGERPRINT_VERSION
 
 ROWS_PER_ROW_GROUP = 4096
@@ -402,7 +402,7 @@ class ShardSet:
         for record in self.files:
             path = self.root / record["path"]
             try:
-                batches = pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=read)
+                batches = parquet_file(path).iter_batches(batch_size=batch_size, columns=read)
                 for batch in batches:
                     for row in batch.to_pylist():
                         if slots is None or row["slot"] in slots:
@@ -415,6 +415,9 @@ class ShardSet:
         `cache_dir`; built once per set, then reused)."""
         from datasets import Dataset
 
+        if is_url(self.root):
+            raise ShardError(f"{self.root}: to_dataset reads a local shard set; copy it to a local folder first "
+                             "(or read it with .rows(), which streams from the store)")
         return Dataset.from_parquet([str(self.root / f["path"]) for f in self.files],
                                     cache_dir=None if cache_dir is None else str(cache_dir))
 
