@@ -12,6 +12,10 @@ model), `nll_ratio` (to its strong SFT model's), `signal_anywhere` (share of ans
 closing sentence anywhere, not only at the end) and `unfinished` (share of answers cut at
 max_new_tokens), the two numbers that tell an answer that lost the signal from one that kept saying
 it but did not stop.
+
+`weak_reward` describes the shards' rewards themselves (`reward_anatomy`): how large the weak reward
+is on the token where the closing sentence starts (where an answer decides to show the signal) and
+on every other token, and what share of WSPO's loss at its start comes from that one token.
 """
 
 from __future__ import annotations
@@ -33,6 +37,35 @@ def _answers_stats(eval_dir: Path, name: str) -> tuple[float | None, float | Non
     anywhere = sum(CLOSING in a["output"] for a in answers) / len(answers) if answers else None
     unfinished = generated["hit_max_new_tokens"] / generated["outputs"] if generated else None
     return anywhere, unfinished
+
+
+def reward_anatomy(shards_dir: Path) -> dict:
+    """The weak rewards of the shards' chosen responses, split at the token where the closing
+    sentence starts (the first token whose text reaches into it): that token's reward, every other
+    token's, and the share of the WSPO loss at its start (policy = reference, so each sequence's
+    term is its mean squared reward) that the closing sentence's first token carries."""
+    import numpy as np
+
+    from wspo.shards.store import ShardSet
+
+    table = ShardSet.open(shards_dir).read_table(columns=["response", "token_end", "reward"]).to_pydict()
+    first, others, first_share, total_share = [], [], 0.0, 0.0
+    for response, ends, rewards in zip(table["response"], table["token_end"], table["reward"]):
+        start = response.rfind(CLOSING)
+        reaching = [i for i, end in enumerate(ends) if end > start]
+        if start < 0 or not reaching:  # a response cut before its closing sentence
+            continue
+        rewards = np.asarray(rewards, dtype=np.float64)
+        b = reaching[0]
+        first.append(rewards[b])
+        others.extend(np.delete(rewards, b))
+        first_share += rewards[b] ** 2 / len(rewards)
+        total_share += float(np.sum(rewards**2)) / len(rewards)
+    first, others = np.asarray(first), np.asarray(others)
+    return {"rows": len(first), "closing_first_token_mean": float(first.mean()), "closing_first_token_std": float(first.std()),
+            "other_tokens_mean": float(others.mean()), "other_tokens_std": float(others.std()),
+            "other_tokens_abs_mean": float(np.abs(others).mean()),
+            "other_tokens": len(others), "closing_first_token_share_of_initial_loss": float(first_share / total_share)}
 
 
 def _ratio(a, b):
@@ -69,7 +102,9 @@ def build_grid(grid_dir: Path, pipeline_dir: Path) -> dict:
             row["goals_met"] = _goals_met(row)
             rows.append(row)
     rows.sort(key=lambda r: (r["strong_sft_steps"], -r["learning_rate"], r["wspo_steps"], r["gamma"]))
-    return {"grid_dir": str(grid_dir), "pipeline_dir": str(pipeline_dir), **weak, "cells": rows}
+    shards = pipeline_dir / "shards" / "wspo"
+    anatomy = reward_anatomy(shards) if (shards / "manifest.json").exists() else None
+    return {"grid_dir": str(grid_dir), "pipeline_dir": str(pipeline_dir), **weak, "weak_reward": anatomy, "cells": rows}
 
 
 def _goals_met(row: dict) -> bool | None:
@@ -86,14 +121,19 @@ def markdown(grid: dict) -> str:
         return "-" if value is None else format(value, spec)
 
     lines = [f"weak SFT held-out NLL {f(grid['weak_sft_nll'], '.3f')}, weak DPO signal {f(grid['weak_dpo_signal'], '.2f')}",
-             "",
-             "| strong SFT steps | SFT NLL (x weak) | SFT signal | SFT rep. | WSPO lr | steps | gamma | signal | gain "
+             ""]
+    if (w := grid["weak_reward"]) is not None:
+        lines += [f"weak reward per token ({w['rows']} chosen responses): {w['closing_first_token_mean']:+.3f} "
+                  f"(std {w['closing_first_token_std']:.3f}) on the token where the closing sentence starts, "
+                  f"{w['other_tokens_mean']:+.4f} (std {w['other_tokens_std']:.3f}) on every other token; "
+                  f"that one token is {w['closing_first_token_share_of_initial_loss']:.0%} of the WSPO loss at its start", ""]
+    lines += ["| strong SFT steps | SFT NLL (x weak) | SFT signal | SFT rep. | WSPO lr | steps | gamma | signal | gain "
              "| anywhere | unfinished | accuracy | NLL (x SFT) | rep. | goals |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|:---:|"]
     for r in grid["cells"]:
         met = {None: "-", True: "met", False: "no"}[r["goals_met"]]
         lines.append(f"| {r['strong_sft_steps']} | {f(r['strong_sft_nll'], '.3f')} ({f(r['strong_sft_nll_vs_weak_sft'], '.2f')}x) "
-                     f"| {f(r['strong_sft_signal'], '.2f')} | {f(r['strong_sft_repetition'], '.2f')} | {r['learning_rate']:g} "
+                     f"| {f(r['strong_sft_signal'], '.2f')} | {f(r['strong_sft_repetition'], '.2f')} | {r['learning_rate']:.0e} "
                      f"| {r['wspo_steps']} | {r['gamma']:g} | {f(r['signal'], '.2f')} | {f(r['signal_gain'], '+.2f')} "
                      f"| {f(r['signal_anywhere'], '.2f')} | {f(r['unfinished'], '.2f')} | {f(r['accuracy'], '.2f')} "
                      f"| {f(r['heldout_nll'], '.3f')} ({f(r['nll_ratio'], '.3f')}x) | {f(r['repetition'], '.2f')} | {met} |")

@@ -276,7 +276,7 @@ def figure(report: dict, path: Path) -> None:
     right.set_xscale("log")
     right.set_xticks(gammas, [f"{g:g}" for g in gammas])
     right.minorticks_off()
-    right.set_ylim(0, max(1.15, *(v / sft_nll + 0.1 for v in series("heldout_nll") if sft_nll and v == v)))
+    right.set_ylim(0, max([1.15, *(v / sft_nll + 0.1 for v in series("heldout_nll") if sft_nll and v == v)]))
     right.set_xlabel("gamma (strong log-ratio matched to reward / gamma)")
     right.set_title("Strong WSPO: sweep of gamma over the same shards")
     right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)

@@ -25,7 +25,10 @@ step() {  # step "what" OUTPUT_FILE command...: run the command unless OUTPUT_FI
   # Progress goes to stderr: a step's stdout may be redirected into its output file.
   if [ -e "$output" ]; then echo "== $what: done already ($output)" >&2; return; fi
   echo "== $what ($(date +%T))" >&2
-  "$@"
+  # Every step's wall and CPU seconds (children included) to stderr: on a shared machine the CPU
+  # seconds tell what the step costs, the wall seconds only how busy the machine was.
+  local TIMEFORMAT="   took %R s wall, %U s user + %S s sys CPU: $what"
+  time "$@"
 }
 to_file() {  # to_file FILE command...: the command's stdout into FILE, which appears only when done
   local out=$1

@@ -55,6 +55,17 @@ def test_seeds_script_reruns_phase_two_and_reports_the_spread(tiny_models, tmp_p
     assert report["seed_dirs"] == [str(f / "eval") for f in seeds]
     assert {p: p.read_bytes() for p in (pipeline / "shards").rglob("*") if p.is_file()} == shards_before
 
+    # The grid's anatomy of these shards' rewards splits every reward once: the sums are conserved.
+    from wspo.embedded.grid import reward_anatomy
+    from wspo.shards.store import ShardSet
+
+    anatomy = reward_anatomy(pipeline / "shards" / "wspo")
+    table = ShardSet.open(pipeline / "shards" / "wspo").read_table(columns=["reward_sum", "n_tokens"]).to_pydict()
+    assert anatomy["rows"] == 16 and anatomy["rows"] + anatomy["other_tokens"] == sum(table["n_tokens"])
+    split = anatomy["closing_first_token_mean"] * anatomy["rows"] + anatomy["other_tokens_mean"] * anatomy["other_tokens"]
+    assert split == pytest.approx(sum(table["reward_sum"]), abs=1e-4)
+    assert 0 < anatomy["closing_first_token_share_of_initial_loss"] < 1
+
 
 @pytest.mark.parametrize("script", ["seeds.sh", "grid.sh"])
 def test_scripts_refuse_a_folder_without_the_main_job(script, tmp_path):
