@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 from datetime import datetime, timezone
+
 from wspo.errors import WspoError
 from wspo.shards.storage import AnyPath, create_exclusive
 
