@@ -67,7 +67,7 @@ def local_one(tiny_models, tmp_path_factory):
     return out
 
 
-def test_one_worker_on_s3_equals_a_local_run(tiny_models, s3_bucket, local_one, capsys):
+def test_one_worker_on_s3_equals_a_local_run(tiny_models, s3_bucket, local_one, tmp_path, capsys):
     url = f"{s3_bucket}/one"
     run(make_args(tiny_models, url))
     assert part_bytes(url) == part_bytes(local_one) and len(part_bytes(url)) == 3
@@ -77,6 +77,11 @@ def test_one_worker_on_s3_equals_a_local_run(tiny_models, s3_bucket, local_one, 
     assert names == ["README.md", "data", "manifest.json"]  # no lock, no work folder, no temporary file left
     assert shards_main(["verify", url]) == 0
     assert "OK (3 files" in capsys.readouterr().out
+    # The other readers of wspo-shards take the URL; the page is written locally.
+    assert shards_main(["info", url]) == 0 and json.loads(capsys.readouterr().out)["rows"] == 12
+    assert shards_main(["head", url, "-n", "1", "--tokens", "3"]) == 0
+    assert shards_main(["show", url, "--html", str(tmp_path / "page.html"), "-n", "2"]) == 0
+    assert (tmp_path / "page.html").read_text().count('<div class="row"') == 4
     # A rerun finds the set complete and leaves it as it is.
     before = {p.name: p.read_bytes() for p in store.glob("*.json")}
     run(make_args(tiny_models, url))
