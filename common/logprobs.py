@@ -10,7 +10,11 @@ in chunks: log-softmax = logit[target] - logsumexp(logits), in float32, per chun
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+
+from wspo.errors import InputError
 
 
 # float32 logits of one output-head chunk; log-softmax needs about 3x this at its peak.
@@ -57,7 +61,9 @@ def response_logprobs(
     chunk_rows: int | None = None,
     position_ids: torch.Tensor | None = None,
     chunk_bytes: int = HEAD_CHUNK_BYTES,
-) -> torch.Tensor:
+    topk: int = 0,
+    gather_ids: torch.Tensor | None = None,
+):
     """Log-probs of `input_ids[b, t]` given `input_ids[b, :t]` wherever `target_mask[b, t]`.
 
     Returns a 1-D float32 tensor of the selected positions in row-major order (row 0's response
@@ -67,6 +73,12 @@ def response_logprobs(
     Packed rows (`wspo.train.packing.pack_sequences`): `attention_mask` None and `position_ids`
     restarting at 0 at every sequence; the model then keeps attention inside each sequence, and
     a response token is still predicted from the position before it, in its own sequence.
+
+    Distillation (wspo.shards.topk), from the same chunks of logits, never the whole vocabulary:
+    `topk=K` also returns the K most likely ids of every selected position and their log-probs
+    (phase one's teacher); `gather_ids` ([positions, K] ids) also returns the log-probs of those
+    ids (phase two's student). Then the result is (log-probs, extra):
+    extra = (topk log-probs [positions, K], topk ids [positions, K]) or gathered log-probs [positions, K].
     """
     if target_mask[:, 0].any():
         raise ValueError("target_mask marks position 0, which has no preceding context")
@@ -79,7 +91,7 @@ def response_logprobs(
     decoder = inner.get_decoder()
     head = inner.get_output_embeddings()
     if decoder is None or head is None:
-        raise ValueError(f"{type(inner).__name__} has no decoder/output head: not a causal LM")
+        raise InputError(f"{type(inner).__name__} has no decoder/output head: not a causal LM")
 
     captured: list[torch.Tensor] = []
 
@@ -120,11 +132,109 @@ def response_logprobs(
         # out_features, not weight.shape: under ZeRO-3 the local weight is an empty partition.
         vocab = getattr(head, "out_features", None) or inner.config.vocab_size
         chunk_rows = max(1, chunk_bytes // (4 * vocab))
-    pieces = []
+    if torch.is_grad_enabled() and states.requires_grad:
+        logps, extra = _head_logprobs_autograd(head, states, targets, chunk_rows, inner.config, topk, gather_ids)
+    else:
+        logps, extra = _head_logprobs_inplace(head, states, targets, chunk_rows, inner.config, topk, gather_ids)
+    if not (topk or gather_ids is not None):
+        return logps
+    if not extra:  # no selected position
+        width = topk or gather_ids.shape[1]
+        empty = states.new_zeros((0, width), dtype=torch.float32)
+        return logps, ((empty, empty.long()) if topk else empty)
+    if topk:
+        return logps, (torch.cat([v for v, _ in extra]), torch.cat([i for _, i in extra]))
+    return logps, torch.cat(extra)
+
+
+def _head_logprobs_autograd(head, states, targets, chunk_rows: int, config, topk: int, gather_ids):
+    """Training: fresh tensors per chunk, as autograd needs them. Returns (log-probs, per-chunk extras)."""
+    pieces, extra = [], []
     for start in range(0, states.shape[0], chunk_rows):
-        logits = _softcap(head(states[start : start + chunk_rows]), inner.config).float()
+        logits = _softcap(head(states[start : start + chunk_rows]), config).float()
         picked = logits.gather(1, targets[start : start + chunk_rows, None]).squeeze(1)
-        pieces.append(picked - torch.logsumexp(logits, dim=-1))
+        normaliser = torch.logsumexp(logits, dim=-1)
+        pieces.append(picked - normaliser)
+        if topk or gather_ids is not None:
+            extra.append(_distillation_columns(logits, normaliser, topk, gather_ids, start, chunk_rows))
     if not pieces:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(pieces)
+        return states.new_zeros(0, dtype=torch.float32), extra
+    return torch.cat(pieces), extra
+
+
+def _distillation_columns(logits, normaliser, topk: int, gather_ids, start: int, chunk_rows: int):
+    """One chunk's top-k (log-probs, ids), or its log-probs at `gather_ids`."""
+    if topk:
+        values, ids = logits.topk(min(topk, logits.shape[-1]), dim=-1)  # sorted, most likely first
+        return values - normaliser[:, None], ids
+    return logits.gather(1, gather_ids[start : start + chunk_rows]) - normaliser[:, None]
+
+
+# One logits buffer per output head (and dtype), reused by every chunk of every call while the
+# model lives: a fresh [chunk, vocab] tensor per chunk costs a page fault per 4 KiB on CPU (glibc
+# returns blocks this large to the kernel when freed) and a pass over memory per temporary.
+_LOGIT_BUFFERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _buffer(head: torch.nn.Module, rows: int, vocab: int, dtype: torch.dtype, device) -> torch.Tensor:
+    cache = _LOGIT_BUFFERS.setdefault(head, {})
+    key = (dtype, str(device))
+    buf = cache.get(key)
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != vocab:
+        cache.pop(key, None)
+        buf = cache[key] = torch.empty((rows, vocab), dtype=dtype, device=device)
+    return buf[:rows]
+
+
+def _head_logprobs_inplace(head, states, targets, chunk_rows: int, config, topk: int, gather_ids):
+    """No gradients (scoring, evaluation): the head's logits go into one reused buffer, in the
+    head's dtype (bf16 matmuls stay bf16), and the log-sum-exp runs in float32 in place: the same
+    numbers as `_head_logprobs_autograd` (max, subtract, exp, sum, log, as torch.logsumexp does).
+    Top-k values (or the values at `gather_ids`) are read before the buffer is overwritten."""
+    total = states.shape[0]
+    extra = []
+    if not total:
+        return states.new_zeros(0, dtype=torch.float32), extra
+    rows = min(chunk_rows, total)
+    weight = getattr(head, "weight", None)
+    plain = (type(head) is torch.nn.Linear and weight is not None and weight.dim() == 2
+             and weight.shape[1] == states.shape[1] and states.dtype == weight.dtype
+             and not torch.is_autocast_enabled(states.device.type))  # autocast casts head(x), not mm(out=)
+    vocab = weight.shape[0] if plain else None
+    cap = getattr(config, "final_logit_softcapping", None)
+    out = torch.empty(total, dtype=torch.float32, device=states.device)
+    for start in range(0, total, rows):
+        n = min(rows, total - start)
+        x = states[start : start + n]
+        if plain:
+            raw = _buffer(head, rows, vocab, weight.dtype, states.device)[:n]
+            if head.bias is None:
+                torch.mm(x, weight.t(), out=raw)
+            else:
+                torch.addmm(head.bias, x, weight.t(), out=raw)
+        else:  # a wrapped head (PEFT modules_to_save, ZeRO-3 partitions): its own forward
+            raw = head(x)
+            vocab = raw.shape[1]
+        if cap:  # as _softcap, in place, in the head's dtype
+            raw.div_(cap).tanh_().mul_(cap)
+        if raw.dtype == torch.float32:
+            logits = raw
+        else:  # bf16/fp16 matmul, float32 log-sum-exp
+            logits = _buffer(head, rows, vocab, torch.float32, states.device)[:n]
+            logits.copy_(raw)
+        picked = logits.gather(1, targets[start : start + n, None]).squeeze(1)
+        if topk:
+            values, ids = logits.topk(min(topk, vocab), dim=-1)  # sorted, most likely first
+        elif gather_ids is not None:
+            values = logits.gather(1, gather_ids[start : start + n])
+        peak = logits.amax(dim=1, keepdim=True)
+        # torch.logsumexp's guard: an infinite max would make x - max NaN.
+        peak.masked_fill_(torch.isinf(peak), 0.0)
+        sums = logits.sub_(peak).exp_().sum(dim=1)
+        normaliser = sums.log_() + peak.squeeze(1)
+        out[start : start + n] = picked - normaliser
+        if topk:
+            extra.append((values - normaliser[:, None], ids))
+        elif gather_ids is not None:
+            extra.append(values - normaliser[:, None])
+    return out, extra
