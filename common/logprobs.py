@@ -10,6 +10,8 @@ in chunks: log-softmax = logit[target] - logsumexp(logits), in float32, per chun
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -120,11 +122,77 @@ def response_logprobs(
         # out_features, not weight.shape: under ZeRO-3 the local weight is an empty partition.
         vocab = getattr(head, "out_features", None) or inner.config.vocab_size
         chunk_rows = max(1, chunk_bytes // (4 * vocab))
+    if torch.is_grad_enabled() and states.requires_grad:
+        return _head_logprobs_autograd(head, states, targets, chunk_rows, inner.config)
+    return _head_logprobs_inplace(head, states, targets, chunk_rows, inner.config)
+
+
+def _head_logprobs_autograd(head, states, targets, chunk_rows: int, config) -> torch.Tensor:
+    """Training: fresh tensors per chunk, as autograd needs them."""
     pieces = []
     for start in range(0, states.shape[0], chunk_rows):
-        logits = _softcap(head(states[start : start + chunk_rows]), inner.config).float()
+        logits = _softcap(head(states[start : start + chunk_rows]), config).float()
         picked = logits.gather(1, targets[start : start + chunk_rows, None]).squeeze(1)
         pieces.append(picked - torch.logsumexp(logits, dim=-1))
     if not pieces:
-        return hidden.new_zeros(0, dtype=torch.float32)
+        return states.new_zeros(0, dtype=torch.float32)
     return torch.cat(pieces)
+
+
+# One logits buffer per output head (and dtype), reused by every chunk of every call while the
+# model lives: a fresh [chunk, vocab] tensor per chunk costs a page fault per 4 KiB on CPU (glibc
+# returns blocks this large to the kernel when freed) and a pass over memory per temporary.
+_LOGIT_BUFFERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _buffer(head: torch.nn.Module, rows: int, vocab: int, dtype: torch.dtype, device) -> torch.Tensor:
+    cache = _LOGIT_BUFFERS.setdefault(head, {})
+    key = (dtype, str(device))
+    buf = cache.get(key)
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != vocab:
+        cache.pop(key, None)
+        buf = cache[key] = torch.empty((rows, vocab), dtype=dtype, device=device)
+    return buf[:rows]
+
+
+def _head_logprobs_inplace(head, states, targets, chunk_rows: int, config) -> torch.Tensor:
+    """No gradients (scoring, evaluation): the head's logits go into one reused buffer, in the
+    head's dtype (bf16 matmuls stay bf16), and the log-sum-exp runs in float32 in place: the same
+    numbers as `_head_logprobs_autograd` (max, subtract, exp, sum, log, as torch.logsumexp does)."""
+    total = states.shape[0]
+    if not total:
+        return states.new_zeros(0, dtype=torch.float32)
+    rows = min(chunk_rows, total)
+    weight = getattr(head, "weight", None)
+    plain = (type(head) is torch.nn.Linear and weight is not None and weight.dim() == 2
+             and weight.shape[1] == states.shape[1] and states.dtype == weight.dtype
+             and not torch.is_autocast_enabled(states.device.type))  # autocast casts head(x), not mm(out=)
+    vocab = weight.shape[0] if plain else None
+    cap = getattr(config, "final_logit_softcapping", None)
+    out = torch.empty(total, dtype=torch.float32, device=states.device)
+    for start in range(0, total, rows):
+        n = min(rows, total - start)
+        x = states[start : start + n]
+        if plain:
+            raw = _buffer(head, rows, vocab, weight.dtype, states.device)[:n]
+            if head.bias is None:
+                torch.mm(x, weight.t(), out=raw)
+            else:
+                torch.addmm(head.bias, x, weight.t(), out=raw)
+        else:  # a wrapped head (PEFT modules_to_save, ZeRO-3 partitions): its own forward
+            raw = head(x)
+            vocab = raw.shape[1]
+        if cap:  # as _softcap, in place, in the head's dtype
+            raw.div_(cap).tanh_().mul_(cap)
+        if raw.dtype == torch.float32:
+            logits = raw
+        else:  # bf16/fp16 matmul, float32 log-sum-exp
+            logits = _buffer(head, rows, vocab, torch.float32, states.device)[:n]
+            logits.copy_(raw)
+        picked = logits.gather(1, targets[start : start + n, None]).squeeze(1)
+        peak = logits.amax(dim=1, keepdim=True)
+        # torch.logsumexp's guard: an infinite max would make x - max NaN.
+        peak.masked_fill_(torch.isinf(peak), 0.0)
+        sums = logits.sub_(peak).exp_().sum(dim=1)
+        out[start : start + n] = picked - (sums.log_() + peak.squeeze(1))
+    return out

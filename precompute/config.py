@@ -48,9 +48,11 @@ class PrecomputeArguments:
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."})
     max_length: int = field(default=4096, metadata={"help": "Max prompt + response tokens; longer responses are cut and flagged truncated."})
     max_prompt_length: int = field(default=2048, metadata={"help": "Rows whose prompt has more tokens are skipped (counted)."})
-    batch_tokens: int = field(
-        default=16384,
-        metadata={"help": "hf: padded tokens per forward batch. vllm: max_num_batched_tokens (bounds the chunk x vocab log-prob tensor)."},
+    batch_tokens: int | None = field(
+        default=None,
+        metadata={"help": "hf: padded tokens per forward batch (default: from the model and device: 16384 on GPU; on CPU "
+                  "512-4096, the widest activation under 32 MiB). vllm: max_num_batched_tokens (default 16384; bounds the "
+                  "chunk x vocab log-prob tensor)."},
     )
     rows_per_file: int = field(default=2048, metadata={"help": "Rows per Parquet part file (the unit of resuming)."})
     max_samples: int | None = field(default=None, metadata={"help": "Read only the first N dataset rows."})
@@ -98,7 +100,7 @@ class PrecomputeArguments:
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
         for key in ("batch_tokens", "rows_per_file", "max_length", "max_prompt_length", "tensor_parallel_size"):
-            if getattr(self, key) <= 0:
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive (got {getattr(self, key)})")
         if self.max_samples is not None and self.max_samples <= 0:
             raise ValueError(f"max_samples must be a positive number of rows (got {self.max_samples})")

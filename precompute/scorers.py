@@ -1,6 +1,6 @@
 """Scorer backends: token ids in, per-token log-probs of the response positions out.
 
-    scorer = open_scorer("hf", model_dir, dtype="auto", batch_tokens=16384)
+    scorer = open_scorer("hf", model_dir, dtype="auto", batch_tokens=None)   # None: default_batch_tokens
     logps = scorer.score(sequences, prompt_lengths)   # logps[i][k] = log p(seq[i][p_i + k] | seq[i][:p_i + k])
     scorer.close()                                     # frees the model before the next one loads
 
@@ -48,17 +48,39 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+# glibc hands blocks above 32 MiB (its largest mmap threshold) straight back to the kernel when
+# they are freed, so every larger activation costs fresh zeroed pages on the next batch.
+CPU_ACTIVATION_BYTES = 32 * 2**20
+GPU_BATCH_TOKENS = 16384
+
+
+def default_batch_tokens(config, device: str, dtype: torch.dtype) -> int:
+    """The hf scorer's padded tokens per forward when `batch_tokens` is not set.
+
+    GPU: 16,384 (large batches keep the device busy). CPU: the largest power of two, within
+    512-4,096, that keeps the widest activation ([tokens, intermediate_size]) under 32 MiB. Past
+    ~1,000 rows a CPU matmul runs no faster, while a larger batch pads more (batches are cut from
+    length-sorted rows) and re-faults its activations every layer: on 2 cores at the quick shape
+    (docs/benchmarks.md) 16,384 padded 1.37x and ran at half the speed of 2,048.
+    """
+    if not device.startswith("cpu"):
+        return GPU_BATCH_TOKENS
+    width = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    tokens = CPU_ACTIVATION_BYTES // (width * torch.tensor([], dtype=dtype).element_size())
+    return int(min(4096, max(512, 2 ** max(0, int(tokens).bit_length() - 1))))
+
+
 class HFScorer:
     """Batched transformers forward in inference mode, log-softmax only at response positions."""
 
     backend = "hf"
 
-    def __init__(self, model_dir, dtype: str = "auto", batch_tokens: int = 16384, device: str | None = None):
+    def __init__(self, model_dir, dtype: str = "auto", batch_tokens: int | None = None, device: str | None = None):
         self.device = device or default_device()
         self.torch_dtype = resolve_dtype(dtype, self.device)
         self.dtype = str(self.torch_dtype).removeprefix("torch.")
-        self.batch_tokens = batch_tokens
         self.model = load_causal_lm(model_dir, self.torch_dtype, self.device)
+        self.batch_tokens = batch_tokens or default_batch_tokens(self.model.config, self.device, self.torch_dtype)
 
     @torch.inference_mode()
     def score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[np.ndarray]:
@@ -82,11 +104,11 @@ class HFScorer:
             torch.cuda.empty_cache()
 
 
-def open_scorer(backend: str, model_dir, dtype: str, batch_tokens: int, **vllm_options) -> Scorer:
+def open_scorer(backend: str, model_dir, dtype: str, batch_tokens: int | None, **vllm_options) -> Scorer:
     if backend == "hf":
         return HFScorer(model_dir, dtype=dtype, batch_tokens=batch_tokens)
     if backend == "vllm":
         from .vllm_scorer import VLLMScorer  # vLLM is imported only when chosen
 
-        return VLLMScorer(model_dir, dtype=dtype, batch_tokens=batch_tokens, **vllm_options)
+        return VLLMScorer(model_dir, dtype=dtype, batch_tokens=batch_tokens or GPU_BATCH_TOKENS, **vllm_options)
     raise ValueError(f"backend: {backend!r}; choose hf or vllm")

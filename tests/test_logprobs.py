@@ -67,3 +67,28 @@ def test_head_chunks_sized_by_bytes_give_the_same_logprobs(tiny_models):
         whole = response_logprobs(model, ids, mask, target)  # default budget: one chunk here
         three_rows = response_logprobs(model, ids, mask, target, chunk_bytes=3 * 4 * vocab)  # 3 positions a chunk
     assert int(target.sum()) > 3 and torch.allclose(whole, three_rows, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_inference_head_in_one_reused_buffer_equals_the_autograd_path(dtype, softcap):
+    """Without gradients the head writes its logits into one buffer kept per head and does the
+    log-sum-exp in place (float32); the numbers equal the training path's bit for bit."""
+    from types import SimpleNamespace
+
+    from wspo.logprobs import _LOGIT_BUFFERS, _head_logprobs_autograd, _head_logprobs_inplace
+
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(32, 5000, bias=False).to(dtype)
+    states = (torch.randn(23, 32, generator=gen) * 4).to(dtype)
+    targets = torch.randint(0, 5000, (23,), generator=gen)
+    config = SimpleNamespace(final_logit_softcapping=softcap)
+    with torch.no_grad():
+        expected = _head_logprobs_autograd(head, states, targets, 7, config)
+        first = _head_logprobs_inplace(head, states, targets, 7, config)
+        buffers = {key: buf.data_ptr() for key, buf in _LOGIT_BUFFERS[head].items()}
+        second = _head_logprobs_inplace(head, states[:10], targets[:10], 7, config)
+        expected_second = _head_logprobs_autograd(head, states[:10], targets[:10], 7, config)
+    assert torch.equal(first, expected) and torch.equal(second, expected_second)
+    assert {key: buf.data_ptr() for key, buf in _LOGIT_BUFFERS[head].items()} == buffers  # reused, not reallocated
+    assert len(buffers) == (1 if dtype == torch.float32 else 2)  # bf16 logits + their float32 copy

@@ -1,0 +1,201 @@
+"""Phase one against its limit: `wspo-precompute` as a fraction of the matmul ceiling, one run.
+
+    python benchmarks/phase_one_limit.py --quick                      # quick shape, 24 rows, fp32 + bf16
+    python benchmarks/phase_one_limit.py --preset quick --rows 96
+    python benchmarks/phase_one_limit.py --preset qwen2-0.5b --rows 32 --dtypes float32 bfloat16
+    python benchmarks/phase_one_limit.py --preset qwen2-0.5b --device cuda --backends hf vllm
+
+Two random-weight Qwen2 scorers (weak_ref, weak_aligned) of a preset shape (benchmarks/limits.py;
+"quick": hidden 512, 8 layers; "qwen2-0.5b": hidden 896, 24 layers, 14/2 heads) with Qwen2's real
+151,936-row vocabulary and tokenizer score the chosen responses of `--rows` UltraFeedback-like rows
+(benchmarks/workloads.py: response tokens log-normal, median 300). Each (backend, dtype) runs in
+its own process: it measures the matmul ceiling at the model's own GEMM shapes, dtype, device and
+threads (limits.Ceiling), runs phase one in-process (`wspo.precompute.pipeline.run`, the command's
+own code, default settings unless given), measures the ceiling again, and reports
+
+    fraction_of_limit      seconds of the useful FLOPs at the ceiling / seconds of the whole run
+    fraction_scoring       the same over the scorers' `score` calls only (no loading, tokenizing, writing)
+    seconds_per_example, peak_rss_mib (and above one model's weights), minor page faults per part
+    max_abs_diff_vs_naive  a few rows' log-probs against one full-logits float32 log_softmax (exactness)
+
+The ceiling is the faster of two measurements (before and after the run) per GEMM kind, each the
+fastest of its repeats: the machine's capability, so load from other processes lowers the fraction. Goals (issue 18): hf >= 0.9 of the fp32 ceiling, >= 0.8 of bf16; peak <=
+weights + 1 GB at the 0.5B shape; page faults that do not grow with parts. vLLM: information only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+def child(spec: dict) -> None:
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from limits import Ceiling, add_work, machine, phase_one_flops
+    from workloads import rule_lengths
+
+    from wspo.models import load_tokenizer
+    from wspo.precompute import pipeline, scorers
+    from wspo.precompute.config import PrecomputeArguments
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device, dtype = spec["device"], getattr(torch, spec["dtype"])
+    models = {name: Path(p) for name, p in spec["models"].items()}
+    keys = dict(output_dir=spec["output_dir"], dataset=spec["rows"], weak_ref=str(models["weak_ref"]),
+                weak_aligned=str(models["weak_aligned"]), backend=spec["backend"], dtype=spec["dtype"],
+                max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"],
+                rows_per_file=spec["rows_per_file"], **spec["extra"])
+    args = PrecomputeArguments(**keys)
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(models["weak_ref"])
+    sequences, responses = rule_lengths(load_tokenizer(str(models["weak_ref"])), Path(spec["rows"]), ["chosen"],
+                                        args.max_length, args.max_prompt_length)
+    one = phase_one_flops(config, sequences, responses)
+    work = add_work(one, one)  # two scorers, the same shape
+    batch_rows = min(args.batch_tokens, 4096)
+    measure = dict(kinds=work, tokens=batch_rows, attention_length=int(np.median(sequences)))
+    before = Ceiling.measure(config, dtype, device, **measure)
+
+    # Time each scorer's `score` calls and count the page faults of each (one call per part).
+    timing = {"score_seconds": 0.0, "minor_faults_per_part": [], "major_faults": 0}
+    backend_class = scorers.HFScorer if spec["backend"] == "hf" else __import__(
+        "wspo.precompute.vllm_scorer", fromlist=["VLLMScorer"]).VLLMScorer
+    original = backend_class.score
+
+    def timed_score(self, *a, **k):
+        usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        result = original(self, *a, **k)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        timing["score_seconds"] += time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        timing["minor_faults_per_part"].append(after.ru_minflt - usage.ru_minflt)
+        timing["major_faults"] += after.ru_majflt - usage.ru_majflt
+        return result
+
+    backend_class.score = timed_score
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    manifest = pipeline.run(args)
+    seconds = time.perf_counter() - start
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = Ceiling.measure(config, dtype, device, **measure)
+    ceiling = Ceiling.best_of(before, after)
+
+    # Exactness: the first rows' stored log-probs against a plain full-logits forward, float32.
+    table = pq.read_table(sorted(Path(args.output_dir).glob("**/part-*.parquet"))[0],
+                          columns=["token_ids", "logp_weak_ref"]).slice(0, spec["check_rows"])
+    from wspo.models import load_causal_lm
+    from wspo.shards.tokenization import ResponseTokenizer
+
+    rule = ResponseTokenizer(load_tokenizer(str(models["weak_ref"])), args.max_length, args.max_prompt_length)
+    model = load_causal_lm(models["weak_ref"], torch.float32, device)
+    rows = [json.loads(line) for line in Path(spec["rows"]).read_text().splitlines()]
+    worst = 0.0
+    with torch.inference_mode():
+        for k, (token_ids, stored) in enumerate(zip(table["token_ids"].to_pylist(), table["logp_weak_ref"].to_pylist())):
+            tok = rule(rows[k]["chosen"][:-1], rows[k]["chosen"][-1]["content"])
+            assert tok.token_ids == token_ids, "row order: the check compares another row"
+            ids = torch.tensor([tok.prompt_ids + tok.token_ids], device=device)
+            logps = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0, :-1].gather(1, ids[0, 1:, None])[:, 0]
+            naive = logps[len(tok.prompt_ids) - 1:].cpu().numpy()
+            worst = max(worst, float(np.abs(naive - np.asarray(stored)).max()))
+    del model
+    weights = sum(p.stat().st_size for p in models["weak_ref"].glob("*.safetensors")) * dtype.itemsize // 4
+    limit = ceiling.seconds(work)
+    rows_done = manifest["counts"]["rows_written"]
+    print(RESULT_PREFIX + json.dumps({
+        "backend": spec["backend"], "dtype": spec["dtype"], "device": device, "threads": ceiling.threads,
+        "batch_tokens": args.batch_tokens, "rows": rows_done, "sequence_tokens": sum(sequences),
+        "response_tokens": sum(responses), "useful_gflop": round(sum(work.values()) / 1e9, 1),
+        "limit_seconds": round(limit, 2), "run_seconds": round(seconds, 2),
+        "score_seconds": round(timing["score_seconds"], 2),
+        "fraction_of_limit": round(limit / seconds, 3),
+        "fraction_scoring": round(limit / timing["score_seconds"], 3) if timing["score_seconds"] else None,
+        "fraction_of_median_ceiling": round(ceiling.seconds(work, best=False) / seconds, 3),
+        "seconds_per_example": round(seconds / rows_done, 3),
+        "ceiling_gflops_per_s": round(ceiling.rate(work) / 1e9, 1),
+        "ceiling_drift_after_vs_before": round(after.rate(work) / before.rate(work), 3),
+        "peak_rss_mib": round(peak_rss / 2**20, 1), "weights_mib_one_model": round(weights / 2**20, 1),
+        "peak_rss_above_weights_mib": round((peak_rss - weights) / 2**20, 1),
+        "minor_faults_total": faults, "minor_faults_per_part": timing["minor_faults_per_part"],
+        "major_faults_scoring": timing["major_faults"],
+        "max_abs_diff_vs_naive": worst, "checked_rows": len(table),
+        "ceiling": ceiling.as_dict(), "machine": machine(),
+    }))
+
+
+def run_child(spec: dict) -> dict:
+    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)], capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode or not lines:
+        raise SystemExit(f"child {spec['backend']}/{spec['dtype']} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="preset quick, 24 rows, fp32 and bf16, hf")
+    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--rows", type=int, default=96)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--backends", nargs="+", default=["hf"], choices=["hf", "vllm"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--max_length", type=int, default=2048)
+    parser.add_argument("--max_prompt_length", type=int, default=512)
+    parser.add_argument("--parts", type=int, default=4, help="rows_per_file = rows / parts (faults per part)")
+    parser.add_argument("--batch_tokens", type=int, default=None, help="default: wspo-precompute's own default")
+    parser.add_argument("--check_rows", type=int, default=2)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        return child(json.loads(args._child))
+    if args.quick:
+        args.preset, args.rows = "quick", 24
+
+    from limits import machine
+    from workloads import qwen2_tokenizer, save_models, write_rows
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        tokenizer = qwen2_tokenizer()
+        lengths = write_rows(tmp / "rows.jsonl", tokenizer, args.rows)
+        models = save_models(tmp, args.preset, ["weak_ref", "weak_aligned"], tokenizer)
+        results = []
+        for backend in args.backends:
+            for dtype in args.dtypes:
+                spec = {"backend": backend, "dtype": dtype, "device": args.device, "threads": args.threads,
+                        "models": {k: str(v) for k, v in models.items()}, "rows": str(tmp / "rows.jsonl"),
+                        "output_dir": str(tmp / f"shards-{backend}-{dtype}"), "max_length": args.max_length,
+                        "max_prompt_length": args.max_prompt_length, "check_rows": args.check_rows,
+                        "rows_per_file": max(1, -(-args.rows // args.parts)),
+                        "extra": {"batch_tokens": args.batch_tokens} if args.batch_tokens else {}}
+                results.append(run_child(spec))
+    report = {"benchmark": "phase_one_limit", "preset": args.preset, "rows": args.rows, "lengths": lengths,
+              "machine": machine(), "runs": results}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The benchmarks' yardstick (benchmarks/limits.py) against torch's own FLOP counter, and each
+benchmark in quick mode (slow): it runs and its exactness checks hold. Never a timing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import limits  # noqa: E402
+
+
+def tiny_qwen2(**overrides):
+    from transformers import Qwen2ForCausalLM
+
+    config = limits.config_for("qwen2-26m", vocab_size=300, hidden_size=64, intermediate_size=96,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **overrides)
+    config._attn_implementation = "eager"  # matmuls torch.utils.flop_counter sees (its CPU sdpa is uncounted)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).eval(), config
+
+
+def counted(fn) -> dict[str, float]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return {str(op): float(n) for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def attention_full_vs_causal(config, length: int) -> float:
+    """torch counts sdpa over every (query, key) pair; the yardstick counts the causal half."""
+    shape = limits.Shape.of(config)
+    return shape.layers * 4 * shape.heads * shape.head_dim * (length * length - length * (length + 1) // 2)
+
+
+def test_phase_one_flops_equal_torch_flop_counter():
+    model, config = tiny_qwen2()
+    length = 37
+    ids = torch.randint(0, 300, (1, length))
+    with torch.no_grad():
+        counts = counted(lambda: model(input_ids=ids))  # the head over every position
+    measured = sum(counts.values())
+    # A plain forward applies the head at all `length` positions; the yardstick, at response ones.
+    work = limits.phase_one_flops(config, [length], [length - 1])
+    head = 2 * config.hidden_size * config.vocab_size
+    expected = limits.total_flops(work) + head + attention_full_vs_causal(config, length)
+    assert measured == pytest.approx(expected, rel=1e-9)
+    assert work["attention"] > 0 and f"linear:{config.hidden_size}x{config.vocab_size}" in work
+
+
+def test_phase_two_flops_equal_torch_flop_counter_full_and_lora():
+    model, config = tiny_qwen2()
+    length = 29
+    ids = torch.randint(0, 300, (1, length))
+    shape = limits.Shape.of(config)
+    qkv = sum(2 * length * shape.linears()[n][0] * shape.linears()[n][1] for n in ("q_proj", "k_proj", "v_proj"))
+    # Full fine-tuning: torch runs the first layer's q/k/v input gradient too (the norm's weight
+    # trains); the yardstick leaves it out as useless work.
+    counts = counted(lambda: model(input_ids=ids).logits.sum().backward())
+    work = limits.phase_two_flops(config, [length], [length - 1])
+    head_all_rows = 3 * 2 * config.hidden_size * config.vocab_size
+    expected = limits.total_flops(work) + head_all_rows + 3 * attention_full_vs_causal(config, length) + qkv
+    assert sum(counts.values()) == pytest.approx(expected, rel=1e-9)
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    counts = counted(lambda: lora(input_ids=ids).logits.sum().backward())
+    work = limits.phase_two_flops(config, [length], [length - 1], lora_rank=4)
+    # LoRA: nothing below the first layer trains, so torch skips its q/k/v input gradients too.
+    head_all_rows = 2 * 2 * config.hidden_size * config.vocab_size
+    expected = limits.total_flops(work) + head_all_rows + 3 * attention_full_vs_causal(config, length)
+    assert sum(counts.values()) == pytest.approx(expected, rel=1e-9)
+
+
+def test_ceiling_rates_cover_the_work_and_give_a_fraction():
+    config = limits.config_for("qwen2-26m", vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2)
+    work = limits.phase_two_flops(config, [20, 30], [10, 5], lora_rank=2, reference_forward=True)
+    ceiling = limits.Ceiling.measure(config, torch.float32, "cpu", kinds=work, tokens=32, min_seconds=0.0,
+                                     min_repeats=1)
+    assert set(ceiling.rates) == set(work) and all(rate > 0 for rate in ceiling.rates.values())
+    limit = ceiling.seconds(work)
+    assert ceiling.fraction(work, 2 * limit) == pytest.approx(0.5)
+    assert ceiling.rate(work) == pytest.approx(limits.total_flops(work) / limit)
+    with pytest.raises(KeyError, match="no rate measured"):
+        ceiling.seconds({"wgrad:1x1": 1.0})
