@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 from wspo.args import parse_config
+from wspo.errors import WspoError
 from wspo.paths import check_output
-from wspo.shards.store import ShardError
+from wspo.disk import error_text
+from wspo.shards.store import ShardError, write_text
 
 from .config import GenerateArguments, RewardsArguments
 from .rewards import EvalError
@@ -31,7 +33,7 @@ TASKS = {
 def _write_json(obj, path: str) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", out)  # whole or not at all
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,15 +59,18 @@ def main(argv: list[str] | None = None) -> int:
             summary, pairs = run(args)
             if args.pairs_file:
                 Path(args.pairs_file).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.pairs_file).write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+                write_text("".join(json.dumps(p) + "\n" for p in pairs), Path(args.pairs_file))
         else:
             from .generate import run
 
             summary, _ = run(args)
         if getattr(args, "output_file", None) and task == "rewards":
             _write_json(summary, args.output_file)
-    except (EvalError, ShardError, FileNotFoundError, ValueError) as e:
-        print(f"wspo-eval {task}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - user-facing errors and disk faults are named; the rest is re-raised
+        then = "rerun the same command: no output file was left half-written"
+        where = getattr(locals().get("args"), "output_file", None) or "the output file"
+        print(f"wspo-eval {task}: error: {error_text(e, (EvalError, ShardError, FileNotFoundError, ValueError), where, then)}",
+              file=sys.stderr)
         return 1
     finally:
         sys.argv[0] = program

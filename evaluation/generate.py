@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from wspo.embedded.sample import shows_preference_signal
-from wspo.models import default_device, load_causal_lm, load_tokenizer, read_config, resolve_dtype, resolve_model_dir
+from wspo.models import check_weights, default_device, load_causal_lm, load_tokenizer, read_config, resolve_dtype, resolve_model_dir
 from wspo.precompute.data import detect_format, load_rows, to_example
 from wspo.precompute.scorers import length_batches
 from wspo.shards.tokenization import ResponseTokenizer, Skip
@@ -177,6 +177,7 @@ def run(args: GenerateArguments) -> tuple[dict, list[dict]]:
     """Generate; returns the summary and the AlpacaEval records (also written to output_file)."""
     started = time.perf_counter()
     model_dir = resolve_model_dir(args.model, option="model")
+    check_weights(model_dir, option="model")
     tokenizer = load_tokenizer(args.tokenizer or model_dir)
     rule = ResponseTokenizer(tokenizer, args.max_prompt_length + args.max_new_tokens, args.max_prompt_length, args.end_of_turn_token)
     prompts, skipped = prompts_from_dataset(args) if args.dataset is not None else prompts_from_instructions(args)

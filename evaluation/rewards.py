@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from wspo.errors import WspoError
-from wspo.models import default_device, load_tokenizer, model_fingerprint, resolve_dtype, resolve_model_dir
+from wspo.models import check_weights, default_device, load_tokenizer, model_fingerprint, resolve_dtype, resolve_model_dir
 from wspo.precompute.data import detect_format, load_rows, to_example
 from wspo.precompute.scorers import HFScorer
 from wspo.shards.schema import logp_column
@@ -247,6 +247,9 @@ def run(args: RewardsArguments) -> tuple[dict, list[dict]]:
     started = time.perf_counter()
     policy_dir = resolve_model_dir(args.policy, option="policy")
     reference_dir = resolve_model_dir(args.reference, option="reference") if args.reference else None
+    check_weights(policy_dir, option="policy")
+    if reference_dir is not None:
+        check_weights(reference_dir, option="reference")
     if args.shards is not None:
         pairs, skipped, info = pairs_from_shards(args, policy_dir)
         rule = info.pop("rule")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from wspo.args import parse_config
 
+from wspo.disk import error_text
 from wspo.paths import check_output
 
 from .expo import OUT_DTYPES, extrapolate
@@ -45,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
                                   max_shard_size=parse_size(args.max_shard_size),
                                   swallow_threshold=args.swallow_threshold, overwrite=args.overwrite,
                                   allow_base_mismatch=args.allow_base_mismatch)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"wspo-extrapolate: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - user-facing errors and disk faults are named; the rest is re-raised
+        known = (CheckpointError, FileNotFoundError, FileExistsError, ValueError)
+        then = "rerun the same command: no incomplete alpha folder was left (each is published whole)"
+        print(f"wspo-extrapolate: error: {error_text(e, known, args.output_dir, then)}", file=sys.stderr)
         return 1
     gib = 2**30
     print(f"alphas: {', '.join(str(a) for a in summary.alphas)}")

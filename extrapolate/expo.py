@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from wspo.models import check_weights
+
 from .lora import LoraAdapter, check_against_base, check_base_model, is_adapter_dir, load_adapter
 from .tensors import (
     CheckpointError, LazyCheckpoint, OutputTensor, StreamingShardWriter, plan_shards, row_chunks,
@@ -326,6 +328,9 @@ def extrapolate(sft_dir: str | Path, aligned_dir: str | Path, alphas: list[float
         raise ValueError(f"--alpha {not_finite[0]}: must be a finite number")
     if len(set(alphas)) != len(alphas):
         raise ValueError(f"--alpha {alphas}: must be distinct (each gets its own output directory)")
+    for option, folder in (("--sft", sft_dir), ("--aligned", aligned_dir)):  # a cut download or copy, named
+        if Path(folder).is_dir():
+            check_weights(Path(folder), option=option)
     plan = make_plan(sft_dir, aligned_dir, out_dtype, allow_base_mismatch)
     final_dirs = prepare_output_dirs(Path(output_dir), alphas, overwrite)
     out_dirs = [partial_dir(d) for d in final_dirs]

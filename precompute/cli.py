@@ -6,7 +6,9 @@ import json
 import sys
 
 from wspo.args import parse_config
+from wspo.disk import error_text
 from wspo.paths import check_output
+from wspo.shards.storage import is_url
 from wspo.shards.store import ShardError
 
 from .config import PrecomputeArguments
@@ -16,15 +18,20 @@ from .pipeline import PrecomputeError, run
 
 
 def main(argv: list[str] | None = None) -> int:
+    output_dir = None
     try:
         (args,) = parse_config(
             [PrecomputeArguments], argv,
             description="Score dataset responses under the weak models and write Parquet reward shards.",
         )
-        check_output(args.output_dir, {"dataset": args.dataset, "tokenizer": args.tokenizer, **args.scorer_paths()})
+        output_dir = args.output_dir
+        if not is_url(args.output_dir):  # an object-store URL cannot be, hold or lie inside a local input
+            check_output(args.output_dir, {"dataset": args.dataset, "tokenizer": args.tokenizer, **args.scorer_paths()})
         manifest = run_ray(args) if args.launcher == "ray" else run(args)
-    except (PrecomputeError, ShardError, LockError, StorageError, FileNotFoundError, ValueError) as e:
-        print(f"wspo-precompute: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - user-facing errors and disk faults are named; the rest is re-raised
+        known = (PrecomputeError, ShardError, LockError, StorageError, WspoError, FileNotFoundError, ValueError)
+        then = "rerun the same command: the parts already written are kept and the run resumes from them"
+        print(f"wspo-precompute: error: {error_text(e, known, output_dir, then)}", file=sys.stderr)
         return 1
     counts, timing = manifest["counts"], manifest["timing"]
     print(

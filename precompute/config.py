@@ -13,7 +13,8 @@ LAUNCHERS = ("none", "ray")
 
 @dataclass
 class PrecomputeArguments:
-    output_dir: str = field(metadata={"help": "Directory of the shard set to write (created; a rerun resumes it)."})
+    output_dir: str = field(metadata={"help": "Directory of the shard set to write (created; a rerun resumes it), or an "
+                                              "fsspec URL such as s3://bucket/prefix (docs/cluster.md)."})
     dataset: str = field(
         default="embedded",
         metadata={"help": "Hub dataset name, a local JSON/JSONL/Parquet file or folder, or 'embedded' (the bundled sample)."},

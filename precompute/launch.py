@@ -17,9 +17,9 @@ import sys
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 
 from wspo.errors import WspoError
+from wspo.shards.storage import AnyPath, read_parquet, read_parquet_schema, shard_path
 
 SLURM_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
 K8S_VAR = "JOB_COMPLETION_INDEX"
@@ -90,7 +90,7 @@ def _probe_name(launch_id: str) -> str:
     return f".ray-probe-{launch_id}"
 
 
-def check_storage(out: Path, launch_id: str, worker_index: int) -> None:
+def check_storage(out: AnyPath, launch_id: str, worker_index: int) -> None:
     """In a task: the driver's probe file is there with its content, and the folder is writable."""
     host = socket.gethostname()
     probe = out / _probe_name(launch_id)
@@ -101,7 +101,8 @@ def check_storage(out: Path, launch_id: str, worker_index: int) -> None:
     if seen != launch_id:
         raise StorageError(
             f"worker {worker_index} on host {host} cannot see output_dir {out} as the driver wrote it "
-            f"({probe.name} is missing there): output_dir must be storage every node sees (a shared filesystem)"
+            f"({probe.name} is missing there): output_dir must be storage every node sees (a shared filesystem, "
+            "or an object-store URL such as s3://bucket/prefix with the same credentials on every node)"
         )
     mine = out / f"{_probe_name(launch_id)}-{worker_index}"
     try:
@@ -115,7 +116,7 @@ def _worker_task(args, launch_id: str) -> dict:
     """One phase-one worker inside a Ray task."""
     from .pipeline import run
 
-    check_storage(Path(args.output_dir), launch_id, args.worker_index)
+    check_storage(shard_path(args.output_dir), launch_id, args.worker_index)
     manifest = run(args, lock_owner=launch_id)
     return {"worker_index": args.worker_index, "host": socket.gethostname(), "counts": manifest["counts"],
             "files": manifest["files"], "timing": manifest["timing"]}
@@ -140,7 +141,7 @@ def run_ray(args) -> dict:
         raise PrecomputeError('--launcher ray needs Ray, which is not installed here: pip install "wspo[ray]"') from None
 
     started = time.perf_counter()
-    out = Path(args.output_dir).expanduser().resolve()  # tasks may run in other folders, on other nodes
+    out = shard_path(args.output_dir).expanduser().resolve()  # tasks may run in other folders, on other nodes
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -195,10 +196,8 @@ def run_ray(args) -> dict:
     return combined_summary(out, sorted(done, key=lambda r: r["worker_index"]), time.perf_counter() - started)
 
 
-def combined_summary(out: Path, results: list[dict], seconds: float) -> dict:
+def combined_summary(out: AnyPath, results: list[dict], seconds: float) -> dict:
     """The workers' counts added up, with the set's reward statistics (read one file at a time)."""
-    import pyarrow.parquet as pq
-
     from wspo.shards.store import reward_statistics
 
     counts = Counter()
@@ -212,8 +211,8 @@ def combined_summary(out: Path, results: list[dict], seconds: float) -> dict:
     files = [f for r in results for f in r["files"]]
     tokens = sum(r["timing"]["sequence_tokens"] for r in results)
     reward = None
-    if files and "reward" in pq.read_schema(out / files[0]["path"]).names:
-        reward = reward_statistics(pq.read_table(out / f["path"], columns=["reward", "reward_sum"]) for f in files)
+    if files and "reward" in read_parquet_schema(out / files[0]["path"]).names:
+        reward = reward_statistics(read_parquet(out / f["path"], columns=["reward", "reward_sum"]) for f in files)
     return {
         "counts": {**counts, "rows_in_split": results[0]["counts"]["rows_in_split"] if results else 0,
                    "skipped": dict(sorted(skipped.items()))},

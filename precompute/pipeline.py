@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-import shutil
 import sys
 import time
 from collections import Counter
@@ -32,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 import wspo
@@ -54,6 +52,7 @@ from wspo.shards.store import (
     write_parquet,
 )
 from wspo.shards.card import write_card
+from wspo.shards.storage import AnyPath, read_parquet, read_parquet_schema, remove_tree, shard_path
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
 from .config import PrecomputeArguments
@@ -146,7 +145,7 @@ class BuildSummary:
 
 
 def build_parts(args: PrecomputeArguments, source: Source, block: range, layout: str, tokenize: ResponseTokenizer,
-                out: Path, work: Path, run_fp: str) -> tuple[BuildSummary, set[int]]:
+                out: AnyPath, work: AnyPath, run_fp: str) -> tuple[BuildSummary, set[int]]:
     """Stream the block into parts of `rows_per_file` sequences, each written to `work/seq-<k>.parquet`
     unless it is already there or its shard file was assembled: one part in memory at a time.
 
@@ -200,7 +199,7 @@ def check_finite(scorer: str, part: pa.Table, logps: list[np.ndarray], source: s
         )
 
 
-def score_parts(args, scorer_name: str, model_dir: Path, num_parts: int, work: Path, run_fp: str,
+def score_parts(args, scorer_name: str, model_dir: Path, num_parts: int, work: AnyPath, run_fp: str,
                 assembled: set[int]) -> None:
     """Score every part that is neither assembled nor scored by this scorer yet; one model load at most."""
     todo = [k for k in range(num_parts) if k not in assembled and not (work / f"{scorer_name}-{k:05d}.parquet").exists()]
@@ -215,7 +214,7 @@ def score_parts(args, scorer_name: str, model_dir: Path, num_parts: int, work: P
         bar = tqdm(total=len(todo), desc=f"scoring {scorer_name}{_worker_tag(args)}", unit="part", dynamic_ncols=True)
         start, tokens = time.perf_counter(), 0
         for k in todo:
-            part = pq.read_table(work / f"seq-{k:05d}.parquet", columns=["id", "example_id", "slot", "token_ids", "prompt_ids"])
+            part = read_parquet(work / f"seq-{k:05d}.parquet", columns=["id", "example_id", "slot", "token_ids", "prompt_ids"])
             token_ids, prompt_ids = part["token_ids"].to_pylist(), part["prompt_ids"].to_pylist()
             logps = scorer.score([p + t for p, t in zip(prompt_ids, token_ids)], [len(p) for p in prompt_ids])
             check_finite(scorer_name, part, logps, str(model_dir))
@@ -258,15 +257,15 @@ def part_table(sequences: pa.Table, scorers: list[str], logps: dict[str, pa.Chun
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _has_fingerprint(path: Path, run_fp: str) -> bool:
-    """A file this run wrote (files appear by rename, so such a file is whole)."""
+def _has_fingerprint(path: AnyPath, run_fp: str) -> bool:
+    """A file this run wrote (files appear by rename or whole upload, so such a file is whole)."""
     try:
-        return pq.read_schema(path).metadata.get(b"wspo.run_fingerprint") == run_fp.encode()
+        return read_parquet_schema(path).metadata.get(b"wspo.run_fingerprint") == run_fp.encode()
     except (OSError, pa.ArrowException, AttributeError):
         return False
 
 
-def _resume_state(out: Path, work: Path, manifest_path: Path, run_fp: str, args: PrecomputeArguments) -> bool:
+def _resume_state(out: AnyPath, work: AnyPath, manifest_path: AnyPath, run_fp: str, args: PrecomputeArguments) -> bool:
     """True when this worker's part of the set is already complete with these settings and verifies.
 
     Files of an interrupted run of the same command are kept and resumed. A finished set whose
@@ -300,20 +299,41 @@ def _resume_state(out: Path, work: Path, manifest_path: Path, run_fp: str, args:
         )
     for path in foreign + [manifest_path]:
         path.unlink(missing_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
+    remove_tree(work)
     for path in (out / part_name(args.worker_index, 0)).parent.glob(f"part-{args.worker_index:05d}-*.parquet"):
         path.unlink()
     return False
 
 
-def _read_json(path: Path) -> dict:
+def _check_other_workers(out: AnyPath, args: PrecomputeArguments, identity: dict) -> None:
+    """Refuse, before scoring, a worker whose set-mates (same `num_workers`, finished or interrupted)
+    were run with other settings: their manifests' run fingerprints must be this run's with only
+    the worker index changed. Readers would refuse the mixed set; this says so before any work."""
+    n = args.num_workers
+    for i in (i for i in range(n) if n > 1 and i != args.worker_index):
+        manifest_path, run_path = out / manifest_name(n, i), out / f"_work-{i:05d}" / "run.json"
+        manifest = _read_json(manifest_path)
+        recorded = manifest.get("run_fingerprint") or _read_json(run_path).get("run_fingerprint")
+        mate = {**identity, "workers": {"num_workers": n, "worker_index": i}}
+        if recorded is None or recorded == hashlib.sha256(canonical_json(mate).encode()).hexdigest():
+            continue
+        differ = [k for k in ("run_settings", "tokenizer", "scorers") if manifest and manifest.get(k) != identity[k]]
+        what = {"run_settings": "dataset or options", "tokenizer": "tokenizer", "scorers": "scorer models"}
+        raise PrecomputeError(
+            f"worker {i} of the shard set in {out} ({manifest_path.name if manifest else run_path}) was run with other "
+            f"{', '.join(what[k] for k in differ) or 'settings'} than this worker: the workers of one set must share the "
+            "dataset, models, tokenizer and options. Run this worker with that worker's settings, or use another output_dir."
+        )
+
+
+def _read_json(path: AnyPath) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _tokenizer_record(tokenize: ResponseTokenizer, out: Path, work: Path, identity_fp) -> dict:
+def _tokenizer_record(tokenize: ResponseTokenizer, out: AnyPath, work: AnyPath, identity_fp) -> dict:
     """The rule's manifest record (`describe`) under the fingerprint definition the output already
     uses: a set, or an interrupted run, begun before definition 2 keeps definition 1, so it
     resumes (or is found complete) and its workers' manifests agree. `identity_fp(record)` is the
@@ -341,7 +361,7 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
     of the same launch takes over the lock its dead predecessor left, wherever that ran.
     """
     started = time.perf_counter()
-    out = Path(args.output_dir)
+    out = shard_path(args.output_dir)  # a local folder or a URL (shards/storage.py)
     scorer_paths = args.scorer_paths()
     scorer_dirs = {name: resolve_model_dir(path, option=name) for name, path in scorer_paths.items()}
     tokenizer_source = args.tokenizer or str(scorer_dirs[next(iter(scorer_dirs))])
@@ -388,6 +408,7 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
     identity, run_fp = identity_of(tokenizer_record), identity_fp(tokenizer_record)
     manifest_path = out / manifest_name(args.num_workers, args.worker_index)
     with OutputLock(out, args.worker_index, owner=lock_owner):
+        _check_other_workers(out, args, identity)
         if _resume_state(out, work, manifest_path, run_fp, args):
             print(f"{manifest_path} is already complete for these settings; nothing to do.", file=sys.stderr)
             return json.loads(manifest_path.read_text())
@@ -408,10 +429,10 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
         for k in range(built.num_parts):
             path = out / part_name(args.worker_index, k)
             if k in assembled:
-                table = pq.read_table(path)  # assembled before an interruption
+                table = read_parquet(path)  # assembled before an interruption
             else:
-                sequences = pq.read_table(work / f"seq-{k:05d}.parquet")
-                logps = {name: pq.read_table(work / f"{name}-{k:05d}.parquet")[logp_column(name)] for name in names}
+                sequences = read_parquet(work / f"seq-{k:05d}.parquet")
+                logps = {name: read_parquet(work / f"{name}-{k:05d}.parquet")[logp_column(name)] for name in names}
                 table = part_table(sequences, names, logps)
                 write_parquet(table, path, {"wspo.run_fingerprint": run_fp})
             stats.add(table)
@@ -443,5 +464,5 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
         }
         write_manifest(manifest, manifest_path)
         write_card(out)
-        shutil.rmtree(work)
+        remove_tree(work)
         return manifest

@@ -9,7 +9,6 @@ a finished set describes every worker (`wspo-shards card DIR` rewrites it by han
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from .schema import COLUMNS, FORMAT_VERSION
 
@@ -59,10 +58,11 @@ def render_card(manifests: list[dict], total_workers: int) -> str:
     return "\n".join(lines)
 
 
-def write_card(root: Path) -> None:
+def write_card(root) -> None:
+    from .storage import shard_path
     from .store import _load_manifest, write_text
 
-    root = Path(root)
+    root = shard_path(root)
     while True:
         paths = sorted(root.glob("manifest-*-of-*.json")) or [root / "manifest.json"]
         manifests = [_load_manifest(p) for p in paths if p.exists()]

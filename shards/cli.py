@@ -7,9 +7,11 @@ import json
 import sys
 
 import numpy as np
-import pyarrow.parquet as pq
+
+from wspo.errors import WspoError
 
 from .schema import COLUMNS, has_reward, logp_column
+from .storage import read_parquet
 from .store import ShardError, ShardSet, list_arrays, reward_statistics
 
 
@@ -36,7 +38,7 @@ def cmd_info(shards: ShardSet, args) -> int:
     }
     if has_reward(shards.scorer_names):
         # One file at a time: the summary's memory does not grow with the set.
-        stats = reward_statistics(pq.read_table(shards.root / f["path"], columns=["reward", "reward_sum"]) for f in shards.files)
+        stats = reward_statistics(read_parquet(shards.root / f["path"], columns=["reward", "reward_sum"]) for f in shards.files)
         if stats:
             info["reward"] = {k: [round(q, 4) for q in v] if isinstance(v, list) else v if isinstance(v, bool) else round(v, 6)
                               for k, v in stats.items()}
@@ -188,8 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shards = ShardSet.open(args.shards)
         return {"info": cmd_info, "verify": cmd_verify, "head": cmd_head, "show": cmd_show, "project": cmd_project}[args.command](shards, args)
-    except (ShardError, ValueError) as e:
-        print(f"wspo-shards: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - user-facing errors and disk faults are named; the rest is re-raised
+        from wspo.disk import error_text
+
+        then = "rerun the same command: the page is written whole or not at all"
+        print(f"wspo-shards: error: {error_text(e, (ShardError, WspoError, ValueError), getattr(args, 'html', None), then)}",
+              file=sys.stderr)
         return 1
 
 

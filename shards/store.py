@@ -3,7 +3,9 @@
 A shard set is a directory of Parquet part files plus one manifest per worker:
 `manifest.json` when one worker wrote the set, `manifest-00003-of-00008.json` for worker 3 of 8.
 Every file is written under a temporary name and renamed into place, the manifest last, so a file
-with a final name is complete, and a directory with a manifest is a finished set.
+with a final name is complete, and a directory with a manifest is a finished set. The directory
+may be a local folder or any fsspec URL (`s3://...`): storage.py makes both look alike, and on
+an object store a file appears under its final key only once its upload is complete.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 from wspo.errors import WspoError
 
 from .schema import FORMAT_NAME, FORMAT_VERSION, float_list_columns
+from .storage import AnyPath, parquet_file, publish, read_parquet, shard_path
 from .tokenization import FINGERPRINT_VERSION
 
 ROWS_PER_ROW_GROUP = 4096
@@ -50,28 +52,15 @@ def part_name(worker_index: int, part_index: int) -> str:
 # -- writing ------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: AnyPath) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def _tmp_path(path: Path) -> Path:
-    """A temporary name of this writer's own: several workers (on several hosts) may write one
-    shared file at once (the dataset card), and must not rename each other's half-written file."""
-    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """fsync then rename: after a crash, a file under its final name is whole."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:
+def write_parquet(table: pa.Table, path: AnyPath, metadata: dict[str, str] | None = None) -> None:
     """Write `table` with the format's Parquet settings, atomically.
 
     zstd; dictionary encoding only for the low-cardinality `slot` column (never for float lists);
@@ -84,9 +73,7 @@ def write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None =
         table = table.replace_schema_metadata(schema_md)
     floats = [f"{name}.list.element" for name in float_list_columns(table.schema)]
     floats += [f.name for f in table.schema if pa.types.is_floating(f.type)]
-    tmp = _tmp_path(path)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
+    publish(path, lambda tmp: pq.write_table(
         table,
         tmp,
         compression="zstd",
@@ -94,17 +81,14 @@ def write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None =
         use_byte_stream_split=floats,
         write_statistics=[f.name for f in table.schema if not pa.types.is_list(f.type)],
         row_group_size=ROWS_PER_ROW_GROUP,
-    )
-    _publish(tmp, path)
+    ))
 
 
-def write_text(text: str, path: Path) -> None:
-    tmp = _tmp_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    _publish(tmp, path)
+def write_text(text: str, path: AnyPath) -> None:
+    publish(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def write_json(obj: dict, path: Path) -> None:
+def write_json(obj: dict, path: AnyPath) -> None:
     write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", path)
 
 
@@ -114,15 +98,15 @@ def manifest_checksum(manifest: dict) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def write_manifest(manifest: dict, path: Path) -> None:
+def write_manifest(manifest: dict, path: AnyPath) -> None:
     """The worker's manifest, with its checksum, written last and atomically."""
     write_json({**manifest, "checksum": manifest_checksum(manifest)}, path)
 
 
-def file_record(path: Path, tokens: int, root: Path | None = None) -> dict:
+def file_record(path: AnyPath, tokens: int, root: AnyPath | None = None) -> dict:
     return {
         "path": path.relative_to(root).as_posix() if root is not None else path.name,
-        "rows": pq.ParquetFile(path).metadata.num_rows,
+        "rows": parquet_file(path).metadata.num_rows,
         "tokens": tokens,
         "bytes": path.stat().st_size,
         "sha256": sha256_file(path),
@@ -222,7 +206,7 @@ def reward_statistics(tables) -> dict | None:
 # -- reading ------------------------------------------------------------------------------------
 
 
-def _load_manifest(path: Path) -> dict:
+def _load_manifest(path: AnyPath) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -258,13 +242,13 @@ _SHARED_KEYS = ("run_settings", "tokenizer", "scorers")
 
 @dataclass
 class ShardSet:
-    root: Path
+    root: AnyPath  # a local folder, or a URL (storage.UrlPath)
     manifests: list[dict]  # one per worker, in worker order
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> "ShardSet":
         """Load the manifest(s) and check that every worker's part is present and consistent."""
-        root = Path(root)
+        root = shard_path(root)
         if not root.is_dir():
             raise ShardError(f"{root}: no such shard directory")
         single = root / "manifest.json"
@@ -343,7 +327,7 @@ class ShardSet:
                 problems[record["path"]] = "sha256 does not match the manifest (altered after writing)"
             else:
                 try:
-                    rows = pq.ParquetFile(path).metadata.num_rows
+                    rows = parquet_file(path).metadata.num_rows
                 except Exception as e:  # pyarrow raises several types for corrupt files
                     problems[record["path"]] = f"unreadable Parquet ({e})"
                     continue
@@ -378,7 +362,7 @@ class ShardSet:
         for record in self.files:
             path = self.root / record["path"]
             try:
-                table = pq.read_table(path, columns=columns)
+                table = read_parquet(path, columns=columns)
             except Exception as e:
                 raise ShardError(f"{path}: cannot read ({e})") from None
             tables.append(table)

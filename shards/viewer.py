@@ -14,9 +14,9 @@ import html
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from .schema import has_reward, logp_column
+from .storage import read_parquet
 from .store import ShardSet, list_arrays
 
 STYLE = """
@@ -60,9 +60,9 @@ def render(shards: ShardSet, n: int = 20) -> str:
     paths = [shards.root / f["path"] for f in shards.files]
     # 1. Which rows: every row's sum, then the n highest and n lowest.
     if value_column == "reward":
-        sums = np.concatenate([pq.read_table(p, columns=["reward_sum"])["reward_sum"].to_numpy() for p in paths])
+        sums = np.concatenate([read_parquet(p, columns=["reward_sum"])["reward_sum"].to_numpy() for p in paths])
     else:
-        sums = np.concatenate([np.array([a.sum() for a in list_arrays(pq.read_table(p, columns=[value_column])[value_column])])
+        sums = np.concatenate([np.array([a.sum() for a in list_arrays(read_parquet(p, columns=[value_column])[value_column])])
                                for p in paths])
     order = np.argsort(-sums, kind="stable")
     chosen = list(order[:n]) + [i for i in order[::-1][:n] if i not in set(order[:n])]
@@ -71,13 +71,13 @@ def render(shards: ShardSet, n: int = 20) -> str:
     stats = (shards.manifests[0].get("reward") or {}) if value_column == "reward" else {}
     low, high = stats.get("token_p01_p50_p99", [None, None, None])[0], stats.get("token_p01_p50_p99", [None, None, None])[2]
     if low is None:
-        sample = np.concatenate(list_arrays(pq.read_table(paths[0], columns=[value_column])[value_column]))
+        sample = np.concatenate(list_arrays(read_parquet(paths[0], columns=[value_column])[value_column]))
         low, high = float(np.quantile(sample, 0.01)), float(np.quantile(sample, 0.99))
     bound = max(abs(low), abs(high), 1e-6)
     edges = np.linspace(-bound if value_column == "reward" else low, bound if value_column == "reward" else high, 61)
     counts = np.zeros(60, dtype=np.int64)
     for p in paths:
-        values = np.concatenate(list_arrays(pq.read_table(p, columns=[value_column])[value_column]) or [np.zeros(0)])
+        values = np.concatenate(list_arrays(read_parquet(p, columns=[value_column])[value_column]) or [np.zeros(0)])
         counts += np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)[0]
     # 3. The rows themselves, read file by file.
     wanted = set(sections["highest"]) | set(sections["lowest"])
@@ -86,7 +86,7 @@ def render(shards: ShardSet, n: int = 20) -> str:
     for p, record in zip(paths, shards.files):
         local = [i - offset for i in wanted if offset <= i < offset + record["rows"]]
         if local:
-            table = pq.read_table(p, columns=columns).take(local)
+            table = read_parquet(p, columns=columns).take(local)
             arrays = {c: list_arrays(table[c]) for c in columns if c.startswith(("logp_", "reward"))}
             for k, i in enumerate(local):
                 rows[offset + i] = {c: table[c][k].as_py() for c in ("id", "slot", "messages", "response", "token_start", "token_end")}

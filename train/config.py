@@ -21,7 +21,8 @@ class WSPOArguments:
         metadata={"help": "The strong model to train (strong SFT): directory or hub name. Also the reference."}
     )
     shards: list[str] = field(
-        metadata={"help": "One or more shard set directories written by wspo-precompute (YAML list or space-separated)."}
+        metadata={"help": "One or more shard set directories written by wspo-precompute, or their URLs (s3://..., any "
+                  "fsspec URL: copied once per node into data_cache_dir) (YAML list or space-separated)."}
     )
     loss: str = field(
         default="wspo",
@@ -100,6 +101,16 @@ class WSPOArguments:
         metadata={"help": "Where the training rows are kept as uncompressed, memory-mapped Arrow files (one per shard set, "
                   "named by its fingerprint; reused by later runs and shared by the ranks of a node). Default: "
                   "<output_dir>/.wspo_cache."},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace what output_dir holds of an earlier run (a finished model, wspo_run.json, checkpoints); "
+                  "without it such an output_dir is refused (resuming its checkpoints aside)."},
+    )
+    allow_resume_mismatch: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint written by a run with another identity (strong model, shard sets, loss "
+                  "and its keys, tokenizer rule) or with none recorded; by default such a resume is refused naming what differs."},
     )
     model_dtype: str = field(
         default="auto",

@@ -37,6 +37,7 @@ from wspo.logprobs import right_pad
 from wspo.models import model_fingerprint
 from wspo.shards.projection import EXCLUDED, chunk_rewards, chunk_tokens, roundtrip_ok
 from wspo.shards.schema import has_reward, logp_column
+from wspo.shards.storage import is_url
 from wspo.shards.store import ShardSet, list_arrays
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
@@ -67,13 +68,22 @@ class Example:
 # -- shard sets ---------------------------------------------------------------------------------
 
 
+def opened_set(path: str) -> ShardSet:
+    """A shard set, opened and verified: the sha256 of every file of a local set; the sizes and
+    row counts of a set on an object store (a URL), whose files the row cache checksums as it
+    copies them, once per node (row_cache.py): every rank hashing them here would download the
+    whole set once more."""
+    shard_set = ShardSet.open(path)
+    return shard_set.check(checksums=not is_url(shard_set.root))
+
+
 def open_shard_sets(paths: list[str], loss: str) -> list[ShardSet]:
-    """Open and fully verify every shard set (sha256 of each file), and check it suits `loss`."""
+    """Open and verify every shard set (`opened_set`), and check it suits `loss`."""
     resolved = [Path(path).resolve() for path in paths]
     repeated = sorted({str(r) for r in resolved if resolved.count(r) > 1})
     if repeated:
         raise DataError(f"shards: {', '.join(repeated)} given more than once (its rows would be trained on twice)")
-    sets = [ShardSet.open(path).check() for path in paths]
+    sets = [opened_set(path) for path in paths]
     for shard_set in sets:
         if loss == "wspo" and not has_reward(shard_set.scorer_names):
             raise DataError(
@@ -155,7 +165,7 @@ def reference_sets(paths: list[str], train_sets: list[ShardSet], model_dir: Path
     """The reference shard sets, opened and checked as `reference_logps` describes (nothing read).
     `rule`: the training sets' rule under the strong tokenizer (their tokenizer, not projected)."""
     by_root = {str(s.root): s for s in train_sets}
-    sets = [by_root.get(str(Path(path))) or ShardSet.open(path).check() for path in paths]
+    sets = [by_root.get(str(Path(path))) or opened_set(path) for path in paths]
     weights = None if allow_other_weights else model_fingerprint(model_dir)
     column = logp_column(scorer_name)
     for shard_set in sets:

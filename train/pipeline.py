@@ -14,6 +14,7 @@ Reads nothing but the shards and the strong model directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -27,7 +28,8 @@ from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 
 import wspo
 from wspo.shards.schema import logp_column
-from wspo.models import load_tokenizer, read_config, resolve_model_dir
+from wspo.shards.store import write_json
+from wspo.models import check_weights, load_tokenizer, read_config, resolve_model_dir
 
 from .config import PREFERENCE_LOSSES, WSPOArguments
 from .data import REFERENCE_SCORER, Collator, DataError, describe_shards, open_shard_sets, strong_rule
@@ -36,10 +38,13 @@ from .packing import check_packing_attention
 from .pairs import PreferenceCollator, preference_datasets
 from .checkpoints import publish_final, resolve_resume
 from .guards import NonFiniteGuard
+from .identity import (
+    IDENTITY_FILE, RUN_FILE, IdentityInCheckpoints, check_resume_identity, guard_finished_model, guard_output_dir,
+    hold_output_dir, run_identity,
+)
 from .rows import row_datasets
 from .trainer import WSPOTrainer
 
-RUN_FILE = "wspo_run.json"
 
 
 def model_dtype(args: WSPOArguments, training_args: TrainingArguments) -> torch.dtype:
@@ -107,12 +112,23 @@ def _init_deepspeed_comm(training_args: TrainingArguments) -> None:
 
 
 def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list | None = None) -> dict:
-    """Train; returns what is written to `output_dir/wspo_run.json`."""
+    """Train; returns what is written to `output_dir/wspo_run.json`.
+
+    The run's first process holds output_dir's lock throughout (identity.py): a second live
+    wspo-train on the same output_dir is refused, naming this one.
+    """
+    lock = hold_output_dir(Path(training_args.output_dir), training_args.process_index == 0)
+    with lock if lock is not None else contextlib.nullcontext():
+        return _run(args, training_args, callbacks)
+
+
+def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list | None) -> dict:
     # 1. shards
     shard_sets = open_shard_sets(args.shards, args.loss)
 
     # 2. strong tokenizer and examples
     model_dir = resolve_model_dir(args.model_name_or_path, option="model_name_or_path").resolve()
+    check_weights(model_dir, option="model_name_or_path")
     tokenizer = load_tokenizer(model_dir)
     max_length = args.max_length or shard_sets[0].tokenizer["max_length"]
     rule, projected = strong_rule(shard_sets, tokenizer, max_length, args.reward_projection)
@@ -126,6 +142,9 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
     preference = None  # dpo / wrpo: what wspo_run.json records of the pairs and their reference
     cache_dir = Path(args.data_cache_dir or Path(training_args.output_dir) / ".wspo_cache")
     counts = Counter()
+    resuming = training_args.resume_from_checkpoint not in (None, False, "", "false", "False")
+    if training_args.process_index == 0:  # before anything of this run is written (the row cache included)
+        guard_output_dir(Path(training_args.output_dir), args.overwrite, resuming)
     with training_args.main_process_first(local=True, desc="shard row cache"):
         if args.loss in PREFERENCE_LOSSES:
             train_set, eval_set, n_rows, reference_sets, preference = preference_datasets(
@@ -154,6 +173,15 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
             f"(now {args.eval_fraction}) or set eval_strategy no"
         )
 
+    # The run's identity, checked against the checkpoint it resumes from and recorded.
+    identity = run_identity(args, model_dir, shard_sets, reference_sets, rule, max_length, projected)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume:
+        check_resume_identity(resume, identity, args.allow_resume_mismatch)
+        guard_finished_model(Path(training_args.output_dir), identity, args.allow_resume_mismatch)
+    if training_args.process_index == 0:
+        write_json(identity, Path(training_args.output_dir) / IDENTITY_FILE)
+
     # 3. models
     _init_deepspeed_comm(training_args)
     set_seed(training_args.seed)  # LoRA initialisation
@@ -178,9 +206,8 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        callbacks=[NonFiniteGuard(), *(callbacks or [])],
+        callbacks=[NonFiniteGuard(), IdentityInCheckpoints(identity), *(callbacks or [])],
     )
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     resumed_from = resume  # the checkpoint the run goes on from, for the record and the closing summary
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
@@ -210,6 +237,7 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
             "world_size": training_args.world_size,
             "deepspeed_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         },
+        "identity": identity,
         "shards": describe_shards(shard_sets),
         "reference_shards": describe_shards(reference_sets),
         "preference": preference,

@@ -1,0 +1,76 @@
+"""A full disk, a used-up quota, a read-only file system or a file-size limit, named (DESIGN section 7).
+
+Every command writes its files under a temporary name and renames them when whole (checkpoints:
+`trainer_state.json` last), so a write that fails half-way leaves nothing that looks complete and
+a rerun resumes from what was finished. What remains is to say so instead of a traceback from
+pyarrow, torch or safetensors, which report the same errno in different ways: an `OSError`
+(Python, pyarrow), a Rust `Os { code: 28 ... }` (safetensors, tokenizers) or only the errno's
+text inside another exception. `disk_message` finds the errno wherever it is and names the path,
+what happened and what to do; each CLI prints it as its one-line error.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+
+from wspo.errors import WspoError
+
+# errno -> (what happened, what to do)
+DISK_ERRNOS = {
+    errno.ENOSPC: ("the disk is full", "free space there or choose an output folder on another disk"),
+    errno.EDQUOT: ("the disk quota is used up", "free space within your quota, ask for a larger one, or write elsewhere"),
+    errno.EROFS: ("the file system is read-only (mounted or remounted read-only)",
+                  "remount it read-write or choose an output folder elsewhere"),
+    errno.EFBIG: ("the file would exceed this process's file-size limit (ulimit -f)",
+                  "raise the limit (ulimit -f unlimited) or write where files may be larger"),
+}
+_TEXTS = {os.strerror(n): n for n in DISK_ERRNOS}  # "No space left on device", ...
+_CODE = re.compile(r"(?:os error|code:|errno)\s*(\d+)", re.IGNORECASE)
+
+
+class DiskError(WspoError, OSError):
+    """Writing failed for want of space, quota, a writable file system or a larger file limit."""
+
+
+def disk_errno(exc: BaseException) -> tuple[int, str | None] | None:
+    """(errno, path or None) when `exc`, or an exception it came from, is one of DISK_ERRNOS."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+            return exc.errno, exc.filename
+        text = str(exc)
+        for code in _CODE.findall(text):
+            if int(code) in DISK_ERRNOS:
+                return int(code), None
+        for words, code in _TEXTS.items():
+            if words in text:
+                return code, None
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_message(exc: BaseException, where, then: str) -> str | None:
+    """The one-line message for a disk fault while writing under `where` (None for any other
+    failure). `then` says what the rerun does with what was already written."""
+    found = disk_errno(exc)
+    if found is None:
+        return None
+    code, path = found
+    what, todo = DISK_ERRNOS[code]
+    return f"cannot write {path or where}: {what} ({errno.errorcode[code]}). {todo[0].upper()}{todo[1:]}, then {then}"
+
+
+def error_text(exc: BaseException, known: tuple, where, then: str) -> str:
+    """A CLI's one-line error for `exc`: a disk fault as `disk_message` names it, a `known`
+    (user-facing) error as it is; anything else is a bug and is raised again."""
+    if isinstance(exc, DiskError):  # already named where it happened
+        return str(exc)
+    message = disk_message(exc, where, then)
+    if message is not None:
+        return message
+    if isinstance(exc, known):
+        return str(exc)
+    raise exc
