@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -72,7 +73,7 @@ UNAVAILABLE_ON_GPU_NODE = ("vllm", "deepspeed", "datasets", "ray")
 SIZES = {
     "gpu": dict(weak="qwen2-1.5b", strong_full="qwen2-1.5b", strong_lora="qwen2-7b", pairs=1024, max_length=1024,
                 response_median=300, max_response=1500, lora_batch_pairs=8, full_batch_pairs=8, warmup_steps=2,
-                timed_steps=5, budget_s=450,
+                timed_steps=5, budget_s=420,
                 # seconds a part needs at least to be worth starting (loading, a few steps)
                 min_seconds={"phase_one": 60, "lora_7b": 120, "full_1_5b": 60}),
     "tiny": dict(weak="tiny", strong_full="tiny", strong_lora="tiny", pairs=4, max_length=128, response_median=20,
@@ -82,6 +83,9 @@ SIZES = {
 LORA_RANK = 8
 NEEDS = {"build": (), "phase_one": ("build",), "lora_7b": ("build", "phase_one"), "full_1_5b": ("build", "phase_one")}
 GOALS = {"phase_one_mfu": 0.5, "from_shards_time_ratio": 0.5, "from_shards_memory_ratio": 0.75}
+# The training parts' (toolkit path, path it is compared with) pairs.
+COMPARED = {"lora_7b": [("from_shards", "reference_approach"), ("from_shards_packed", "reference_approach")],
+            "full_1_5b": [("reference_from_shards", "reference_frozen_copy")]}
 
 
 def hide_unavailable_packages() -> None:
@@ -334,27 +338,21 @@ def path_figures(summary: dict) -> dict:
             "first_step_loss": summary["first_step_loss"]}
 
 
-def ratio(a, b):
-    return None if a is None or b is None else round(a / b, 3)
-
-
-def training_part(paths: dict, figures_of: dict, toolkit_vs_reference: list[tuple[str, str]], sizes: dict,
-                  batch_pairs: int, workdir: Path, guard: Guard, env: dict, part: dict) -> None:
-    """Run each path (train_vs_reference child), summarise, check first-step losses, ratios."""
-    results = {}
-    for name, spec in paths.items():
-        results[name] = child_process("train", spec, workdir, guard, env)
-        summary = tvr.summarize(results[name], sizes["warmup_steps"], batch_pairs, spec["device"] == "cuda")
-        part["paths"][name] = path_figures(summary)
-        figures_of[name] = summary
-    for toolkit, reference in toolkit_vs_reference:
+def training_part(name: str, paths: dict, sizes: dict, batch_pairs: int, workdir: Path, guard: Guard, env: dict,
+                  part: dict) -> None:
+    """Run each path (train_vs_reference's child), summarise it, then per compared pair check the
+    first-step losses and take the ratios (toolkit path over the other)."""
+    results, summaries = {}, {}
+    for path, spec in paths.items():
+        results[path] = child_process("train", spec, workdir, guard, env)
+        summaries[path] = tvr.summarize(results[path], sizes["warmup_steps"], batch_pairs, spec["device"] == "cuda")
+        part["paths"][path] = path_figures(summaries[path])
+    for toolkit, other in COMPARED[name]:
         # |first-step loss difference| < 1e-4 in float32, 2% in bfloat16; SystemExit on a mismatch
-        check = tvr.compare(results, figures_of, toolkit, reference, check=paths[toolkit]["dtype"] == "float32")
-        part["first_step_loss_abs_diff"][f"{toolkit}_vs_{reference}"] = check["first_step_loss_abs_diff"]
-        part["ratios"][f"{toolkit}_over_{reference}_time_per_example"] = ratio(
-            figures_of[toolkit]["seconds_per_example"], figures_of[reference]["seconds_per_example"])
-        part["ratios"][f"{toolkit}_over_{reference}_peak_memory"] = ratio(
-            figures_of[toolkit]["peak_mib"], figures_of[reference]["peak_mib"])
+        check = tvr.compare(results, summaries, toolkit, other, check=paths[toolkit]["dtype"] == "float32")
+        part["first_step_loss_abs_diff"][f"{toolkit}_vs_{other}"] = check["first_step_loss_abs_diff"]
+        for key, figure in (("time_per_example", "seconds_per_example"), ("peak_memory", "peak_mib")):
+            part["ratios"][f"{toolkit}_over_{other}_{key}"] = round(summaries[toolkit][figure] / summaries[other][figure], 3)
 
 
 def empty_report(args, sizes: dict, device: str) -> dict:
@@ -363,6 +361,10 @@ def empty_report(args, sizes: dict, device: str) -> dict:
 
     def paths(*names):
         return {n: dict.fromkeys(path_keys) for n in names}
+
+    def compared(part):
+        return {"ratios": {f"{a}_over_{b}_{key}": None for a, b in COMPARED[part] for key in ("time_per_example", "peak_memory")},
+                "first_step_loss_abs_diff": {f"{a}_vs_{b}": None for a, b in COMPARED[part]}}
 
     return {
         "suite": "benchmarks/gpu_suite.py",
@@ -395,13 +397,11 @@ def empty_report(args, sizes: dict, device: str) -> dict:
                         "settings": {"lora_rank": LORA_RANK, "gradient_checkpointing": True, "batch_pairs": sizes["lora_batch_pairs"],
                                      "warmup_steps": sizes["warmup_steps"], "timed_steps": sizes["timed_steps"],
                                      "reference": "policy with adapters off"},
-                        "paths": paths("from_shards", "from_shards_packed", "reference_approach"),
-                        "ratios": {}, "first_step_loss_abs_diff": {}},
+                        "paths": paths("from_shards", "from_shards_packed", "reference_approach"), **compared("lora_7b")},
             "full_1_5b": {"status": "not run", "reason": None, "seconds": None,
                           "settings": {"gradient_checkpointing": False, "batch_pairs": sizes["full_batch_pairs"],
                                        "warmup_steps": sizes["warmup_steps"], "timed_steps": sizes["timed_steps"]},
-                          "paths": paths("reference_from_shards", "reference_frozen_copy"),
-                          "ratios": {}, "first_step_loss_abs_diff": {}},
+                          "paths": paths("reference_from_shards", "reference_frozen_copy"), **compared("full_1_5b")},
         },
         "goals": [],
     }
@@ -412,9 +412,9 @@ def goals(report: dict) -> list[dict]:
     rows = [("phase_one", "model FLOP utilisation >= 0.5", one["mfu"], GOALS["phase_one_mfu"])]
     for path in ("from_shards", "from_shards_packed"):
         rows.append(("lora_7b", f"{path} seconds per example <= 0.5x the reference approach's",
-                     lora.get(f"{path}_over_reference_approach_time_per_example"), GOALS["from_shards_time_ratio"]))
+                     lora[f"{path}_over_reference_approach_time_per_example"], GOALS["from_shards_time_ratio"]))
         rows.append(("lora_7b", f"{path} peak memory <= 0.75x the reference approach's",
-                     lora.get(f"{path}_over_reference_approach_peak_memory"), GOALS["from_shards_memory_ratio"]))
+                     lora[f"{path}_over_reference_approach_peak_memory"], GOALS["from_shards_memory_ratio"]))
     out = []
     for part, goal, value, bound in rows:
         met = None if value is None else (value >= bound if part == "phase_one" else value <= bound)
@@ -427,7 +427,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, a few rows, on the CPU: that the suite runs")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="ignored with --tiny (cpu)")
     parser.add_argument("--budget_s", type=float, default=None,
-                        help="time guard in seconds (default 450 on a GPU): parts that no longer fit are skipped")
+                        help="time guard in seconds (default 420 on a GPU): parts that no longer fit are skipped")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                         help="every model's dtype (default bfloat16; float32 with --tiny, where CPU bf16 is slow)")
     parser.add_argument("--batch_tokens", type=int, default=None, help="phase one's --batch_tokens (default: the CLI's own)")
@@ -480,8 +480,10 @@ def main() -> None:
                 try:
                     body(part)
                     part["status"] = "ok"
-                except (PartFailed, SystemExit) as e:
-                    part.update(status="failed" if "time guard" not in str(e) else "stopped", reason=str(e))
+                except (PartFailed, SystemExit) as e:  # a process failed, or compare's loss check
+                    part.update(status="stopped" if "time guard" in str(e) else "failed", reason=str(e))
+                except Exception:  # a fault in this driver's own bookkeeping: still print the JSON
+                    part.update(status="failed", reason=traceback.format_exc())
                 part["seconds"] = round(time.monotonic() - started, 1)
             log(f"{name}: {part['status']}" + (f" ({part['reason'].splitlines()[0]})" if part["reason"] else ""))
 
@@ -536,8 +538,7 @@ def main() -> None:
                 "reference_approach": dict(base, path="wspo_reference_approach", name="reference_approach",
                                            argv=train_keys(model, batch, "reference", **keys)),
             }
-            training_part(paths, {}, [("from_shards", "reference_approach"), ("from_shards_packed", "reference_approach")],
-                          sizes, batch, work, guard, env, part)
+            training_part("lora_7b", paths, sizes, batch, work, guard, env, part)
 
         def full_1_5b(part):
             model, batch = work / "strong_full", sizes["full_batch_pairs"]
@@ -547,8 +548,7 @@ def main() -> None:
                 "reference_frozen_copy": dict(base, path="wspo_shards", name="reference_frozen_copy",
                                               argv=train_keys(model, batch, "ref_copy", reference_logps="model")),
             }
-            training_part(paths, {}, [("reference_from_shards", "reference_frozen_copy")], sizes, batch, work, guard, env,
-                          part)
+            training_part("full_1_5b", paths, sizes, batch, work, guard, env, part)
 
         for name, body in (("build", build), ("phase_one", phase_one), ("lora_7b", lora_7b), ("full_1_5b", full_1_5b)):
             attempt(name, body)
@@ -562,6 +562,8 @@ def main() -> None:
     if args.output:
         Path(args.output).write_text(text + "\n")
     print(text)
+    if any(part["status"] in ("failed", "stopped") for part in parts.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
