@@ -46,6 +46,8 @@ from typing import Iterable, Mapping
 PRESETS = {
     "qwen2-26m": dict(vocab_size=2048, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                       num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False),
+    "tiny-2k": dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True),  # the suite's slow tests
     "tiny": dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True),  # the suite's slow tests
     "quick": dict(vocab_size=151936, hidden_size=512, intermediate_size=2816, num_hidden_layers=8,

@@ -14,6 +14,8 @@ import weakref
 
 import torch
 
+from wspo.errors import InputError
+
 
 # float32 logits of one output-head chunk; log-softmax needs about 3x this at its peak.
 HEAD_CHUNK_BYTES = 256 * 2**20
@@ -81,7 +83,7 @@ def response_logprobs(
     decoder = inner.get_decoder()
     head = inner.get_output_embeddings()
     if decoder is None or head is None:
-        raise ValueError(f"{type(inner).__name__} has no decoder/output head: not a causal LM")
+        raise InputError(f"{type(inner).__name__} has no decoder/output head: not a causal LM")
 
     captured: list[torch.Tensor] = []
 

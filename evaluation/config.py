@@ -65,6 +65,7 @@ class RewardsArguments:
     pairs_file: str | None = field(
         default=None, metadata={"help": "Write one JSON line per pair (example id, rewards, token counts) here."}
     )
+    disable_tqdm: bool = field(default=False, metadata={"help": "Turn the progress bars (on stderr) off."})
 
     def __post_init__(self):
         if self.max_samples is not None and self.max_samples <= 0:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from wspo.errors import InputPathError
 from wspo.embedded.sample import shows_preference_signal
 from wspo.models import check_weights, default_device, load_causal_lm, load_tokenizer, read_config, resolve_dtype, resolve_model_dir
 from wspo.precompute.data import detect_format, load_rows, to_example
@@ -71,7 +72,7 @@ def prompts_from_dataset(args: GenerateArguments) -> tuple[list[Prompt], Counter
 def prompts_from_instructions(args: GenerateArguments) -> tuple[list[Prompt], Counter]:
     path = Path(args.instructions)
     if not path.is_file():
-        raise FileNotFoundError(f"instructions: {path} does not exist")
+        raise InputPathError(f"instructions: {path} does not exist")
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

@@ -201,7 +201,7 @@ def score_pairs(model_dir: Path, pairs: list[Pair], args: RewardsArguments, name
     scorer = HFScorer(model_dir, dtype=args.dtype, batch_tokens=args.batch_tokens)
     # Scored in slices of rows so a progress bar (rows/s, tokens/s) can follow; each slice is
     # batched by the scorer as a whole call would be.
-    bar = tqdm(total=len(responses), unit="row", desc=f"scoring {name}", file=sys.stderr)
+    bar = tqdm(total=len(responses), unit="row", desc=f"scoring {name}", file=sys.stderr, disable=args.disable_tqdm)
     started, tokens, logps = time.perf_counter(), 0, []
     try:
         for start in range(0, len(responses), PROGRESS_ROWS):

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from wspo.errors import ConfigError, OutputExistsError
+from wspo.errors import NonFiniteError as NonFiniteBase
 from wspo.models import check_weights
 
 from .lora import LoraAdapter, check_against_base, check_base_model, is_adapter_dir, load_adapter
@@ -48,7 +50,7 @@ EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weig
 HEAD_NAME = "lm_head.weight"
 
 
-class NonFiniteError(CheckpointError):
+class NonFiniteError(CheckpointError, NonFiniteBase):
     """An output tensor holds NaN or inf (an alpha that overflows the output dtype, or broken inputs)."""
 
 
@@ -138,7 +140,7 @@ def make_plan(sft_dir: str | Path, aligned_dir: str | Path, out_dtype: str = "au
               allow_base_mismatch: bool = False) -> Plan:
     sft_dir, aligned_dir = Path(sft_dir), Path(aligned_dir)
     if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"out_dtype {out_dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
+        raise ConfigError(f"out_dtype {out_dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
     # The output's config is the aligned model's (the SFT model's under an adapter): it must exist.
     config_source = sft_dir if is_adapter_dir(aligned_dir) else aligned_dir
     if not (config_source / "config.json").is_file():
@@ -233,7 +235,7 @@ def prepare_output_dirs(output_dir: Path, alphas: list[float], overwrite: bool) 
     dirs = [output_dir / alpha_dir_name(alpha) for alpha in alphas]
     for d in dirs:
         if d.exists() and any(d.iterdir()) and not overwrite:
-            raise FileExistsError(f"{d} exists and is not empty (pass --overwrite to replace it)")
+            raise OutputExistsError(f"{d} exists and is not empty (pass --overwrite to replace it)")
     for d in dirs:
         if partial_dir(d).exists():
             shutil.rmtree(partial_dir(d))  # left by an interrupted run
@@ -322,12 +324,12 @@ def extrapolate(sft_dir: str | Path, aligned_dir: str | Path, alphas: list[float
     start_time = time.perf_counter()
     alphas = [float(a) for a in alphas]
     if not alphas:
-        raise ValueError("give at least one --alpha")
+        raise ConfigError("give at least one --alpha")
     not_finite = [a for a in alphas if not math.isfinite(a)]
     if not_finite:
-        raise ValueError(f"--alpha {not_finite[0]}: must be a finite number")
+        raise ConfigError(f"--alpha {not_finite[0]}: must be a finite number")
     if len(set(alphas)) != len(alphas):
-        raise ValueError(f"--alpha {alphas}: must be distinct (each gets its own output directory)")
+        raise ConfigError(f"--alpha {alphas}: must be distinct (each gets its own output directory)")
     for option, folder in (("--sft", sft_dir), ("--aligned", aligned_dir)):  # a cut download or copy, named
         if Path(folder).is_dir():
             check_weights(Path(folder), option=option)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from wspo.errors import ConfigError
 from wspo.shards.schema import SLOTS
 
 DATASET_FORMATS = ("auto", "h4", "llamafactory", "wrpo", "columns")
 BACKENDS = ("hf", "vllm")
+DEFAULT_MAX_LENGTH = 4096  # unset max_length: this, or the smallest scorer's positions when fewer
 LAUNCHERS = ("none", "ray")
 
 
@@ -47,8 +49,11 @@ class PrecomputeArguments:
     end_of_turn_token: str | None = field(default=None, metadata={"help": "End-of-turn token appended to responses (default: eos)."})
     backend: str = field(default="hf", metadata={"help": "Scoring backend: 'hf' (batched transformers) or 'vllm'."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."})
-    max_length: int = field(default=4096, metadata={"help": "Max prompt + response tokens; longer responses are cut and flagged truncated."})
-    max_prompt_length: int = field(default=2048, metadata={"help": "Rows whose prompt has more tokens are skipped (counted)."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Max prompt + response tokens; longer responses are cut and flagged truncated. Default: "
+                f"min({DEFAULT_MAX_LENGTH}, the smallest scorer's max_position_embeddings), reported in the summary and manifest."})
+    max_prompt_length: int | None = field(default=None, metadata={
+        "help": "Rows whose prompt has more tokens are skipped (counted). Default: half of max_length (as TRL)."})
     batch_tokens: int | None = field(
         default=None,
         metadata={"help": "hf: padded tokens per forward batch (default: from the model and device: 16384 on GPU; on CPU "
@@ -76,6 +81,7 @@ class PrecomputeArguments:
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per engine."})
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vllm: fraction of GPU memory (of RAM on CPU builds) for the engine."})
     overwrite: bool = field(default=False, metadata={"help": "Delete an output_dir written with other settings instead of failing."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Turn the progress bars (on stderr) off."})
 
     def __post_init__(self):
         self.slot_list = [s.strip() for s in self.slots.split(",") if s.strip()]
@@ -98,13 +104,45 @@ class PrecomputeArguments:
         for key in ("gpus_per_worker", "cpus_per_worker", "max_retries"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"{key} must be >= 0 (got {getattr(self, key)})")
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
         for key in ("batch_tokens", "rows_per_file", "max_length", "max_prompt_length", "tensor_parallel_size"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive (got {getattr(self, key)})")
+        # Only an explicit contradiction is an error; unset lengths are settled by resolve_lengths.
+        if self.max_length is not None and self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
         if self.max_samples is not None and self.max_samples <= 0:
             raise ValueError(f"max_samples must be a positive number of rows (got {self.max_samples})")
+
+    def resolve_lengths(self, positions: dict[str, int | None]) -> dict:
+        """Settle unset lengths from the scorers' `max_position_embeddings` (scorer name -> positions,
+        None when the config has none) and return how (the manifest's `lengths` record).
+
+        - max_length unset: min(DEFAULT_MAX_LENGTH, the smallest scorer's positions);
+        - max_prompt_length unset: half of max_length (TRL's DPOConfig ratio, 512 of 1024);
+        - an explicit max_length over a scorer's positions stays an error (the pipeline names it).
+        """
+        known = {name: p for name, p in positions.items() if p is not None}
+        record = {}
+        if self.max_length is None:
+            smallest = min(known.items(), key=lambda item: item[1], default=None)
+            if smallest is not None and smallest[1] < DEFAULT_MAX_LENGTH:
+                self.max_length = smallest[1]
+                record["max_length_from"] = (f"default: the {smallest[1]} positions of {smallest[0]} "
+                                             f"(min({DEFAULT_MAX_LENGTH}, the smallest scorer's max_position_embeddings))")
+            else:
+                self.max_length = DEFAULT_MAX_LENGTH
+                record["max_length_from"] = (f"default: {DEFAULT_MAX_LENGTH} (min({DEFAULT_MAX_LENGTH}, the smallest "
+                                             "scorer's max_position_embeddings))")
+        else:
+            record["max_length_from"] = "set"
+        if self.max_prompt_length is None:
+            self.max_prompt_length = self.max_length // 2
+            record["max_prompt_length_from"] = "default: half of max_length"
+        else:
+            record["max_prompt_length_from"] = "set"
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
+        return {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length, **record}
 
     def scorer_paths(self) -> dict[str, str]:
         """Scorer name -> model, in scoring order (the names become the `logp_<name>` columns)."""

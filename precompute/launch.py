@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import Counter
 
-from wspo.errors import WspoError
+from wspo.errors import ConfigError, WspoError
 from wspo.shards.storage import AnyPath, read_parquet, read_parquet_schema, shard_path
 
 SLURM_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
@@ -29,7 +29,7 @@ def _int(value, option: str) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{option}: {value!r} is neither an integer nor 'auto'") from None
+        raise ConfigError(f"{option}: {value!r} is neither an integer nor 'auto'") from None
 
 
 def resolve_workers(num_workers, worker_index, launcher: str = "none", env=None) -> tuple[int, int]:
@@ -37,16 +37,16 @@ def resolve_workers(num_workers, worker_index, launcher: str = "none", env=None)
     env = os.environ if env is None else env
     if launcher == "ray":
         if num_workers == "auto":
-            raise ValueError("num_workers: give a number with --launcher ray (the Ray launcher starts that many tasks)")
+            raise ConfigError("num_workers: give a number with --launcher ray (the Ray launcher starts that many tasks)")
         n = _int(num_workers, "num_workers")
         if n < 1:
-            raise ValueError(f"num_workers must be at least 1 (got {n})")
+            raise ConfigError(f"num_workers must be at least 1 (got {n})")
         return n, 0
     n = None if num_workers == "auto" else _int(num_workers, "num_workers")
     slurm_count = env.get("SLURM_ARRAY_TASK_COUNT")
     if num_workers == "auto":
         if slurm_count is None:
-            raise ValueError(
+            raise ConfigError(
                 "num_workers auto reads SLURM_ARRAY_TASK_COUNT (a SLURM job array), which is not set; "
                 "give --num_workers N (for a Kubernetes Indexed Job: its completions)"
             )
@@ -58,14 +58,14 @@ def resolve_workers(num_workers, worker_index, launcher: str = "none", env=None)
             step = _int(env.get("SLURM_ARRAY_TASK_STEP", "1"), "SLURM_ARRAY_TASK_STEP")  # --array=0-14:2
             i = (task_id - task_min) // max(step, 1)
             if slurm_count is not None and _int(slurm_count, "SLURM_ARRAY_TASK_COUNT") != n:
-                raise ValueError(
+                raise ConfigError(
                     f"the SLURM job array has {slurm_count} tasks (SLURM_ARRAY_TASK_COUNT) but --num_workers is {n}: "
                     "make them equal, or use --num_workers auto"
                 )
         elif K8S_VAR in env:
             i = _int(env[K8S_VAR], K8S_VAR)
         else:
-            raise ValueError(
+            raise ConfigError(
                 "worker_index auto: no scheduler variable is set (looked for "
                 f"{', '.join(SLURM_VARS)} of a SLURM job array and {K8S_VAR} of a Kubernetes Indexed Job); "
                 "run under one of them, or give --worker_index I"
@@ -73,9 +73,9 @@ def resolve_workers(num_workers, worker_index, launcher: str = "none", env=None)
     else:
         i = _int(worker_index, "worker_index")
     if n < 1:
-        raise ValueError(f"num_workers must be at least 1 (got {n})")
+        raise ConfigError(f"num_workers must be at least 1 (got {n})")
     if not 0 <= i < n:
-        raise ValueError(f"worker_index {i} is not in [0, num_workers={n})")
+        raise ConfigError(f"worker_index {i} is not in [0, num_workers={n})")
     return n, i
 
 
@@ -169,7 +169,8 @@ def run_ray(args) -> dict:
                                               num_workers=str(args.num_workers))
             pending[task.remote(worker_args, launch_id)] = i
         done, failed = [], {}
-        with tqdm(total=args.num_workers, desc=f"ray: {args.num_workers} workers", unit="worker", dynamic_ncols=True) as bar:
+        with tqdm(total=args.num_workers, desc=f"ray: {args.num_workers} workers", unit="worker", dynamic_ncols=True,
+                  disable=args.disable_tqdm) as bar:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 i = pending.pop(ready[0])

@@ -10,6 +10,8 @@ On an object store (`output_dir` a URL) the lock is an object created with a con
 (`If-None-Match: *` on S3): of two workers creating it at once exactly one succeeds. Where the
 store has no conditional write, fsspec checks then writes, and the lock is read back after
 writing: a narrow window remains in which both could start (docs/cluster.md).
+
+`wspo-train` holds the same kind of lock on its output_dir (`command`, `name`: train/identity.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import socket
 import sys
 from datetime import datetime, timezone
+
 from wspo.errors import WspoError
 from wspo.shards.storage import AnyPath, create_exclusive
 

@@ -23,6 +23,7 @@ import json
 import shlex
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,7 +35,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 import wspo
-from wspo.errors import WspoError
+from wspo.errors import NonFiniteError, WspoError
 from wspo.models import (
     check_weights, default_device, load_tokenizer, model_fingerprint, read_config, resolve_dtype, resolve_model_dir,
 )
@@ -74,6 +75,10 @@ SEQUENCE_SCHEMA = pa.schema(
 
 class PrecomputeError(WspoError):
     """A phase-one failure with a message for the user (the CLI prints it without a traceback)."""
+
+
+class NonFiniteScoresError(PrecomputeError, NonFiniteError):
+    """A scorer returned NaN or infinite log-probs; nothing was published for those rows."""
 
 
 @dataclass
@@ -165,7 +170,8 @@ def build_parts(args: PrecomputeArguments, source: Source, block: range, layout:
         summary.num_parts += 1
 
     part: list[Sequence] = []
-    with tqdm(total=len(block), desc=f"tokenizing{_worker_tag(args)}", unit="row", dynamic_ncols=True, mininterval=1.0) as bar:
+    with tqdm(total=len(block), desc=f"tokenizing{_worker_tag(args)}", unit="row", dynamic_ncols=True, mininterval=1.0,
+              disable=args.disable_tqdm) as bar:
         for seq in iter_sequences(args, source, block, layout, tokenize, summary.skipped, progress=bar):
             part.append(seq)
             summary.rows_written += 1
@@ -193,7 +199,7 @@ def check_finite(scorer: str, part: pa.Table, logps: list[np.ndarray], source: s
         ids, example_ids, slots = (part[c].to_pylist() for c in ("id", "example_id", "slot"))
         names = ", ".join(f"{example_ids[i]}/{slots[i]} (id {ids[i][:12]})" for i in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise PrecomputeError(
+        raise NonFiniteScoresError(
             f"scorer {scorer} ({source}) returned NaN or infinite log-probs for {len(bad)} row(s): {names}{more}. "
             "Nothing was published for these rows; check the model's weights and dtype (float16 overflows are common)."
         )
@@ -211,7 +217,8 @@ def score_parts(args, scorer_name: str, model_dir: Path, num_parts: int, work: A
             "max_model_len": args.max_length} if args.backend == "vllm" else {}),
     )
     try:
-        bar = tqdm(total=len(todo), desc=f"scoring {scorer_name}{_worker_tag(args)}", unit="part", dynamic_ncols=True)
+        bar = tqdm(total=len(todo), desc=f"scoring {scorer_name}{_worker_tag(args)}", unit="part", dynamic_ncols=True,
+                   disable=args.disable_tqdm)
         start, tokens = time.perf_counter(), 0
         for k in todo:
             part = read_parquet(work / f"seq-{k:05d}.parquet", columns=["id", "example_id", "slot", "token_ids", "prompt_ids"])
@@ -354,6 +361,29 @@ def _tokenizer_record(tokenize: ResponseTokenizer, out: AnyPath, work: AnyPath, 
     return tokenize.describe()
 
 
+class IdenticalScorersWarning(UserWarning):
+    """weak_ref and weak_aligned are one model: every reward will be exactly zero."""
+
+
+def check_weak_pair(args: PrecomputeArguments, scorers: list[dict], scorer_dirs: dict[str, Path]) -> None:
+    """weak_ref and weak_aligned naming the same model, or two folders with identical config and
+    weight files (equal fingerprints), would score for minutes and write all-zero rewards: warn
+    before scoring; in strict mode refuse."""
+    fingerprints = {s["name"]: s["fingerprint"] for s in scorers}
+    if not {"weak_ref", "weak_aligned"} <= set(fingerprints):
+        return
+    same_dir = scorer_dirs["weak_ref"].resolve() == scorer_dirs["weak_aligned"].resolve()
+    if not same_dir and fingerprints["weak_ref"] != fingerprints["weak_aligned"]:
+        return
+    what = "name the same model" if same_dir else "have identical config and weight files"
+    message = (f"weak_ref ({args.weak_ref}) and weak_aligned ({args.weak_aligned}) {what}: "
+               "every reward would be exactly 0. "
+               "Give the weak model before alignment (SFT) as weak_ref and the one after (DPO) as weak_aligned.")
+    if args.strict:
+        raise PrecomputeError(message + " (refused in strict mode)")
+    warnings.warn(message, IdenticalScorersWarning, stacklevel=2)
+
+
 def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
     """Run phase one for this worker; returns its manifest.
 
@@ -365,10 +395,12 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
     scorer_paths = args.scorer_paths()
     scorer_dirs = {name: resolve_model_dir(path, option=name) for name, path in scorer_paths.items()}
     tokenizer_source = args.tokenizer or str(scorer_dirs[next(iter(scorer_dirs))])
+    positions_of = {name: read_config(model_dir).get("max_position_embeddings") for name, model_dir in scorer_dirs.items()}
+    lengths = args.resolve_lengths(positions_of)
     tokenize = ResponseTokenizer(load_tokenizer(tokenizer_source), args.max_length, args.max_prompt_length, args.end_of_turn_token)
     for name, model_dir in scorer_dirs.items():
         check_weights(model_dir, option=name)
-        positions = read_config(model_dir).get("max_position_embeddings")
+        positions = positions_of[name]
         if positions is not None and args.max_length > positions:
             # Both backends refuse alike: hf would score past the limit silently, vLLM die in its config check.
             raise PrecomputeError(f"{name}: max_length {args.max_length} exceeds the {positions} positions of model "
@@ -387,6 +419,7 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
          "backend": args.backend, "dtype": str(resolve_dtype(args.dtype, default_device())).removeprefix("torch.")}
         for name, model_dir in scorer_dirs.items()
     ]
+    check_weak_pair(args, scorers, scorer_dirs)
     run_settings = {
         "dataset": {"source": args.dataset, "split": args.dataset_split, "format": layout,
                     "fingerprint": source.fingerprint, "slots": args.slot_list,
@@ -458,6 +491,7 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
                 "skipped": dict(sorted(built.skipped.items())),
             },
             "files": files,
+            "lengths": lengths,
             "reward": stats.result(),
             "timing": {"seconds": round(seconds, 3), "sequence_tokens": built.sequence_tokens,
                        "tokens_per_second": round(built.sequence_tokens * len(names) / seconds, 1)},

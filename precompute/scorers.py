@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from wspo.errors import ConfigError
 from wspo.logprobs import response_logprobs, right_pad
 from wspo.models import default_device, load_causal_lm, resolve_dtype
 
@@ -111,4 +112,4 @@ def open_scorer(backend: str, model_dir, dtype: str, batch_tokens: int | None, *
         from .vllm_scorer import VLLMScorer  # vLLM is imported only when chosen
 
         return VLLMScorer(model_dir, dtype=dtype, batch_tokens=batch_tokens or GPU_BATCH_TOKENS, **vllm_options)
-    raise ValueError(f"backend: {backend!r}; choose hf or vllm")
+    raise ConfigError(f"backend: {backend!r}; choose hf or vllm")

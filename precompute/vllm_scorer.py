@@ -1,8 +1,10 @@
 """vLLM backend of the scorer interface (precompute/scorers.py): prompt log-probs of token ids.
 
-Every sequence is sent as a token-id prompt and vLLM generates one token we throw away; what we
-keep is `prompt_logprobs`, the log-prob of each prompt token given the tokens before it, read off
-at the response positions. Engine options, and why:
+Every sequence but its last token is sent as a token-id prompt, and vLLM generates one token:
+`prompt_logprobs` give the log-prob of each prompt token given the tokens before it (read off at
+the response positions), and `logprob_token_ids=[last token]` the log-prob of the sequence's last
+token at the generated position. So a sequence of exactly `max_model_len` tokens fits the
+engine (prompt + one generated token), and no position is computed twice. Engine options, and why:
 
 - `skip_tokenizer_init=True`, `detokenize=False`: ids in, numbers out; no tokenizer is loaded and
   nothing is decoded (the shards' tokenizer is the project's, not vLLM's business).
@@ -16,9 +18,8 @@ at the response positions. Engine options, and why:
   float32 log-softmax per step, which vLLM's memory profiling does not reserve: this bounds them
   (16384 tokens x 152k vocab = 10 GB in float32; lower `batch_tokens` or
   `gpu_memory_utilization` for large vocabularies).
-- `max_model_len`: the longest sequence accepted. vLLM insists on room for the one generated
-  token, so the engine gets one more position; unset, it is the model's max_position_embeddings
-  minus one.
+- `max_model_len`: the longest sequence accepted, passed to the engine as it is (the last token is
+  the generated position); unset, the model's max_position_embeddings.
 - `dtype`: "auto" resolves as in the hf backend (bfloat16 on GPU, float32 on CPU), so both
   backends score in the dtype the manifest records.
 - `enforce_eager=True`: no CUDA graphs (they serve decode steps, which a one-token request never
@@ -36,6 +37,7 @@ import numpy as np
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
+from wspo.errors import ConfigError
 from wspo.models import default_device, resolve_dtype
 
 
@@ -50,8 +52,7 @@ class VLLMScorer:
             max_model_len = config.get("max_position_embeddings", config.get("text_config", {}).get(
                 "max_position_embeddings"))
             if max_model_len is None:
-                raise ValueError(f"{model_dir}: config.json has no max_position_embeddings; set max_model_len")
-            max_model_len -= 1
+                raise ConfigError(f"{model_dir}: config.json has no max_position_embeddings; set max_model_len")
         self.max_model_len = int(max_model_len)
         self.llm = LLM(
             model=str(model_dir),
@@ -61,12 +62,11 @@ class VLLMScorer:
             enable_prefix_caching=False,
             logprobs_mode="raw_logprobs",
             max_num_batched_tokens=batch_tokens,
-            max_model_len=self.max_model_len + 1,
+            max_model_len=self.max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=True,
         )
-        self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
 
     def score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[np.ndarray]:
         for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
@@ -77,16 +77,23 @@ class VLLMScorer:
         if not sequences:
             return []
         sequences = [[int(t) for t in seq] for seq in sequences]
-        prompts = [TokensPrompt(prompt_token_ids=seq) for seq in sequences]
-        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        prompts = [TokensPrompt(prompt_token_ids=seq[:-1]) for seq in sequences]
+        params = [SamplingParams(max_tokens=1, prompt_logprobs=0, logprob_token_ids=[seq[-1]], detokenize=False)
+                  for seq in sequences]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
         # `generate` returns outputs in request order; check it rather than trust it silently.
         results = []
         for i, (seq, p, out) in enumerate(zip(sequences, prompt_lengths, outputs, strict=True)):
-            if list(out.prompt_token_ids) != seq:
+            if list(out.prompt_token_ids) != seq[:-1]:
                 raise RuntimeError(f"vLLM output {i} is not for input sequence {i}")
             # prompt_logprobs[t] = {token_id: Logprob} for seq[t] given seq[:t]; entry 0 is None.
+            # The last token's is the generated position's log-prob of that token.
+            if p == len(seq):  # nothing to score
+                results.append(np.zeros(0, dtype=np.float32))
+                continue
             logps = out.prompt_logprobs
-            results.append(np.array([logps[t][seq[t]].logprob for t in range(p, len(seq))], dtype=np.float32))
+            last = out.outputs[0].logprobs[0][seq[-1]].logprob
+            results.append(np.array([logps[t][seq[t]].logprob for t in range(p, len(seq) - 1)] + [last], dtype=np.float32))
         return results
 
     def close(self) -> None:

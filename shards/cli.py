@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
+from wspo.args import SuggestingParser
 from wspo.errors import WspoError
 
 from .schema import COLUMNS, has_reward, logp_column
@@ -161,8 +163,38 @@ def cmd_project(shards: ShardSet, args) -> int:
     return 0
 
 
+def _length_or_none(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'none', got {text!r}") from None
+
+
+def cmd_export(shards: ShardSet, args) -> int:
+    """`--format trl-dpo`: the (chosen, rejected) pairs with reference sums for TRL 1.16's
+    DPOTrainer, as Parquet under OUT/data/ (`datasets.load_dataset(OUT, split="train")`)."""
+    from wspo.paths import check_output
+
+    from .store import DATA_DIR, write_parquet
+    from .trl_export import TRL_VERSION, to_trl_dpo
+
+    shards.check()
+    out = Path(args.output)
+    check_output(out, {"shards": str(shards.root), "tokenizer": args.tokenizer})
+    max_length = args.max_length
+    dataset = to_trl_dpo(shards, tokenizer=args.tokenizer, max_length=max_length)
+    write_parquet(dataset.data.table, out / DATA_DIR / "train-00000-of-00001.parquet")
+    print(f"wrote {dataset.num_rows} pairs to {out} (TRL {TRL_VERSION} conversational preference layout, reference sums "
+          f"in ref_chosen_logps / ref_rejected_logps). Train with "
+          f"wspo.shards.trl_export.DPOTrainerFromShards and DPOConfig(precompute_ref_log_probs=True, "
+          f"max_length={max_length}); see docs/shard-format.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="wspo-shards", allow_abbrev=False,
         description="Inspect and check wspo shard sets.",
         epilog="Columns:\n" + "\n".join(f"  {k:<14} {v}" for k, v in COLUMNS.items()),
@@ -186,15 +218,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", required=True, help="folder or hub name of the strong model's tokenizer")
     p.add_argument("--end-of-turn-token", default=None, help="end-of-turn token of that tokenizer (default: its eos)")
     p.add_argument("shards")
+    p = sub.add_parser("export", allow_abbrev=False, help="the set in another trainer's layout: --format trl-dpo (TRL's DPOTrainer)")
+    p.add_argument("--format", required=True, choices=["trl-dpo"], help="trl-dpo: chosen/rejected pairs with reference sums for TRL 1.16")
+    p.add_argument("--tokenizer", default=None, help="the tokenizer TRL will use (default: the shards' own)")
+    p.add_argument("--max_length", default=1024, type=_length_or_none, help="the max_length TRL will run with (DPOConfig's, default 1024; 'none': no cut)")
+    p.add_argument("shards")
+    p.add_argument("output", help="folder to write (Parquet under OUTPUT/data/)")
     args = parser.parse_args(argv)
     try:
         shards = ShardSet.open(args.shards)
-        return {"info": cmd_info, "verify": cmd_verify, "head": cmd_head, "show": cmd_show, "project": cmd_project}[args.command](shards, args)
-    except Exception as e:  # noqa: BLE001 - user-facing errors and disk faults are named; the rest is re-raised
+        return {"info": cmd_info, "verify": cmd_verify, "head": cmd_head, "show": cmd_show, "project": cmd_project,
+                "export": cmd_export}[args.command](shards, args)
+    except Exception as e:  # noqa: BLE001 - user-facing errors (WspoError) and disk faults are named; the rest is re-raised
         from wspo.disk import error_text
 
-        then = "rerun the same command: the page is written whole or not at all"
-        print(f"wspo-shards: error: {error_text(e, (ShardError, WspoError, ValueError), getattr(args, 'html', None), then)}",
+        then = "rerun the same command: the output is written whole or not at all"
+        print(f"wspo-shards: error: {error_text(e, (WspoError,), getattr(args, 'html', None) or getattr(args, 'out', None), then)}",
               file=sys.stderr)
         return 1
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from wspo.errors import WspoError
 
 from .schema import FORMAT_NAME, FORMAT_VERSION, float_list_columns
-from .storage import AnyPath, parquet_file, publish, read_parquet, shard_path
+from .storage import AnyPath, is_url, parquet_file, publish, read_parquet, shard_path
 from .tokenization import FINGERPRINT_VERSION
 
 ROWS_PER_ROW_GROUP = 4096
@@ -372,3 +372,59 @@ class ShardSet:
 
             table = table.filter(pc.is_in(table["slot"], pa.array(slots)))
         return table
+
+    # -- the Python API (docs/api.md) --
+
+    @property
+    def manifest(self) -> dict:
+        """The set's manifest: the one worker's, or for several workers the first one's shared
+        entries (tokenizer, scorers, run settings) with every worker's files and summed counts
+        (`workers` then lists each worker's own manifest)."""
+        if len(self.manifests) == 1:
+            return self.manifests[0]
+        counts = {}
+        for m in self.manifests:
+            for key, value in m["counts"].items():
+                if isinstance(value, dict):
+                    merged = counts.setdefault(key, {})
+                    for reason, n in value.items():
+                        merged[reason] = merged.get(reason, 0) + n
+                elif key != "rows_in_split":
+                    counts[key] = counts.get(key, 0) + value
+                else:
+                    counts[key] = value
+        return {**self.manifests[0], "files": self.files, "counts": counts, "workers": self.manifests}
+
+    def rows(self, columns: list[str] | None = None, slots: list[str] | None = None, batch_size: int = 1024):
+        """Every row as a dict, in file order, read one batch of `batch_size` rows at a time (memory
+        follows the batch, not the set); optionally only some columns and slots."""
+        read = None if columns is None else list(dict.fromkeys([*columns, *(["slot"] if slots else [])]))
+        for record in self.files:
+            path = self.root / record["path"]
+            try:
+                batches = parquet_file(path).iter_batches(batch_size=batch_size, columns=read)
+                for batch in batches:
+                    for row in batch.to_pylist():
+                        if slots is None or row["slot"] in slots:
+                            yield {k: row[k] for k in columns} if columns is not None else row
+            except (OSError, pa.ArrowException) as e:
+                raise ShardError(f"{path}: cannot read ({e})") from None
+
+    def to_dataset(self, cache_dir: str | os.PathLike | None = None):
+        """The rows as a memory-mapped `datasets.Dataset` (Arrow files in the datasets cache, or
+        `cache_dir`; built once per set, then reused)."""
+        from datasets import Dataset
+
+        if is_url(self.root):
+            raise ShardError(f"{self.root}: to_dataset reads a local shard set; copy it to a local folder first "
+                             "(or read it with .rows(), which streams from the store)")
+        return Dataset.from_parquet([str(self.root / f["path"]) for f in self.files],
+                                    cache_dir=None if cache_dir is None else str(cache_dir))
+
+    def to_trl_dpo(self, tokenizer=None, max_length: int | None = 1024):
+        """A `datasets.Dataset` that TRL 1.16's DPOTrainer trains on with the shards' reference
+        log-prob sums; refused, naming the row, if TRL would tokenize differently
+        (wspo.shards.trl_export; docs/shard-format.md "Training with TRL")."""
+        from .trl_export import to_trl_dpo
+
+        return to_trl_dpo(self, tokenizer=tokenizer, max_length=max_length)

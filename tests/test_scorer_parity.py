@@ -164,10 +164,16 @@ def test_close_then_reload(tiny_models, rows, vllm_scorer, vllm_logps):
         time.sleep(0.5)
 
     aligned = VLLMScorer(tiny_models["weak_aligned"], dtype="float32", gpu_memory_utilization=0.25)
+    # A sequence of exactly the model's positions: the engine takes it (its last token is the
+    # generated position, so no position is needed beyond the model's limit).
+    sequences, prompt_lengths = rows
+    full = sequences[0] + sequences[1] * (4096 // len(sequences[1]) + 1)
+    rows_and_full = (sequences + [full[:4096]], prompt_lengths + [prompt_lengths[0]])
     try:
-        assert aligned.max_model_len == 4095  # the tiny models' max_position_embeddings - 1
-        logps = aligned.score(*rows)
+        assert aligned.max_model_len == 4096  # the tiny models' max_position_embeddings
+        logps = aligned.score(*rows_and_full)
     finally:
         aligned.close()
-    assert max_abs_diff(logps, vllm_logps) > 1e-2  # a different model, really reloaded
-    assert max_abs_diff(logps, naive_logprobs(tiny_models["weak_aligned"], *rows)) < TOL
+    assert len(logps[-1]) == 4096 - prompt_lengths[0]
+    assert max_abs_diff(logps[:-1], vllm_logps) > 1e-2  # a different model, really reloaded
+    assert max_abs_diff(logps, naive_logprobs(tiny_models["weak_aligned"], *rows_and_full)) < TOL

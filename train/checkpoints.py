@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from wspo.disk import DiskError, disk_message
+from wspo.errors import ConfigError
 
 WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 OPTIMIZER = ("optimizer.pt", "optimizer.bin")
@@ -57,7 +58,7 @@ def resolve_resume(resume, output_dir: str) -> str | bool | None:
     if isinstance(resume, str) and resume.lower() not in ("true", "last", "latest"):
         problem = checkpoint_problem(Path(resume)) if Path(resume).is_dir() else "no such folder"
         if problem:
-            raise ValueError(f"resume_from_checkpoint {resume}: not a complete checkpoint ({problem})")
+            raise ConfigError(f"resume_from_checkpoint {resume}: not a complete checkpoint ({problem})")
         return resume
     folders = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
                      key=lambda p: int(p.name.split("-")[-1]), reverse=True)
@@ -69,7 +70,7 @@ def resolve_resume(resume, output_dir: str) -> str | bool | None:
             print(f"resuming from {folder}{note}", file=sys.stderr)
             return str(folder)
         skipped.append(f"{folder.name}: {problem}")
-    raise ValueError(
+    raise ConfigError(
         f"resume_from_checkpoint true: no complete checkpoint in {output_dir}"
         + (f" (incomplete: {'; '.join(skipped)})" if skipped else " (none written yet)")
     )

@@ -6,7 +6,6 @@ that `from_pretrained` and vLLM load without PEFT.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -14,7 +13,9 @@ from pathlib import Path
 
 import torch
 
+from wspo.args import SuggestingParser
 from wspo.disk import error_text
+from wspo.errors import InputPathError, WspoError
 
 from .checkpoints import move_into
 
@@ -31,7 +32,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
-        raise FileNotFoundError(f"--adapter {adapter_dir}: no adapter_config.json, not a LoRA adapter directory")
+        raise InputPathError(f"--adapter {adapter_dir}: no adapter_config.json, not a LoRA adapter directory")
     base = base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     base_dir = resolve_model_dir(base, option="base model (adapter_config.json base_model_name_or_path, or --base_model)")
     check_output(output_dir, {"adapter": adapter_dir, "base_model": base_dir})
@@ -60,7 +61,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wspo-export", allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = SuggestingParser(prog="wspo-export", allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", required=True, help="LoRA adapter directory written by wspo-train (or one of its checkpoints).")
     parser.add_argument("--output_dir", required=True, help="Where to write the merged model.")
     parser.add_argument("--base_model", default=None, help="Base model (default: the adapter's base_model_name_or_path).")
@@ -69,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = merge_adapter(args.adapter, args.output_dir, args.base_model, args.dtype)
-    except Exception as e:  # noqa: BLE001 - user-facing errors and disk faults are named; the rest is re-raised
+    except Exception as e:  # noqa: BLE001 - user-facing errors (WspoError) and disk faults are named; the rest is re-raised
         then = "rerun the same command: nothing incomplete was left in output_dir"
-        print(f"wspo-export: error: {error_text(e, (FileNotFoundError, ValueError), args.output_dir, then)}", file=sys.stderr)
+        print(f"wspo-export: error: {error_text(e, (WspoError,), args.output_dir, then)}", file=sys.stderr)
         return 1
     print(f"merged {args.adapter} into a full model at {out}")
     return 0

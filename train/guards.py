@@ -13,10 +13,10 @@ import math
 import torch
 from transformers import TrainerCallback
 
-from wspo.errors import WspoError
+from wspo.errors import NonFiniteError as NonFiniteBase
 
 
-class NonFiniteError(WspoError, ValueError):
+class NonFiniteError(NonFiniteBase, ValueError):
     """Training produced a NaN or infinite loss or gradient."""
 
 

@@ -28,6 +28,7 @@ from peft import PeftModel
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from wspo.errors import ConfigError
 from wspo.logprobs import response_logprobs
 
 from .held_out import HeldOutLedger
@@ -53,7 +54,7 @@ class WSPOTrainer(PreferenceMixin, Trainer):
         self.uses_lora = isinstance(self.model, PeftModel)
         self.reference_from_shards = reference_from_shards
         if loss == "wspo" and not self.uses_lora and ref_model is None and not reference_from_shards:
-            raise ValueError("loss wspo with full fine-tuning needs ref_model (a frozen copy of the strong model) or reference_from_shards")
+            raise ConfigError("loss wspo with full fine-tuning needs ref_model (a frozen copy of the strong model) or reference_from_shards")
         self.ref_model = self._prepare_ref_model(ref_model) if ref_model is not None and not self.uses_lora else None
         if loss == "sft":
             self.reference_kind = None
