@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from wspo.errors import WspoError
 
-from .schema import FORMAT_NAME, FORMAT_VERSION, float_list_columns
+from .schema import FORMAT_NAME, FORMAT_VERSION, byte_stream_split_columns
 from .storage import AnyPath, is_url, parquet_file, publish, read_parquet, shard_path
 from .tokenization import FINGERPRINT_VERSION
 
@@ -71,7 +71,7 @@ def write_parquet(table: pa.Table, path: AnyPath, metadata: dict[str, str] | Non
         schema_md = dict(table.schema.metadata or {})
         schema_md.update({k.encode(): v.encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(schema_md)
-    floats = [f"{name}.list.element" for name in float_list_columns(table.schema)]
+    floats = [f"{name}.list.element" for name in byte_stream_split_columns(table.schema)]
     floats += [f.name for f in table.schema if pa.types.is_floating(f.type)]
     publish(path, lambda tmp: pq.write_table(
         table,
@@ -237,7 +237,7 @@ def _load_manifest(path: AnyPath) -> dict:
 
 
 # Manifest entries that every worker of one set must agree on.
-_SHARED_KEYS = ("run_settings", "tokenizer", "scorers")
+_SHARED_KEYS = ("run_settings", "tokenizer", "scorers", "topk")
 
 
 @dataclass
@@ -276,7 +276,7 @@ class ShardSet:
             if m["workers"]["num_workers"] != total:
                 raise ShardError(f"{p}: num_workers {m['workers']['num_workers']} differs from {paths[0].name} ({total})")
             for key in _SHARED_KEYS:
-                if m[key] != manifests[0][key]:
+                if m.get(key) != manifests[0].get(key):
                     raise ShardError(f"{p}: '{key}' differs from {paths[0].name}: the workers ran different settings")
         manifests.sort(key=lambda m: m["workers"]["worker_index"])
         return cls(root, manifests)
@@ -290,6 +290,11 @@ class ShardSet:
     @property
     def scorers(self) -> list[dict]:
         return self.manifests[0]["scorers"]
+
+    @property
+    def topk(self) -> dict | None:
+        """The top-k record (shards/topk.py) of a version-3 set with top-k columns, else None."""
+        return self.manifests[0].get("topk")
 
     @property
     def scorer_names(self) -> list[str]:

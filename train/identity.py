@@ -33,7 +33,7 @@ from .checkpoints import FINAL_TMP, WEIGHTS, checkpoint_problem
 IDENTITY_FILE = "wspo_identity.json"
 RUN_FILE = "wspo_run.json"
 LOSS_KEYS = {"wspo": ("gamma", "reference_logps"), "sft": (), "dpo": ("beta",),
-             "wrpo": ("beta", "wrpo_alpha", "wrpo_alpha_schedule")}
+             "wrpo": ("beta", "wrpo_alpha", "wrpo_alpha_schedule"), "kd": ("kd_alpha", "kd_temperature", "kd_scorer")}
 
 
 class RunIdentityError(WspoError, ValueError):
