@@ -148,13 +148,13 @@ class TimedScorer:
                       "batch_tokens": getattr(scorer, "batch_tokens", None), "sequence_lengths": [], "response_lengths": []}
         record.append(self.entry)
 
-    def score(self, sequences, prompt_lengths):
+    def score(self, sequences, prompt_lengths, **options):
         import torch
 
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         sync()
         start = time.perf_counter()
-        out = self.scorer.score(sequences, prompt_lengths)
+        out = self.scorer.score(sequences, prompt_lengths, **options)
         sync()
         self.entry["seconds"] += time.perf_counter() - start
         self.entry["sequence_lengths"] += [len(s) for s in sequences]
