@@ -53,12 +53,12 @@ from wspo.shards.store import (
     write_parquet,
 )
 from wspo.shards.card import write_card
+from wspo.shards.lock import OutputLock
 from wspo.shards.storage import AnyPath, read_parquet, read_parquet_schema, remove_tree, shard_path
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
 from .config import PrecomputeArguments
 from .data import Example, Source, detect_format, open_source, to_example
-from .lock import OutputLock
 from .scorers import open_scorer
 
 # Reasons that mean the row itself is malformed: an error in strict mode. Others (a prompt over
