@@ -72,6 +72,16 @@ def float_list_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type)]
 
 
+def list_arrays(column: pa.ChunkedArray | pa.Array) -> list:
+    """A list<float|int> column as one numpy array per row (views, no Python floats)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy()
+    offsets = offsets - offsets[0]  # a sliced array's offsets index into its parent's values
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
+
+
 def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 

@@ -27,11 +27,16 @@ from __future__ import annotations
 
 import functools
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .store import ShardError, ShardSet, list_arrays
+from .schema import list_arrays
+from .storage import ShardError
 from .tokenization import ResponseTokenizer
+
+if TYPE_CHECKING:  # ShardSet.to_trl_dpo calls this module, so it is imported here only for the annotations
+    from .store import ShardSet
 
 TRL_VERSION = "1.16.0"
 REFERENCE_COLUMN = "logp_ref"  # wspo-precompute --ref_model
