@@ -44,7 +44,7 @@ class EvalError(WspoError):
 
 
 @dataclass
-class TokenizedResponse:
+class ScoredResponse:
     prompt_ids: list[int]
     token_ids: list[int]  # response ids, end-of-turn included unless truncated
     truncated: bool
@@ -58,8 +58,8 @@ class TokenizedResponse:
 @dataclass
 class Pair:
     example_id: str
-    chosen: TokenizedResponse
-    rejected: TokenizedResponse
+    chosen: ScoredResponse
+    rejected: ScoredResponse
 
 
 # -- tokenizer ----------------------------------------------------------------------------------
@@ -100,20 +100,20 @@ def pairs_from_dataset(args: RewardsArguments, rule: ResponseTokenizer) -> tuple
         except Skip as skip:
             skipped[skip.reason] += 1
             continue
-        pairs.append(Pair(example.example_id, *(TokenizedResponse(t.prompt_ids, t.token_ids, t.truncated) for t in sides.values())))
+        pairs.append(Pair(example.example_id, *(ScoredResponse(t.prompt_ids, t.token_ids, t.truncated) for t in sides.values())))
     return pairs, skipped, layout
 
 
 # -- pairs from a shard set ---------------------------------------------------------------------
 
 
-def _shard_response(row: dict, stored: list[int] | None, ref: np.ndarray | None, rule: ResponseTokenizer, root: Path) -> TokenizedResponse:
+def _shard_response(row: dict, stored: list[int] | None, ref: np.ndarray | None, rule: ResponseTokenizer, root: Path) -> ScoredResponse:
     """A shard row under `rule`: its stored ids (checked against re-tokenizing) when the rule has
     the shards' fingerprint, else the rule's own tokenization of its text."""
     messages = json.loads(row["messages"])
     if stored is None:
         tok = rule(messages, row["response"])
-        return TokenizedResponse(tok.prompt_ids, tok.token_ids, tok.truncated)
+        return ScoredResponse(tok.prompt_ids, tok.token_ids, tok.truncated)
     prompt = rule.prompt_ids(messages)
     if len(prompt) > rule.max_prompt_length:
         raise Skip("prompt_too_long")
@@ -123,7 +123,7 @@ def _shard_response(row: dict, stored: list[int] | None, ref: np.ndarray | None,
                         "the stored token_ids although the tokenizers share a fingerprint; the shard row or the tokenizer "
                         "files were altered")
     keep = min(len(stored), rule.max_length - len(prompt))
-    return TokenizedResponse(prompt, stored[:keep], bool(row["truncated"]) or keep < len(stored),
+    return ScoredResponse(prompt, stored[:keep], bool(row["truncated"]) or keep < len(stored),
                     None if ref is None else ref[:keep].astype(np.float64))
 
 

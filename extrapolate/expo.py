@@ -243,7 +243,7 @@ def prepare_output_dirs(output_dir: Path, alphas: list[float], overwrite: bool) 
     return dirs
 
 
-def publish(final_dir: Path) -> None:
+def publish_folder(final_dir: Path) -> None:
     """Rename the complete temporary directory to its final name (replacing an old output)."""
     if final_dir.exists():
         shutil.rmtree(final_dir)
@@ -344,7 +344,7 @@ def extrapolate(sft_dir: str | Path, aligned_dir: str | Path, alphas: list[float
             shutil.rmtree(d, ignore_errors=True)
         raise
     for d in final_dirs:
-        publish(d)
+        publish_folder(d)
     bytes_written, swallowed = summary
     return Summary(alphas, [str(d) for d in final_dirs], len(plan.steps), bytes_written, peak_rss_bytes(),
                    time.perf_counter() - start_time, swallowed)
