@@ -154,4 +154,4 @@ if __name__ == "__main__":  # the helper process: a JSON request on stdin; the l
     except WspoError as e:  # ShardError, or the store's StoreError
         sys.exit(str(e))
     except OSError as e:  # a full disk, a quota, a read-only file system: named with the cache's path
-        sys.exit(disk_message(e, f"{request['path']}.tmp", "rerun: the row cache is rebuilt") or str(e))
+        sys.exit(disk_message(e, request["path"], "rerun: the row cache is rebuilt") or str(e))
