@@ -239,7 +239,7 @@ def test_access_denied_is_named(capsys):
 
 def test_lock_and_storage_probe_on_s3(s3_bucket):
     from wspo.precompute.launch import StorageError, check_storage
-    from wspo.precompute.lock import LockError, OutputLock
+    from wspo.shards.lock import LockError, OutputLock
     from wspo.shards.storage import create_exclusive
 
     root = shard_path(f"{s3_bucket}/lock")

@@ -7,7 +7,7 @@ tokenization rule (the strong tokenizer's fingerprint, projection, max_length). 
 `output_dir/wspo_identity.json` when the run starts and into every checkpoint before the Trainer
 writes `trainer_state.json` there (so a complete checkpoint always carries one).
 
-- `guard_output_dir`: one live writer per output_dir (precompute's `OutputLock`, dead holders
+- `guard_output_dir`: one live writer per output_dir (`wspo.shards.lock.OutputLock`, dead holders
   taken over); a finished model, or checkpoints that this run would not resume, are never
   replaced without `--overwrite true`;
 - `check_resume_identity`: a checkpoint written by another run (another model, other shards,
@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 
 from wspo.errors import WspoError
 from wspo.models import model_fingerprint
-from wspo.precompute.lock import OutputLock
+from wspo.shards.lock import OutputLock
 from wspo.shards.store import write_json
 
 from .checkpoints import FINAL_TMP, WEIGHTS, checkpoint_problem
