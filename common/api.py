@@ -45,14 +45,19 @@ def make_callable(module_name: str) -> None:
 def library_bars(disable_tqdm: bool):
     """With `disable_tqdm`, the bars of transformers (loading weights) and datasets are off too,
     for the duration (the CLIs and the API)."""
-    import datasets
     import transformers
 
+    try:
+        import datasets
+    except ImportError:  # a node with torch and transformers alone (only hub datasets need it): no bars of its own
+        datasets = None
+
     hf_bars = transformers.utils.logging.is_progress_bar_enabled()
-    datasets_bars = not datasets.are_progress_bars_disabled()
+    datasets_bars = datasets is not None and not datasets.are_progress_bars_disabled()
     if disable_tqdm:
         transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
+        if datasets is not None:
+            datasets.disable_progress_bars()
     try:
         yield
     finally:
@@ -119,10 +124,12 @@ def precompute(*recipe, **keys):
     from wspo.args import parse_keys
     from wspo.paths import check_output
     from wspo.precompute.config import PrecomputeArguments
+    from wspo.shards.storage import is_url, shard_path
     from wspo.shards.store import ShardError, ShardSet
 
     (args,) = parse_keys([PrecomputeArguments], _split(recipe), keys, prog="wspo.precompute")
-    check_output(args.output_dir, {"dataset": args.dataset, "tokenizer": args.tokenizer, **args.scorer_paths()})
+    if not is_url(args.output_dir):  # an object-store URL cannot be, hold or lie inside a local input (as the CLI)
+        check_output(args.output_dir, {"dataset": args.dataset, "tokenizer": args.tokenizer, **args.scorer_paths()})
     with library_bars(args.disable_tqdm):
         if args.launcher == "ray":
             from wspo.precompute.launch import run_ray
@@ -135,7 +142,7 @@ def precompute(*recipe, **keys):
     try:
         return ShardSet.open(args.output_dir)
     except ShardError:  # other workers of the set are still running
-        return ShardSet(Path(args.output_dir), [manifest])
+        return ShardSet(shard_path(args.output_dir), [manifest])
 
 
 @dataclass

@@ -35,6 +35,7 @@ from wspo.embedded.sample import shows_preference_signal
 from wspo.models import check_weights, default_device, load_causal_lm, load_tokenizer, read_config, resolve_dtype, resolve_model_dir
 from wspo.precompute.data import detect_format, load_rows, to_example
 from wspo.precompute.scorers import length_batches
+from wspo.shards.store import write_text
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
 from .config import GenerateArguments
@@ -220,10 +221,7 @@ def run(args: GenerateArguments) -> tuple[dict, list[dict]]:
                         "generator": generator,
                         "dataset": prompt.dataset})
     out = Path(args.output_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(records, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    write_text(json.dumps(records, ensure_ascii=False, indent=2) + "\n", out)
     summary = {
         "task": "generate",
         "model": args.model,

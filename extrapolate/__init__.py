@@ -8,9 +8,9 @@ the command line. The package is also the API function: `wspo.extrapolate(RECIPE
 
 from wspo.api import make_callable
 
-from .expo import NonFiniteError, SwallowedStepWarning, alpha_dir_name, extrapolate, make_plan
+from .expo import NonFiniteTensorError, SwallowedStepWarning, alpha_dir_name, extrapolate, make_plan
 from .tensors import CheckpointError
 
-__all__ = ["CheckpointError", "NonFiniteError", "SwallowedStepWarning", "alpha_dir_name", "extrapolate", "make_plan"]
+__all__ = ["CheckpointError", "NonFiniteTensorError", "SwallowedStepWarning", "alpha_dir_name", "extrapolate", "make_plan"]
 
 make_callable(__name__)

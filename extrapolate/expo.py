@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from wspo.errors import ConfigError, OutputExistsError
-from wspo.errors import NonFiniteError as NonFiniteBase
+from wspo.errors import NonFiniteError
 from wspo.models import check_weights
 
 from .lora import LoraAdapter, check_against_base, check_base_model, is_adapter_dir, load_adapter
@@ -50,7 +50,7 @@ EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weig
 HEAD_NAME = "lm_head.weight"
 
 
-class NonFiniteError(CheckpointError, NonFiniteBase):
+class NonFiniteTensorError(CheckpointError, NonFiniteError):
     """An output tensor holds NaN or inf (an alpha that overflows the output dtype, or broken inputs)."""
 
 
@@ -243,14 +243,14 @@ def prepare_output_dirs(output_dir: Path, alphas: list[float], overwrite: bool) 
     return dirs
 
 
-def publish(final_dir: Path) -> None:
+def publish_folder(final_dir: Path) -> None:
     """Rename the complete temporary directory to its final name (replacing an old output)."""
     if final_dir.exists():
         shutil.rmtree(final_dir)
     partial_dir(final_dir).rename(final_dir)
 
 
-def check_finite(plan: "Plan", step: TensorStep, rows, alpha: float, rounded: torch.Tensor,
+def check_output_finite(plan: "Plan", step: TensorStep, rows, alpha: float, rounded: torch.Tensor,
                  aligned: torch.Tensor) -> None:
     """Refuse NaN/inf in an output piece, saying whether the inputs or the alpha caused it."""
     if not rounded.is_floating_point() or bool(torch.isfinite(rounded).all()):
@@ -258,9 +258,9 @@ def check_finite(plan: "Plan", step: TensorStep, rows, alpha: float, rounded: to
     bad = int((~torch.isfinite(rounded)).sum())
     sft_rows = plan.sft.read(step.sft_name or step.name, rows)
     if not bool(torch.isfinite(aligned).all()) or not bool(torch.isfinite(sft_rows.float()).all()):
-        raise NonFiniteError(f"tensor {step.name!r}: the input checkpoints hold NaN or inf values; nothing written")
+        raise NonFiniteTensorError(f"tensor {step.name!r}: the input checkpoints hold NaN or inf values; nothing written")
     largest = torch.finfo(step.out_dtype).max
-    raise NonFiniteError(
+    raise NonFiniteTensorError(
         f"alpha={alpha}: tensor {step.name!r} overflows {str(step.out_dtype).removeprefix('torch.')} "
         f"({bad} element(s) beyond +-{largest:.3g} or NaN); use a smaller --alpha or --out_dtype float32; "
         f"nothing written")
@@ -344,7 +344,7 @@ def extrapolate(sft_dir: str | Path, aligned_dir: str | Path, alphas: list[float
             shutil.rmtree(d, ignore_errors=True)
         raise
     for d in final_dirs:
-        publish(d)
+        publish_folder(d)
     bytes_written, swallowed = summary
     return Summary(alphas, [str(d) for d in final_dirs], len(plan.steps), bytes_written, peak_rss_bytes(),
                    time.perf_counter() - start_time, swallowed)
@@ -365,7 +365,7 @@ def write_weights(plan: Plan, alphas: list[float], out_dirs: list[Path], shards,
                 aligned_rounded = aligned.to(step.out_dtype) if check_rounding else None
                 for alpha, result, writer in zip(alphas, results, writers):
                     rounded = result.to(step.out_dtype)
-                    check_finite(plan, step, rows, alpha, rounded, aligned)
+                    check_output_finite(plan, step, rows, alpha, rounded, aligned)
                     if check_rounding:
                         count_swallowed(counts[alpha, step.name], aligned, result, aligned_rounded, rounded)
                     writer.write(rounded)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from wspo.errors import ConfigError
 from wspo.shards.schema import SLOTS
 
+from .workers import resolve_workers
+
 DATASET_FORMATS = ("auto", "h4", "llamafactory", "wrpo", "columns")
 BACKENDS = ("hf", "vllm")
 DEFAULT_MAX_LENGTH = 4096  # unset max_length: this, or the smallest scorer's positions when fewer
@@ -107,8 +109,6 @@ class PrecomputeArguments:
             raise ValueError(f"backend: {self.backend!r}; choose from {', '.join(BACKENDS)}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher: {self.launcher!r}; choose from {', '.join(LAUNCHERS)}")
-        from .launch import resolve_workers
-
         self.num_workers, self.worker_index = resolve_workers(self.num_workers, self.worker_index, self.launcher)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], a share of the GPU's memory (got {self.gpu_memory_utilization})")

@@ -23,7 +23,7 @@ from wspo.shards.tokenization import Skip
 
 
 @dataclass
-class Example:
+class DatasetExample:
     index: int  # position in the source split: the order of rows in the shards
     example_id: str
     responses: dict[str, tuple[list[dict], str]]  # slot -> (messages before the response, response)
@@ -298,7 +298,7 @@ def _row_hash(row: dict) -> str:
     return hashlib.sha256(canonical_json(row).encode()).hexdigest()
 
 
-def to_example(index: int, row: dict, layout: str, slots: list[str], column_map: str | None = None) -> Example:
+def to_example(index: int, row: dict, layout: str, slots: list[str], column_map: str | None = None) -> DatasetExample:
     """Normalise one source row; raises `Skip` (with a counted reason) when it is malformed."""
     if isinstance(row, InvalidRow):
         raise Skip(row.reason, row.detail)
@@ -353,4 +353,4 @@ def to_example(index: int, row: dict, layout: str, slots: list[str], column_map:
     for slot, (_, response) in responses.items():
         if not response.strip():
             raise Skip("empty_response", f"{slot} response is empty")
-    return Example(index=index, example_id=example_id, responses=responses)
+    return DatasetExample(index=index, example_id=example_id, responses=responses)

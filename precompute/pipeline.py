@@ -53,13 +53,13 @@ from wspo.shards.store import (
     write_parquet,
 )
 from wspo.shards.card import write_card
+from wspo.shards.lock import OutputLock
 from wspo.shards.topk import TOPK_FORMAT_VERSION, encode_topk, ids_column, logps_column, manifest_record, topk_fields
 from wspo.shards.storage import AnyPath, read_parquet, read_parquet_schema, remove_tree, shard_path
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
 from .config import PrecomputeArguments
-from .data import Example, Source, detect_format, open_source, to_example
-from .lock import OutputLock
+from .data import DatasetExample, Source, detect_format, open_source, to_example
 from .scorers import open_scorer
 
 # Reasons that mean the row itself is malformed: an error in strict mode. Others (a prompt over
@@ -113,7 +113,7 @@ def iter_sequences(args: PrecomputeArguments, source: Source, block: range, layo
         if progress is not None:
             progress.update(1)
         try:
-            example: Example = to_example(index, row, layout, args.slot_list, args.column_map)
+            example: DatasetExample = to_example(index, row, layout, args.slot_list, args.column_map)
             tokenized = {slot: tokenize(*example.responses[slot]) for slot in args.slot_list}
         except Skip as skip:
             if args.strict and skip.reason in MALFORMED:

@@ -78,10 +78,6 @@ def row_schema(scorers: list[str], topk: dict | None = None) -> pa.Schema:
     return pa.schema(fields)
 
 
-def float_list_columns(schema: pa.Schema) -> list[str]:
-    return [f.name for f in schema if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type)]
-
-
 def byte_stream_split_columns(schema: pa.Schema) -> list[str]:
     """List columns written with byte-stream-split: float lists, and the top-k columns (id gaps and
     uint16 log-probs are small integers whose high bytes are nearly constant)."""
@@ -89,6 +85,16 @@ def byte_stream_split_columns(schema: pa.Schema) -> list[str]:
 
     return [f.name for f in schema if pa.types.is_list(f.type)
             and (pa.types.is_floating(f.type.value_type) or is_topk_column(f.name))]
+
+
+def list_arrays(column: pa.ChunkedArray | pa.Array) -> list:
+    """A list<float|int> column as one numpy array per row (views, no Python floats)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy()
+    offsets = offsets - offsets[0]  # a sliced array's offsets index into its parent's values
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
 
 
 def canonical_json(obj) -> str:

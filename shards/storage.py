@@ -39,6 +39,11 @@ class StoreError(WspoError):
     """A shard location that cannot be reached, read or written; the message names the URL."""
 
 
+class ShardError(WspoError):
+    """A shard set that cannot be used as it is; the message names the file and the problem.
+    (Defined here, the bottom layer, so storage can raise it; wspo.shards.store re-exports it.)"""
+
+
 def is_url(location) -> bool:
     """`scheme://...` other than `file://` (a local path in URL form)."""
     text = str(location)
@@ -383,8 +388,6 @@ def local_copy(path: AnyPath, sha256: str, folder: Path):
                 digest.update(block)
                 sink.write(block)
         if digest.hexdigest() != sha256:
-            from .store import ShardError
-
             raise ShardError(f"{path}: sha256 does not match the manifest (altered after writing)")
         yield tmp
     finally:

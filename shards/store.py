@@ -19,17 +19,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from wspo.errors import WspoError
-
-from .schema import FORMAT_NAME, FORMAT_VERSION, byte_stream_split_columns
-from .storage import AnyPath, parquet_file, publish, read_parquet, shard_path
+from .schema import FORMAT_NAME, FORMAT_VERSION, byte_stream_split_columns, list_arrays
+from .storage import AnyPath, ShardError, is_url, parquet_file, publish, read_parquet, shard_path
 from .tokenization import FINGERPRINT_VERSION
 
 ROWS_PER_ROW_GROUP = 4096
-
-
-class ShardError(WspoError):
-    """A shard set that cannot be used as it is; the message names the file and the problem."""
 
 
 # -- names --------------------------------------------------------------------------------------
@@ -111,16 +105,6 @@ def file_record(path: AnyPath, tokens: int, root: AnyPath | None = None) -> dict
         "bytes": path.stat().st_size,
         "sha256": sha256_file(path),
     }
-
-
-def list_arrays(column: pa.ChunkedArray | pa.Array) -> list:
-    """A list<float|int> column as one numpy array per row (views, no Python floats)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    offsets = column.offsets.to_numpy()
-    offsets = offsets - offsets[0]  # a sliced array's offsets index into its parent's values
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
 
 
 class RewardStatistics:
@@ -407,7 +391,7 @@ class ShardSet:
         for record in self.files:
             path = self.root / record["path"]
             try:
-                batches = pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=read)
+                batches = parquet_file(path).iter_batches(batch_size=batch_size, columns=read)
                 for batch in batches:
                     for row in batch.to_pylist():
                         if slots is None or row["slot"] in slots:
@@ -420,6 +404,9 @@ class ShardSet:
         `cache_dir`; built once per set, then reused)."""
         from datasets import Dataset
 
+        if is_url(self.root):
+            raise ShardError(f"{self.root}: to_dataset reads a local shard set; copy it to a local folder first "
+                             "(or read it with .rows(), which streams from the store)")
         return Dataset.from_parquet([str(self.root / f["path"]) for f in self.files],
                                     cache_dir=None if cache_dir is None else str(cache_dir))
 

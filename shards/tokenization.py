@@ -295,3 +295,32 @@ class ResponseTokenizer:
         if truncated:
             ids, starts, ends = ids[:room], starts[:room], ends[:room]
         return TokenizedResponse(prompt, ids, starts, ends, truncated)
+
+
+# -- reading shards under another process's tokenizer (train, eval) -------------------------------
+
+
+def shards_rule(tokenizer, shard_tokenizer: dict, max_length: int, max_prompt_length: int,
+                end_of_turn_token: str | None = None) -> ResponseTokenizer | None:
+    """The shards' rule applied by `tokenizer`, or None when that is not the rule they were written
+    with (another fingerprint, or their end-of-turn token is not in this vocabulary).
+
+    `shard_tokenizer` is the manifest's record; the rule takes its end-of-turn token (unless one
+    is given) and its rule version. With the rule, a reader uses the stored token ids, checked
+    with `stored_ids_mismatch`; without it, the reader tokenizes the text itself (or projects)."""
+    try:
+        rule = ResponseTokenizer(tokenizer, max_length, max_prompt_length,
+                                 end_of_turn_token or shard_tokenizer.get("end_of_turn_token"),
+                                 rule_version=shard_tokenizer.get("rule_version", 1))
+    except ValueError:  # the end-of-turn token is not in this vocabulary
+        return None
+    return rule if rule.matches(shard_tokenizer) else None
+
+
+def stored_ids_mismatch(stored: list[int], retokenized: list[int], truncated: bool) -> int | None:
+    """None when a row's stored response ids are what re-tokenizing its response under the shards'
+    rule gives: all of them, or a prefix when phase one cut the response (`truncated`); else the
+    first position where they differ (for the reader's error naming the row)."""
+    if retokenized[: len(stored)] == stored and (len(stored) == len(retokenized) or bool(truncated)):
+        return None
+    return next((i for i, (a, b) in enumerate(zip(retokenized, stored)) if a != b), min(len(retokenized), len(stored)))

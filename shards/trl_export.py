@@ -27,11 +27,16 @@ from __future__ import annotations
 
 import functools
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .store import ShardError, ShardSet, list_arrays
-from .tokenization import ResponseTokenizer
+from .schema import list_arrays
+from .storage import ShardError
+from .tokenization import shards_rule
+
+if TYPE_CHECKING:  # ShardSet.to_trl_dpo calls this module, so it is imported here only for the annotations
+    from .store import ShardSet
 
 TRL_VERSION = "1.16.0"
 REFERENCE_COLUMN = "logp_ref"  # wspo-precompute --ref_model
@@ -94,9 +99,8 @@ def to_trl_dpo(shards: ShardSet, tokenizer=None, max_length: int | None = TRL_DE
     record = shards.tokenizer
     if tokenizer is None or isinstance(tokenizer, str) or hasattr(tokenizer, "__fspath__"):
         tokenizer = load_tokenizer(tokenizer or record["name"])
-    rule = ResponseTokenizer(tokenizer, record["max_length"], record["max_prompt_length"],
-                             record.get("end_of_turn_token"), rule_version=record.get("rule_version", 1))
-    if not rule.matches(record):
+    rule = shards_rule(tokenizer, record, record["max_length"], record["max_prompt_length"])
+    if rule is None:
         raise ShardError(f"{shards.root}: the tokenizer {tokenizer.name_or_path!r} is not the one the shards were "
                          "scored with (fingerprints differ); give the shards' tokenizer")
     if rule.uses_fallback_template:

@@ -98,6 +98,73 @@ def test_train_file_limit_during_a_checkpoint_save_is_named(train_setup, tmp_pat
     assert (snapshot(train_setup["shards"]), snapshot(train_setup["weak_ref"])) == inputs
 
 
+@contextmanager
+def small_tmpfs(folder: Path, size: str):
+    """A tmpfs of `size` mounted at `folder` (root only; the test skips elsewhere)."""
+    import subprocess
+
+    folder.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_precompute_read_only_remount_mid_run_is_named_and_the_rerun_resumes(tiny_models, tmp_path, capsys, monkeypatch):
+    """The file system is remounted read-only (for real) just before the first shard part is written."""
+    import subprocess
+
+    import wspo.precompute.pipeline as pipeline
+    from wspo.precompute.cli import main
+
+    def argv(out: Path) -> list[str]:
+        return ["--dataset", "embedded", "--output_dir", str(out), "--max_samples", "8", "--slots", "chosen",
+                "--max_length", "128", "--max_prompt_length", "96", "--backend", "hf", "--dtype", "float32",
+                "--rows_per_file", "4", "--weak_ref", str(tiny_models["weak_ref"]),
+                "--weak_aligned", str(tiny_models["weak_aligned"])]
+
+    assert main(argv(tmp_path / "clean")) == 0
+    write_parquet = pipeline.write_parquet
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
+        out = disk / "set"
+
+        def remount_then_write(table, path, metadata=None):
+            if Path(str(path)).parent.name == "data":  # a shard part: the disk goes read-only under the run
+                subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+            return write_parquet(table, path, metadata)
+
+        monkeypatch.setattr(pipeline, "write_parquet", remount_then_write)
+        assert main(argv(out)) == 1
+        err = capsys.readouterr().err
+        assert f"wspo-precompute: error: cannot write {out}" in err
+        assert "the file system is read-only (mounted or remounted read-only) (EROFS). Remount it read-write" in err
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        monkeypatch.setattr(pipeline, "write_parquet", write_parquet)
+        assert not list(out.glob("manifest*.json")) and not list(out.glob("data/*.parquet"))
+        assert main(argv(out)) == 0  # resumed: the sequences and scores on disk are kept
+        assert snapshot(out / "data") == snapshot(tmp_path / "clean" / "data")
+
+
+def test_train_full_disk_while_torch_saves_the_optimizer_is_named(train_setup, tmp_path, capsys):  # noqa: F811
+    """A real ENOSPC where torch.save names no errno (`unexpected pos ...`): the file system is asked."""
+    from wspo.train.checkpoints import checkpoint_problem
+    from wspo.train.cli import main
+
+    inputs = snapshot(train_setup["shards"]), snapshot(train_setup["weak_ref"])
+    with small_tmpfs(tmp_path / "disk", "4m") as disk:
+        out = disk / "run"
+        argv = [str(a) for a in train_argv(train_setup, out, model_name_or_path=train_setup["weak_ref"], max_steps=2,
+                                           save_strategy="steps", save_steps=2)]
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"wspo-train: error: cannot write {out}: the disk is full (ENOSPC). Free space there" in err
+        assert (out / "checkpoint-2" / "model.safetensors").exists()  # the weights fit, the optimizer state did not
+        assert checkpoint_problem(out / "checkpoint-2") is not None and not (out / "model.safetensors").exists()
+    assert (snapshot(train_setup["shards"]), snapshot(train_setup["weak_ref"])) == inputs
+
+
 def test_eval_file_limit_keeps_the_previous_output_file(train_setup, tmp_path, capsys):  # noqa: F811
     from wspo.evaluation.cli import main
 

@@ -39,7 +39,7 @@ from wspo.shards.projection import EXCLUDED, chunk_rewards, chunk_tokens, roundt
 from wspo.shards.schema import has_reward, logp_column
 from wspo.shards.storage import is_url
 from wspo.shards.store import ShardSet, list_arrays
-from wspo.shards.tokenization import ResponseTokenizer, Skip
+from wspo.shards.tokenization import ResponseTokenizer, Skip, shards_rule, stored_ids_mismatch
 
 from .packing import pack_sequences
 
@@ -120,12 +120,7 @@ def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_p
     no room for one response token cannot be trained on. `distill` (loss kd): another tokenizer is
     refused outright, since the stored top-k ids are the teacher's vocabulary.
     """
-    shard_tok = shard_sets[0].tokenizer
-    try:
-        rule = ResponseTokenizer(tokenizer, max_length, max_length - 1, shard_tok["end_of_turn_token"],
-                                 rule_version=shard_tok.get("rule_version", 1))
-    except ValueError:  # the shards' end-of-turn token is not even in the strong vocabulary
-        rule = None
+    rule = shards_rule(tokenizer, shard_sets[0].tokenizer, max_length, max_length - 1)
     matching = [s.root for s in shard_sets if rule is not None and rule.matches(s.tokenizer)]
     if len(matching) == len(shard_sets):
         return rule, False
@@ -372,10 +367,9 @@ def project_row(row: dict, rule: ResponseTokenizer, weak: dict, same_vocab: bool
 
 def _check_retokenized(row: dict, stored: list[int], full: list[int], root: Path) -> None:
     """Stored ids must be the strong tokenizer's ids: all of them, or a prefix when phase one cut the response."""
-    same = full[: len(stored)] == stored and (len(stored) == len(full) or (row["truncated"] and len(stored) < len(full)))
-    if same:
+    at = stored_ids_mismatch(stored, full, row["truncated"])
+    if at is None:
         return
-    at = next((i for i, (a, b) in enumerate(zip(full, stored)) if a != b), min(len(full), len(stored)))
     raise DataError(
         f"row {row['id']} (example {row['example_id']}) of {root}: re-tokenizing its response with the strong "
         f"tokenizer gives {len(full)} ids, the shard stores {len(stored)}, first difference at token {at}. The "

@@ -47,7 +47,6 @@ from .rows import row_datasets
 from .trainer import WSPOTrainer
 
 
-
 def model_dtype(args: WSPOArguments, training_args: TrainingArguments) -> torch.dtype:
     """'auto': LoRA keeps the frozen base in the training precision (bf16/fp16), saving half its
     memory; full fine-tuning loads float32 and lets mixed precision (or DeepSpeed) cast."""
@@ -144,9 +143,8 @@ def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list 
     preference = None  # dpo / wrpo: what wspo_run.json records of the pairs and their reference
     cache_dir = Path(args.data_cache_dir or Path(training_args.output_dir) / ".wspo_cache")
     counts = Counter()
-    resuming = training_args.resume_from_checkpoint not in (None, False, "", "false", "False")
     if training_args.process_index == 0:  # before anything of this run is written (the row cache included)
-        guard_output_dir(Path(training_args.output_dir), args.overwrite, resuming)
+        guard_output_dir(Path(training_args.output_dir), args.overwrite, training_args.resume_from_checkpoint)
     with training_args.main_process_first(local=True, desc="shard row cache"):
         if args.loss in PREFERENCE_LOSSES:
             train_set, eval_set, n_rows, reference_sets, preference = preference_datasets(

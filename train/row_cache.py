@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from wspo.disk import disk_errno, disk_message
 from wspo.errors import WspoError
-from wspo.shards.storage import local_copy, read_parquet, read_parquet_schema, shard_path
+from wspo.shards.storage import local_copy, publish, read_parquet, read_parquet_schema, shard_path
 from wspo.shards.store import ShardError, ShardSet, write_text
 
 CACHE_VERSION = 1  # bump when the cached layout changes
@@ -116,8 +116,9 @@ def write_cache(parts: list[str], sha256: list[str], columns: list[str], slots: 
         per_slot.update({str(d["values"]): d["counts"] for d in counts.to_pylist()})
     fields = [read_parquet_schema(shard_path(parts[0])).field(c) for c in columns] + [pa.field(BUCKET_COLUMN, pa.uint32())]
     schema = pa.schema(fields, metadata={"wspo_rows_per_slot": json.dumps(dict(per_slot))})
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    try:
+    digest = []
+
+    def write(tmp: Path) -> None:
         with pa.ipc.new_file(str(tmp), schema) as writer:
             for part, checksum in zip(parts, sha256):
                 try:
@@ -133,11 +134,10 @@ def write_cache(parts: list[str], sha256: list[str], columns: list[str], slots: 
                     if disk_errno(e):  # writing the cache failed, not reading the part
                         raise
                     raise ShardError(f"{part}: cannot read ({e})") from None
-        digest = checksum_file(tmp)
-        os.replace(tmp, path)
-        write_text(digest + "\n", checksum_path(path))  # last: a cache without it is incomplete
-    finally:
-        tmp.unlink(missing_ok=True)
+        digest.append(checksum_file(tmp))
+
+    publish(Path(path), write)
+    write_text(digest[0] + "\n", checksum_path(path))  # last: a cache without it is incomplete
 
 
 def _read(part: str, columns: list[str]) -> pa.Table:
@@ -154,4 +154,4 @@ if __name__ == "__main__":  # the helper process: a JSON request on stdin; the l
     except WspoError as e:  # ShardError, or the store's StoreError
         sys.exit(str(e))
     except OSError as e:  # a full disk, a quota, a read-only file system: named with the cache's path
-        sys.exit(disk_message(e, f"{request['path']}.tmp", "rerun: the row cache is rebuilt") or str(e))
+        sys.exit(disk_message(e, request["path"], "rerun: the row cache is rebuilt") or str(e))
