@@ -119,10 +119,12 @@ def precompute(*recipe, **keys):
     from wspo.args import parse_keys
     from wspo.paths import check_output
     from wspo.precompute.config import PrecomputeArguments
+    from wspo.shards.storage import is_url, shard_path
     from wspo.shards.store import ShardError, ShardSet
 
     (args,) = parse_keys([PrecomputeArguments], _split(recipe), keys, prog="wspo.precompute")
-    check_output(args.output_dir, {"dataset": args.dataset, "tokenizer": args.tokenizer, **args.scorer_paths()})
+    if not is_url(args.output_dir):  # an object-store URL cannot be, hold or lie inside a local input (as the CLI)
+        check_output(args.output_dir, {"dataset": args.dataset, "tokenizer": args.tokenizer, **args.scorer_paths()})
     with library_bars(args.disable_tqdm):
         if args.launcher == "ray":
             from wspo.precompute.launch import run_ray
@@ -135,7 +137,7 @@ def precompute(*recipe, **keys):
     try:
         return ShardSet.open(args.output_dir)
     except ShardError:  # other workers of the set are still running
-        return ShardSet(Path(args.output_dir), [manifest])
+        return ShardSet(shard_path(args.output_dir), [manifest])
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 Parsing rules (docs/ecosystem.md):
 - keys are matched exactly: `--gamm` is an unknown key, never an abbreviation of `--gamma`;
-- an unknown key, on the command line or in the recipe, is a usage error (exit status 2);
+- an unknown key, on the command line or in the recipe, is a usage error (exit status 2) that
+  names the nearest known key when one is close ("did you mean --gamma?");
+- the Python API (wspo.api) passes its keywords through the same parser (`parse_keys`), where a
+  usage error raises ConfigError instead of exiting;
 - a recipe that is not valid YAML names the file and line; a recipe value of the wrong type names
   the file and key (exit status 2, like any other usage error).
 """

@@ -4,9 +4,12 @@ Every command writes its files under a temporary name and renames them when whol
 `trainer_state.json` last), so a write that fails half-way leaves nothing that looks complete and
 a rerun resumes from what was finished. What remains is to say so instead of a traceback from
 pyarrow, torch or safetensors, which report the same errno in different ways: an `OSError`
-(Python, pyarrow), a Rust `Os { code: 28 ... }` (safetensors, tokenizers) or only the errno's
-text inside another exception. `disk_message` finds the errno wherever it is and names the path,
-what happened and what to do; each CLI prints it as its one-line error.
+(Python, pyarrow), a Rust `(os error 28)` (safetensors, tokenizers), only the errno's text inside
+another exception, or nothing at all: `torch.save` on a full disk raises
+`RuntimeError: [enforce fail at inline_container.cc] . unexpected pos ...`. `disk_message` finds
+the errno wherever it is; for a failed write that names none, it looks at the output's file
+system (read-only, nearly no space left, a file-size limit set). It names the path, what
+happened and what to do; each CLI prints it as its one-line error.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+import resource
+from pathlib import Path
 
 from wspo.errors import WspoError
 
@@ -28,6 +33,9 @@ DISK_ERRNOS = {
 }
 _TEXTS = {os.strerror(n): n for n in DISK_ERRNOS}  # "No space left on device", ...
 _CODE = re.compile(r"(?:os error|code:|errno)\s*(\d+)", re.IGNORECASE)
+# A failed write whose exception names no errno (torch's stream writer, C++ iostreams).
+_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|iostream error|file write failed", re.IGNORECASE)
+LOW_SPACE_BYTES = 64 * 2**20  # less free space than this after a failed write: the disk is full
 
 
 class DiskError(WspoError, OSError):
@@ -52,10 +60,32 @@ def disk_errno(exc: BaseException) -> tuple[int, str | None] | None:
     return None
 
 
+def filesystem_errno(where) -> int | None:
+    """Why a write under `where` may have failed without saying so: its file system is read-only,
+    (nearly) full, or this process has a file-size limit. None when none of these holds."""
+    if where is None:
+        return None
+    path = Path(str(where)).expanduser().absolute()
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is None:
+        return None
+    stats = os.statvfs(existing)
+    if stats.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    if stats.f_bavail * stats.f_frsize < LOW_SPACE_BYTES:
+        return errno.ENOSPC
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return errno.EFBIG
+    return None
+
+
 def disk_message(exc: BaseException, where, then: str) -> str | None:
     """The one-line message for a disk fault while writing under `where` (None for any other
     failure). `then` says what the rerun does with what was already written."""
     found = disk_errno(exc)
+    if found is None and any(_WRITE_FAILURE.search(str(e)) for e in (exc, exc.__context__, exc.__cause__) if e):
+        code = filesystem_errno(where)
+        found = (code, None) if code is not None else None
     if found is None:
         return None
     code, path = found

@@ -61,7 +61,9 @@ def response_logprobs(
     chunk_rows: int | None = None,
     position_ids: torch.Tensor | None = None,
     chunk_bytes: int = HEAD_CHUNK_BYTES,
-) -> torch.Tensor:
+    topk: int = 0,
+    gather_ids: torch.Tensor | None = None,
+):
     """Log-probs of `input_ids[b, t]` given `input_ids[b, :t]` wherever `target_mask[b, t]`.
 
     Returns a 1-D float32 tensor of the selected positions in row-major order (row 0's response
@@ -71,6 +73,12 @@ def response_logprobs(
     Packed rows (`wspo.train.packing.pack_sequences`): `attention_mask` None and `position_ids`
     restarting at 0 at every sequence; the model then keeps attention inside each sequence, and
     a response token is still predicted from the position before it, in its own sequence.
+
+    Distillation (wspo.shards.topk), from the same chunks of logits, never the whole vocabulary:
+    `topk=K` also returns the K most likely ids of every selected position and their log-probs
+    (phase one's teacher); `gather_ids` ([positions, K] ids) also returns the log-probs of those
+    ids (phase two's student). Then the result is (log-probs, extra):
+    extra = (topk log-probs [positions, K], topk ids [positions, K]) or gathered log-probs [positions, K].
     """
     if target_mask[:, 0].any():
         raise ValueError("target_mask marks position 0, which has no preceding context")
@@ -125,20 +133,41 @@ def response_logprobs(
         vocab = getattr(head, "out_features", None) or inner.config.vocab_size
         chunk_rows = max(1, chunk_bytes // (4 * vocab))
     if torch.is_grad_enabled() and states.requires_grad:
-        return _head_logprobs_autograd(head, states, targets, chunk_rows, inner.config)
-    return _head_logprobs_inplace(head, states, targets, chunk_rows, inner.config)
+        logps, extra = _head_logprobs_autograd(head, states, targets, chunk_rows, inner.config, topk, gather_ids)
+    else:
+        logps, extra = _head_logprobs_inplace(head, states, targets, chunk_rows, inner.config, topk, gather_ids)
+    if not (topk or gather_ids is not None):
+        return logps
+    if not extra:  # no selected position
+        width = topk or gather_ids.shape[1]
+        empty = states.new_zeros((0, width), dtype=torch.float32)
+        return logps, ((empty, empty.long()) if topk else empty)
+    if topk:
+        return logps, (torch.cat([v for v, _ in extra]), torch.cat([i for _, i in extra]))
+    return logps, torch.cat(extra)
 
 
-def _head_logprobs_autograd(head, states, targets, chunk_rows: int, config) -> torch.Tensor:
-    """Training: fresh tensors per chunk, as autograd needs them."""
-    pieces = []
+def _head_logprobs_autograd(head, states, targets, chunk_rows: int, config, topk: int, gather_ids):
+    """Training: fresh tensors per chunk, as autograd needs them. Returns (log-probs, per-chunk extras)."""
+    pieces, extra = [], []
     for start in range(0, states.shape[0], chunk_rows):
         logits = _softcap(head(states[start : start + chunk_rows]), config).float()
         picked = logits.gather(1, targets[start : start + chunk_rows, None]).squeeze(1)
-        pieces.append(picked - torch.logsumexp(logits, dim=-1))
+        normaliser = torch.logsumexp(logits, dim=-1)
+        pieces.append(picked - normaliser)
+        if topk or gather_ids is not None:
+            extra.append(_distillation_columns(logits, normaliser, topk, gather_ids, start, chunk_rows))
     if not pieces:
-        return states.new_zeros(0, dtype=torch.float32)
-    return torch.cat(pieces)
+        return states.new_zeros(0, dtype=torch.float32), extra
+    return torch.cat(pieces), extra
+
+
+def _distillation_columns(logits, normaliser, topk: int, gather_ids, start: int, chunk_rows: int):
+    """One chunk's top-k (log-probs, ids), or its log-probs at `gather_ids`."""
+    if topk:
+        values, ids = logits.topk(min(topk, logits.shape[-1]), dim=-1)  # sorted, most likely first
+        return values - normaliser[:, None], ids
+    return logits.gather(1, gather_ids[start : start + chunk_rows]) - normaliser[:, None]
 
 
 # One logits buffer per output head (and dtype), reused by every chunk of every call while the
@@ -157,13 +186,15 @@ def _buffer(head: torch.nn.Module, rows: int, vocab: int, dtype: torch.dtype, de
     return buf[:rows]
 
 
-def _head_logprobs_inplace(head, states, targets, chunk_rows: int, config) -> torch.Tensor:
+def _head_logprobs_inplace(head, states, targets, chunk_rows: int, config, topk: int, gather_ids):
     """No gradients (scoring, evaluation): the head's logits go into one reused buffer, in the
     head's dtype (bf16 matmuls stay bf16), and the log-sum-exp runs in float32 in place: the same
-    numbers as `_head_logprobs_autograd` (max, subtract, exp, sum, log, as torch.logsumexp does)."""
+    numbers as `_head_logprobs_autograd` (max, subtract, exp, sum, log, as torch.logsumexp does).
+    Top-k values (or the values at `gather_ids`) are read before the buffer is overwritten."""
     total = states.shape[0]
+    extra = []
     if not total:
-        return states.new_zeros(0, dtype=torch.float32)
+        return states.new_zeros(0, dtype=torch.float32), extra
     rows = min(chunk_rows, total)
     weight = getattr(head, "weight", None)
     plain = (type(head) is torch.nn.Linear and weight is not None and weight.dim() == 2
@@ -192,9 +223,18 @@ def _head_logprobs_inplace(head, states, targets, chunk_rows: int, config) -> to
             logits = _buffer(head, rows, vocab, torch.float32, states.device)[:n]
             logits.copy_(raw)
         picked = logits.gather(1, targets[start : start + n, None]).squeeze(1)
+        if topk:
+            values, ids = logits.topk(min(topk, vocab), dim=-1)  # sorted, most likely first
+        elif gather_ids is not None:
+            values = logits.gather(1, gather_ids[start : start + n])
         peak = logits.amax(dim=1, keepdim=True)
         # torch.logsumexp's guard: an infinite max would make x - max NaN.
         peak.masked_fill_(torch.isinf(peak), 0.0)
         sums = logits.sub_(peak).exp_().sum(dim=1)
-        out[start : start + n] = picked - (sums.log_() + peak.squeeze(1))
-    return out
+        normaliser = sums.log_() + peak.squeeze(1)
+        out[start : start + n] = picked - normaliser
+        if topk:
+            extra.append((values - normaliser[:, None], ids))
+        elif gather_ids is not None:
+            extra.append(values - normaliser[:, None])
+    return out, extra

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dataclass_type, description = TASKS[task]
     program, sys.argv[0] = sys.argv[0], f"wspo-eval {task}"  # argparse's prog: usage and errors name the task
+    args = None
     try:
         (args,) = parse_config([dataclass_type], rest, description=description)
         if task == "rewards":
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             summary, _ = run(args)
     except Exception as e:  # noqa: BLE001 - user-facing errors (WspoError) and disk faults are named; the rest is re-raised
         then = "rerun the same command: no output file was left half-written"
-        where = getattr(locals().get("args"), "output_file", None) or "the output file"
+        where = getattr(args, "output_file", None) or "the output file"
         print(f"wspo-eval {task}: error: {error_text(e, (WspoError,), where, then)}", file=sys.stderr)
         return 1
     finally:

@@ -84,6 +84,17 @@ class PrecomputeArguments:
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vllm: fraction of GPU memory (of RAM on CPU builds) for the engine."})
     overwrite: bool = field(default=False, metadata={"help": "Delete an output_dir written with other settings instead of failing."})
     disable_tqdm: bool = field(default=False, metadata={"help": "Turn the progress bars (on stderr) off."})
+    # Offline distillation (docs/distill.md): a teacher's top-k log-probs per response position.
+    teacher: str | None = field(default=None, metadata={
+        "help": "A teacher to distill from (column logp_teacher; with topk, its top-k columns): directory or hub name."})
+    topk: int = field(default=0, metadata={
+        "help": "Store the K most likely token ids and their log-probs at every response position (0: none). "
+                "Which scorers: topk_scorers. Shard format version 3."})
+    topk_scorers: str | None = field(default=None, metadata={
+        "help": "Comma-separated scorers whose top-k are stored (default: teacher when set, else every scorer)."})
+    topk_encoding: str = field(default="compact", metadata={
+        "help": "compact (ids as per-position differences, log-probs as uint16 steps of 1/256 nat: error <= 0.00195) "
+                "or fp32 (exact float32 log-probs and int32 ids)."})
 
     def __post_init__(self):
         self.slot_list = [s.strip() for s in self.slots.split(",") if s.strip()]
@@ -112,6 +123,30 @@ class PrecomputeArguments:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
         if self.max_samples is not None and self.max_samples <= 0:
             raise ValueError(f"max_samples must be a positive number of rows (got {self.max_samples})")
+        self._check_topk()
+
+    def _check_topk(self) -> None:
+        from wspo.shards.topk import ENCODINGS
+
+        if self.topk < 0:
+            raise ValueError(f"topk must be >= 0 (got {self.topk})")
+        if self.topk_encoding not in ENCODINGS:
+            raise ValueError(f"topk_encoding: {self.topk_encoding!r}; choose from {', '.join(ENCODINGS)}")
+        if self.topk_scorers is not None and not self.topk:
+            raise ValueError("topk_scorers is set but topk is 0: set --topk K to store top-k columns")
+
+    def topk_scorer_list(self) -> list[str]:
+        """The scorers whose top-k columns are stored (empty without topk)."""
+        if not self.topk:
+            return []
+        names = list(self.scorer_paths())
+        if self.topk_scorers is None:
+            return ["teacher"] if "teacher" in names else names
+        chosen = [s.strip() for s in self.topk_scorers.split(",") if s.strip()]
+        bad = [s for s in chosen if s not in names]
+        if bad or not chosen:
+            raise ValueError(f"topk_scorers: {self.topk_scorers!r} names no scorer of this run ({', '.join(names)})")
+        return [s for s in names if s in chosen]
 
     def resolve_lengths(self, positions: dict[str, int | None]) -> dict:
         """Settle unset lengths from the scorers' `max_position_embeddings` (scorer name -> positions,
@@ -147,8 +182,9 @@ class PrecomputeArguments:
     def scorer_paths(self) -> dict[str, str]:
         """Scorer name -> model, in scoring order (the names become the `logp_<name>` columns)."""
         candidates = (("weak_ref", self.weak_ref), ("weak_aligned", self.weak_aligned),
-                      ("ref", self.ref_model), ("strong_ref", self.strong_ref))
+                      ("ref", self.ref_model), ("strong_ref", self.strong_ref),
+                      ("teacher", self.teacher))
         scorers = {name: path for name, path in candidates if path}
         if not scorers:
-            raise ValueError("no scorer: set weak_ref and weak_aligned (WSPO), ref_model (DPO, WRPO) or strong_ref")
+            raise ValueError("no scorer: set weak_ref and weak_aligned (WSPO), ref_model (DPO, WRPO), strong_ref or teacher")
         return scorers

@@ -41,7 +41,7 @@ from wspo.models import (
 )
 from wspo.shards.schema import (
     FORMAT_NAME,
-    FORMAT_VERSION,
+    PLAIN_FORMAT_VERSION,
     canonical_json,
     has_reward,
     logp_column,
@@ -55,6 +55,7 @@ from wspo.shards.store import (
 from wspo.shards.card import write_card
 from wspo.shards.lock import OutputLock
 from wspo.shards.storage import AnyPath, read_parquet, read_parquet_schema, remove_tree, shard_path
+from wspo.shards.topk import TOPK_FORMAT_VERSION, encode_topk, ids_column, logps_column, manifest_record, topk_fields
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
 from .config import PrecomputeArguments
@@ -195,6 +196,10 @@ def _worker_tag(args: PrecomputeArguments) -> str:
 
 def check_finite(scorer: str, part: pa.Table, logps: list[np.ndarray], source: str) -> None:
     bad = [i for i, lp in enumerate(logps) if not np.isfinite(lp).all()]
+    check_finite_rows(scorer, part, bad, source)
+
+
+def check_finite_rows(scorer: str, part: pa.Table, bad: list[int], source: str) -> None:
     if bad:
         ids, example_ids, slots = (part[c].to_pylist() for c in ("id", "example_id", "slot"))
         names = ", ".join(f"{example_ids[i]}/{slots[i]} (id {ids[i][:12]})" for i in bad[:10])
@@ -211,10 +216,11 @@ def score_parts(args, scorer_name: str, model_dir: Path, num_parts: int, work: A
     todo = [k for k in range(num_parts) if k not in assembled and not (work / f"{scorer_name}-{k:05d}.parquet").exists()]
     if not todo:
         return
+    topk = args.topk if scorer_name in args.topk_scorer_list() else 0
     scorer = open_scorer(
         args.backend, model_dir, dtype=args.dtype, batch_tokens=args.batch_tokens,
         **({"tensor_parallel_size": args.tensor_parallel_size, "gpu_memory_utilization": args.gpu_memory_utilization,
-            "max_model_len": args.max_length} if args.backend == "vllm" else {}),
+            "max_model_len": args.max_length, "max_topk": topk} if args.backend == "vllm" else {}),
     )
     try:
         bar = tqdm(total=len(todo), desc=f"scoring {scorer_name}{_worker_tag(args)}", unit="part", dynamic_ncols=True,
@@ -223,12 +229,20 @@ def score_parts(args, scorer_name: str, model_dir: Path, num_parts: int, work: A
         for k in todo:
             part = read_parquet(work / f"seq-{k:05d}.parquet", columns=["id", "example_id", "slot", "token_ids", "prompt_ids"])
             token_ids, prompt_ids = part["token_ids"].to_pylist(), part["prompt_ids"].to_pylist()
-            logps = scorer.score([p + t for p, t in zip(prompt_ids, token_ids)], [len(p) for p in prompt_ids])
+            logps = scorer.score([p + t for p, t in zip(prompt_ids, token_ids)], [len(p) for p in prompt_ids], topk=topk)
+            top = None
+            if topk:
+                logps, top = [lp for lp, _, _ in logps], [(v, i) for _, v, i in logps]
+                # the top-k log-probs, like the actual token's, must be finite to be published
+                check_finite_rows(scorer_name, part, [i for i, (v, _) in enumerate(top) if not np.isfinite(v).all()],
+                                  str(model_dir))
             check_finite(scorer_name, part, logps, str(model_dir))
             for i, (lp, ids) in enumerate(zip(logps, token_ids)):
                 if len(lp) != len(ids):
                     raise PrecomputeError(f"scorer {scorer_name}: {len(lp)} log-probs for {len(ids)} tokens (row {part['id'][i]})")
             table = pa.table({logp_column(scorer_name): pa.array([lp.astype(np.float32) for lp in logps], pa.list_(pa.float32()))})
+            if top is not None:
+                table = _with_topk(table, scorer_name, top, args.topk_encoding)
             write_parquet(table, work / f"{scorer_name}-{k:05d}.parquet", {"wspo.run_fingerprint": run_fp})
             tokens += sum(len(p) + len(t) for p, t in zip(prompt_ids, token_ids))
             bar.update(1)
@@ -238,14 +252,25 @@ def score_parts(args, scorer_name: str, model_dir: Path, num_parts: int, work: A
         scorer.close()
 
 
+def _with_topk(table: pa.Table, scorer: str, top: list, encoding: str) -> pa.Table:
+    """A scorer's work table plus its encoded top-k columns (shards/topk.py)."""
+    encoded = [encode_topk(values, ids, encoding) for values, ids in top]
+    ids_field, logps_field = topk_fields(scorer, encoding)
+    table = table.append_column(ids_field, pa.array([i for i, _ in encoded], ids_field.type))
+    return table.append_column(logps_field, pa.array([v for _, v in encoded], logps_field.type))
+
+
 # -- step 4: assembling parts -------------------------------------------------------------------
 
 
-def part_table(sequences: pa.Table, scorers: list[str], logps: dict[str, pa.ChunkedArray]) -> pa.Table:
-    """A part's shard rows: the sequences' text columns, each scorer's log-probs, the reward."""
+def part_table(sequences: pa.Table, scorers: list[str], logps: dict[str, pa.ChunkedArray],
+               topk: dict | None = None, topk_columns: dict[str, pa.ChunkedArray] | None = None) -> pa.Table:
+    """A part's shard rows: the sequences' text columns, each scorer's log-probs (and top-k
+    columns: `topk` the manifest's record, `topk_columns` by column name), the reward."""
     columns = {f.name: sequences[f.name] for f in row_schema([]) if f.name in sequences.column_names}
     for name in scorers:
         columns[logp_column(name)] = logps[name]
+    columns.update(topk_columns or {})
     if has_reward(scorers):
         # Difference in float64, stored as float32; reward_sum is the sum of the stored values,
         # so sums are conserved exactly downstream.
@@ -257,7 +282,7 @@ def part_table(sequences: pa.Table, scorers: list[str], logps: dict[str, pa.Chun
         columns["reward_sum"] = [float(r.astype(np.float64).sum()) for r in rewards]
     columns["n_tokens"] = pc.list_value_length(sequences["token_ids"]).cast(pa.int32())
     columns["truncated"] = sequences["truncated"]
-    schema = row_schema(scorers)
+    schema = row_schema(scorers, topk)
     return pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
 
 
@@ -384,6 +409,14 @@ def check_weak_pair(args: PrecomputeArguments, scorers: list[dict], scorer_dirs:
     warnings.warn(message, IdenticalScorersWarning, stacklevel=2)
 
 
+def _check_topk_vocabulary(k: int, scorer_dirs: dict[str, Path]) -> None:
+    for name, model_dir in scorer_dirs.items():
+        config = read_config(model_dir)
+        vocab = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+        if vocab is not None and k > vocab:
+            raise PrecomputeError(f"topk {k} exceeds the {vocab} tokens of {name} ({model_dir}); set --topk {vocab} or lower")
+
+
 def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
     """Run phase one for this worker; returns its manifest.
 
@@ -428,9 +461,13 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
         "rows_per_file": args.rows_per_file,
     }
     workers = {"num_workers": args.num_workers, "worker_index": args.worker_index}
+    topk = manifest_record(args.topk, args.topk_encoding, args.topk_scorer_list()) if args.topk else None
+    if topk:
+        _check_topk_vocabulary(args.topk, {name: scorer_dirs[name] for name in topk["scorers"]})
 
     def identity_of(tokenizer_record: dict) -> dict:
-        return {"run_settings": run_settings, "tokenizer": tokenizer_record, "scorers": scorers, "workers": workers}
+        identity = {"run_settings": run_settings, "tokenizer": tokenizer_record, "scorers": scorers, "workers": workers}
+        return identity | ({"topk": topk} if topk else {})  # sets without top-k keep their fingerprint
 
     def identity_fp(tokenizer_record: dict) -> str:
         return hashlib.sha256(canonical_json(identity_of(tokenizer_record)).encode()).hexdigest()
@@ -465,8 +502,10 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
                 table = read_parquet(path)  # assembled before an interruption
             else:
                 sequences = read_parquet(work / f"seq-{k:05d}.parquet")
-                logps = {name: read_parquet(work / f"{name}-{k:05d}.parquet")[logp_column(name)] for name in names}
-                table = part_table(sequences, names, logps)
+                scored = {name: read_parquet(work / f"{name}-{k:05d}.parquet") for name in names}
+                logps = {name: scored[name][logp_column(name)] for name in names}
+                extra = {c: scored[name][c] for name in (topk or {}).get("scorers", []) for c in (ids_column(name), logps_column(name))}
+                table = part_table(sequences, names, logps, topk, extra)
                 write_parquet(table, path, {"wspo.run_fingerprint": run_fp})
             stats.add(table)
             files.append(file_record(path, tokens=int(pc.sum(table["n_tokens"]).as_py()), root=out))
@@ -475,7 +514,7 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
         seconds = time.perf_counter() - started
         manifest = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": TOPK_FORMAT_VERSION if topk else PLAIN_FORMAT_VERSION,
             "toolkit_version": wspo.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "run_fingerprint": run_fp,

@@ -38,6 +38,13 @@ def cmd_info(shards: ShardSet, args) -> int:
         "tokenizer": {k: m["tokenizer"][k] for k in ("name", "fingerprint", "vocab_size", "end_of_turn_token", "max_length")},
         "scorers": [{k: s[k] for k in ("name", "model", "backend", "dtype")} for s in shards.scorers],
     }
+    if shards.topk:  # format version 3: what the top-k columns cost per response token
+        from .topk import column_bytes, ids_column, logps_column
+
+        paths = [shards.root / f["path"] for f in shards.files]
+        info["topk"] = {**{k: shards.topk[k] for k in ("k", "encoding", "scorers", "max_logp_error")},
+                        "bytes_per_token": {s: round(column_bytes(paths, [ids_column(s), logps_column(s)]) / max(shards.num_tokens, 1), 1)
+                                            for s in shards.topk["scorers"]}}
     if has_reward(shards.scorer_names):
         # One file at a time: the summary's memory does not grow with the set.
         stats = reward_statistics(read_parquet(shards.root / f["path"], columns=["reward", "reward_sum"]) for f in shards.files)

@@ -11,8 +11,8 @@ On an object store (`output_dir` a URL) the lock is an object created with a con
 store has no conditional write, fsspec checks then writes, and the lock is read back after
 writing: a narrow window remains in which both could start (docs/cluster.md).
 
-`wspo-train` holds the same lock on its own output_dir (wspo.train.identity), so it lives here,
-beside the storage it writes to, not in either phase.
+`wspo-train` holds the same kind of lock on its output_dir (`command`, `name`: train/identity.py),
+so it lives here, beside the storage it writes to, in neither phase.
 """
 
 from __future__ import annotations

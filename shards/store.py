@@ -19,8 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import FORMAT_NAME, FORMAT_VERSION, float_list_columns, list_arrays
-from .storage import AnyPath, ShardError, parquet_file, publish, read_parquet, shard_path
+from .schema import FORMAT_NAME, FORMAT_VERSION, byte_stream_split_columns, list_arrays
+from .storage import AnyPath, ShardError, is_url, parquet_file, publish, read_parquet, shard_path
 from .tokenization import FINGERPRINT_VERSION
 
 ROWS_PER_ROW_GROUP = 4096
@@ -65,7 +65,7 @@ def write_parquet(table: pa.Table, path: AnyPath, metadata: dict[str, str] | Non
         schema_md = dict(table.schema.metadata or {})
         schema_md.update({k.encode(): v.encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(schema_md)
-    floats = [f"{name}.list.element" for name in float_list_columns(table.schema)]
+    floats = [f"{name}.list.element" for name in byte_stream_split_columns(table.schema)]
     floats += [f.name for f in table.schema if pa.types.is_floating(f.type)]
     publish(path, lambda tmp: pq.write_table(
         table,
@@ -221,7 +221,7 @@ def _load_manifest(path: AnyPath) -> dict:
 
 
 # Manifest entries that every worker of one set must agree on.
-_SHARED_KEYS = ("run_settings", "tokenizer", "scorers")
+_SHARED_KEYS = ("run_settings", "tokenizer", "scorers", "topk")
 
 
 @dataclass
@@ -260,7 +260,7 @@ class ShardSet:
             if m["workers"]["num_workers"] != total:
                 raise ShardError(f"{p}: num_workers {m['workers']['num_workers']} differs from {paths[0].name} ({total})")
             for key in _SHARED_KEYS:
-                if m[key] != manifests[0][key]:
+                if m.get(key) != manifests[0].get(key):
                     raise ShardError(f"{p}: '{key}' differs from {paths[0].name}: the workers ran different settings")
         manifests.sort(key=lambda m: m["workers"]["worker_index"])
         return cls(root, manifests)
@@ -274,6 +274,11 @@ class ShardSet:
     @property
     def scorers(self) -> list[dict]:
         return self.manifests[0]["scorers"]
+
+    @property
+    def topk(self) -> dict | None:
+        """The top-k record (shards/topk.py) of a version-3 set with top-k columns, else None."""
+        return self.manifests[0].get("topk")
 
     @property
     def scorer_names(self) -> list[str]:
@@ -386,7 +391,7 @@ class ShardSet:
         for record in self.files:
             path = self.root / record["path"]
             try:
-                batches = pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=read)
+                batches = parquet_file(path).iter_batches(batch_size=batch_size, columns=read)
                 for batch in batches:
                     for row in batch.to_pylist():
                         if slots is None or row["slot"] in slots:
@@ -399,6 +404,9 @@ class ShardSet:
         `cache_dir`; built once per set, then reused)."""
         from datasets import Dataset
 
+        if is_url(self.root):
+            raise ShardError(f"{self.root}: to_dataset reads a local shard set; copy it to a local folder first "
+                             "(or read it with .rows(), which streams from the store)")
         return Dataset.from_parquet([str(self.root / f["path"]) for f in self.files],
                                     cache_dir=None if cache_dir is None else str(cache_dir))
 

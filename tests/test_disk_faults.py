@@ -98,6 +98,38 @@ def test_train_file_limit_during_a_checkpoint_save_is_named(train_setup, tmp_pat
     assert (snapshot(train_setup["shards"]), snapshot(train_setup["weak_ref"])) == inputs
 
 
+@contextmanager
+def small_tmpfs(folder: Path, size: str):
+    """A tmpfs of `size` mounted at `folder` (root only; the test skips elsewhere)."""
+    import subprocess
+
+    folder.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_train_full_disk_while_torch_saves_the_optimizer_is_named(train_setup, tmp_path, capsys):  # noqa: F811
+    """A real ENOSPC where torch.save names no errno (`unexpected pos ...`): the file system is asked."""
+    from wspo.train.checkpoints import checkpoint_problem
+    from wspo.train.cli import main
+
+    inputs = snapshot(train_setup["shards"]), snapshot(train_setup["weak_ref"])
+    with small_tmpfs(tmp_path / "disk", "4m") as disk:
+        out = disk / "run"
+        argv = [str(a) for a in train_argv(train_setup, out, model_name_or_path=train_setup["weak_ref"], max_steps=2,
+                                           save_strategy="steps", save_steps=2)]
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"wspo-train: error: cannot write {out}: the disk is full (ENOSPC). Free space there" in err
+        assert (out / "checkpoint-2" / "model.safetensors").exists()  # the weights fit, the optimizer state did not
+        assert checkpoint_problem(out / "checkpoint-2") is not None and not (out / "model.safetensors").exists()
+    assert (snapshot(train_setup["shards"]), snapshot(train_setup["weak_ref"])) == inputs
+
+
 def test_eval_file_limit_keeps_the_previous_output_file(train_setup, tmp_path, capsys):  # noqa: F811
     from wspo.evaluation.cli import main
 

@@ -132,6 +132,10 @@ def test_checkpoints_of_an_earlier_run_need_resume_or_overwrite(finished, train_
     err = capsys.readouterr().err
     assert "holds 1 checkpoint(s) of an earlier run (checkpoint-2)" in err and "--resume_from_checkpoint true" in err
     assert snapshot(out) == before
+    assert train_main(quick(train_setup, out, resume_from_checkpoint="true", overwrite="true")) == 1
+    assert "--overwrite true removes the checkpoints that --resume_from_checkpoint true would go on from" \
+        in capsys.readouterr().err
+    assert snapshot(out) == before
 
 
 @pytest.mark.parametrize("change, differs", [

@@ -63,6 +63,9 @@ class Example:
     # Reward projection (DESIGN section 5): the chunk of each strong response token; `rewards` then
     # holds one summed weak reward per chunk. None: one segment per token.
     token_segments: np.ndarray | None = None
+    # Distillation (--loss kd): the teacher's top-k ids and log-probs, [response tokens, K].
+    topk_ids: np.ndarray | None = None
+    topk_logps: np.ndarray | None = None
 
 
 # -- shard sets ---------------------------------------------------------------------------------
@@ -106,14 +109,16 @@ def open_shard_sets(paths: list[str], loss: str) -> list[ShardSet]:
 _DEFINITION_FREE = ("vocab_size", "chat_template_hash", "end_of_turn_token", "end_of_turn_id", "rule_version")
 
 
-def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_projection: str) -> tuple[ResponseTokenizer, bool]:
+def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_projection: str,
+                distill: bool = False) -> tuple[ResponseTokenizer, bool]:
     """The shared tokenization rule under the strong tokenizer, and whether rewards are projected.
 
     Same fingerprint as the shards': rewards are used token for token, with the shards'
     end-of-turn token. Otherwise, with `reward_projection chunks`, the strong tokenizer applies
     the rule with its own end-of-turn token and rewards are projected onto chunks; without it,
     an error that says how to allow it. The prompt bound is max_length - 1: a prompt that leaves
-    no room for one response token cannot be trained on.
+    no room for one response token cannot be trained on. `distill` (loss kd): another tokenizer is
+    refused outright, since the stored top-k ids are the teacher's vocabulary.
     """
     rule = shards_rule(tokenizer, shard_sets[0].tokenizer, max_length, max_length - 1)
     matching = [s.root for s in shard_sets if rule is not None and rule.matches(s.tokenizer)]
@@ -123,6 +128,13 @@ def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_p
         raise DataError(
             f"the shard sets {', '.join(str(s.root) for s in shard_sets)} were tokenized with different "
             "tokenizers; train on one kind at a time"
+        )
+    if distill:
+        raise DataError(
+            f"loss kd: the student's tokenizer ({tokenizer.name_or_path}) differs from the tokenizer the shards were "
+            f"scored with ({shard_tok['name']}, fingerprint {shard_tok['fingerprint'][:12]}); the stored top-k ids are "
+            "the teacher's vocabulary, so the student must use the same tokenizer (cross-tokenizer distillation is "
+            "not supported)"
         )
     if reward_projection == "chunks":
         return ResponseTokenizer(tokenizer, max_length, max_length - 1), True
@@ -442,6 +454,9 @@ class Collator:
             batch["rewards"] = torch.from_numpy(np.concatenate([e.rewards for e in in_order]))
         if examples[0].ref_logps is not None:
             batch["ref_logps"] = torch.from_numpy(np.concatenate([e.ref_logps for e in in_order]))
+        if examples[0].topk_ids is not None:  # kd: [response tokens, K], in token order
+            batch["topk_ids"] = torch.from_numpy(np.concatenate([e.topk_ids for e in in_order]))
+            batch["teacher_topk_logps"] = torch.from_numpy(np.concatenate([e.topk_logps for e in in_order]))
         return batch
 
 

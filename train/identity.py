@@ -33,7 +33,7 @@ from .checkpoints import FINAL_TMP, WEIGHTS, checkpoint_problem
 IDENTITY_FILE = "wspo_identity.json"
 RUN_FILE = "wspo_run.json"
 LOSS_KEYS = {"wspo": ("gamma", "reference_logps"), "sft": (), "dpo": ("beta",),
-             "wrpo": ("beta", "wrpo_alpha", "wrpo_alpha_schedule")}
+             "wrpo": ("beta", "wrpo_alpha", "wrpo_alpha_schedule"), "kd": ("kd_alpha", "kd_temperature", "kd_scorer")}
 
 
 class RunIdentityError(WspoError, ValueError):
@@ -94,11 +94,16 @@ def finished_model(output_dir: Path) -> str | None:
     return None
 
 
-def guard_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
+def guard_output_dir(output_dir: Path, overwrite: bool, resume) -> None:
     """Refuse to write over another run's finished model or checkpoints; `overwrite` clears them.
 
-    Called with the lock held, before anything of this run is written.
+    Called with the lock held, before anything of this run is written. `resume` is the
+    `resume_from_checkpoint` value (a folder, `true`, or nothing).
     """
+    resuming = resume not in (None, False, "", "false", "False")
+    if overwrite and resuming and str(resume).lower() in ("true", "last", "latest"):
+        raise RunIdentityError("--overwrite true removes the checkpoints that --resume_from_checkpoint "
+                               f"{resume} would go on from: give one of the two")
     model = finished_model(output_dir)
     if overwrite:
         for folder in checkpoints(output_dir):
@@ -161,18 +166,30 @@ def check_resume_identity(checkpoint: str, identity: dict, allow_mismatch: bool)
 class IdentityInCheckpoints(TrainerCallback):
     """Writes the run identity into each checkpoint folder before the Trainer saves into it.
 
-    `on_step_end` runs after the Trainer's flow callback has decided to save this step and before
-    the save, whose `trainer_state.json` comes last: a complete checkpoint always has its identity.
+    `on_step_end` / `on_epoch_end` run after the Trainer's flow callback has decided to save and
+    before the save, whose `trainer_state.json` comes last: a complete checkpoint has its identity.
+    `on_save` covers a save decided later (`save_strategy best`).
     """
 
     def __init__(self, identity: dict):
         self.identity = identity
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save and state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+    def _write(self, args, state) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero:
             folder.mkdir(parents=True, exist_ok=True)
             write_json(self.identity, folder / IDENTITY_FILE)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self._write(args, state)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self._write(args, state)
+
+    def on_save(self, args, state, control, **kwargs):
+        self._write(args, state)
 
 
 def hold_output_dir(output_dir: Path, is_main: bool) -> OutputLock | None:

@@ -33,6 +33,7 @@ from wspo.models import check_weights, load_tokenizer, read_config, resolve_mode
 
 from .config import PREFERENCE_LOSSES, WSPOArguments
 from .data import REFERENCE_SCORER, Collator, DataError, describe_shards, open_shard_sets, strong_rule
+from .distill import teacher_columns
 from .data import reference_sets as reference_sets_of
 from .packing import check_packing_attention
 from .pairs import PreferenceCollator, preference_datasets
@@ -44,7 +45,6 @@ from .identity import (
 )
 from .rows import row_datasets
 from .trainer import WSPOTrainer
-
 
 
 def model_dtype(args: WSPOArguments, training_args: TrainingArguments) -> torch.dtype:
@@ -83,7 +83,7 @@ def load_models(args: WSPOArguments, training_args: TrainingArguments, model_dir
         if training_args.gradient_checkpointing:
             policy.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         return policy, None
-    if args.loss == "sft" or args.reference_logps == "shards":
+    if args.loss in ("sft", "kd") or args.reference_logps == "shards":
         return policy, None
     reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     reference.config.use_cache = False
@@ -125,13 +125,14 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
 def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list | None) -> dict:
     # 1. shards
     shard_sets = open_shard_sets(args.shards, args.loss)
+    teacher = teacher_columns(shard_sets, args.kd_scorer) if args.loss == "kd" else None
 
     # 2. strong tokenizer and examples
     model_dir = resolve_model_dir(args.model_name_or_path, option="model_name_or_path").resolve()
     check_weights(model_dir, option="model_name_or_path")
     tokenizer = load_tokenizer(model_dir)
     max_length = args.max_length or shard_sets[0].tokenizer["max_length"]
-    rule, projected = strong_rule(shard_sets, tokenizer, max_length, args.reward_projection)
+    rule, projected = strong_rule(shard_sets, tokenizer, max_length, args.reward_projection, distill=teacher is not None)
     vocab = read_config(model_dir).get("vocab_size")
     if vocab is not None and len(tokenizer) > vocab:
         raise DataError(f"model {model_dir} has {vocab} embeddings but its tokenizer has {len(tokenizer)} tokens")
@@ -142,9 +143,8 @@ def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list 
     preference = None  # dpo / wrpo: what wspo_run.json records of the pairs and their reference
     cache_dir = Path(args.data_cache_dir or Path(training_args.output_dir) / ".wspo_cache")
     counts = Counter()
-    resuming = training_args.resume_from_checkpoint not in (None, False, "", "false", "False")
     if training_args.process_index == 0:  # before anything of this run is written (the row cache included)
-        guard_output_dir(Path(training_args.output_dir), args.overwrite, resuming)
+        guard_output_dir(Path(training_args.output_dir), args.overwrite, training_args.resume_from_checkpoint)
     with training_args.main_process_first(local=True, desc="shard row cache"):
         if args.loss in PREFERENCE_LOSSES:
             train_set, eval_set, n_rows, reference_sets, preference = preference_datasets(
@@ -158,7 +158,7 @@ def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list 
                 reference_sets = reference_sets_of(args.reference_shards or args.shards, shard_sets, model_dir, rule)
                 reference = (reference_sets, logp_column(REFERENCE_SCORER))
             train_set, eval_set, n_rows = row_datasets(shard_sets, rule, args.loss, projected, args.eval_fraction,
-                                                       cache_dir, counts, reference)
+                                                       cache_dir, counts, reference, teacher=teacher, vocab_size=vocab)
     if not n_rows:
         slots = {k.removeprefix("rows_"): v for k, v in counts.items() if k.startswith("rows_")}
         raise DataError(
@@ -197,7 +197,9 @@ def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list 
         loss=args.loss,
         gamma=args.gamma,
         ref_model=reference_model,
-        reference_from_shards=args.loss != "sft" and args.reference_logps == "shards",
+        reference_from_shards=args.loss not in ("sft", "kd") and args.reference_logps == "shards",
+        kd_alpha=args.kd_alpha,
+        kd_temperature=args.kd_temperature,
         beta=args.beta,
         wrpo_alpha=args.wrpo_alpha,
         wrpo_alpha_schedule=args.wrpo_alpha_schedule,
@@ -241,6 +243,8 @@ def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list 
         "shards": describe_shards(shard_sets),
         "reference_shards": describe_shards(reference_sets),
         "preference": preference,
+        "distill": None if teacher is None else {"scorer": teacher.scorer, "k": teacher.k, "encoding": teacher.encoding,
+                                                 "kd_alpha": args.kd_alpha, "kd_temperature": args.kd_temperature},
         "data": {
             "max_length": max_length,
             "reward_projection": "chunks" if projected else "none (same tokenizer: rewards token for token)",
