@@ -69,8 +69,12 @@ def child(spec: dict) -> None:
                                         args.max_length, args.max_prompt_length)
     one = phase_one_flops(config, sequences, responses)
     work = add_work(one, one)  # two scorers, the same shape
-    batch_rows = min(args.batch_tokens, 4096)
-    measure = dict(kinds=work, tokens=batch_rows, attention_length=int(np.median(sequences)))
+    from wspo.precompute.scorers import default_batch_tokens
+
+    batch_tokens = args.batch_tokens or default_batch_tokens(config, device, dtype)  # what the hf scorer will use
+    batch_rows = min(batch_tokens, 4096)
+    measure = dict(kinds=work, tokens=batch_rows, attention_length=int(np.median(sequences)),
+                   min_seconds=spec["ceiling_seconds"])
     before = Ceiling.measure(config, dtype, device, **measure)
 
     # Time each scorer's `score` calls and count the page faults of each (one call per part).
@@ -124,7 +128,7 @@ def child(spec: dict) -> None:
     rows_done = manifest["counts"]["rows_written"]
     print(RESULT_PREFIX + json.dumps({
         "backend": spec["backend"], "dtype": spec["dtype"], "device": device, "threads": ceiling.threads,
-        "batch_tokens": args.batch_tokens, "rows": rows_done, "sequence_tokens": sum(sequences),
+        "batch_tokens": batch_tokens, "rows": rows_done, "sequence_tokens": sum(sequences),
         "response_tokens": sum(responses), "useful_gflop": round(sum(work.values()) / 1e9, 1),
         "limit_seconds": round(limit, 2), "run_seconds": round(seconds, 2),
         "score_seconds": round(timing["score_seconds"], 2),
@@ -166,6 +170,7 @@ def main() -> None:
     parser.add_argument("--parts", type=int, default=4, help="rows_per_file = rows / parts (faults per part)")
     parser.add_argument("--batch_tokens", type=int, default=None, help="default: wspo-precompute's own default")
     parser.add_argument("--check_rows", type=int, default=2)
+    parser.add_argument("--ceiling_seconds", type=float, default=0.3, help="least seconds of repeats per GEMM kind")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -189,7 +194,7 @@ def main() -> None:
                         "models": {k: str(v) for k, v in models.items()}, "rows": str(tmp / "rows.jsonl"),
                         "output_dir": str(tmp / f"shards-{backend}-{dtype}"), "max_length": args.max_length,
                         "max_prompt_length": args.max_prompt_length, "check_rows": args.check_rows,
-                        "rows_per_file": max(1, -(-args.rows // args.parts)),
+                        "rows_per_file": max(1, -(-args.rows // args.parts)), "ceiling_seconds": args.ceiling_seconds,
                         "extra": {"batch_tokens": args.batch_tokens} if args.batch_tokens else {}}
                 results.append(run_child(spec))
     report = {"benchmark": "phase_one_limit", "preset": args.preset, "rows": args.rows, "lengths": lengths,

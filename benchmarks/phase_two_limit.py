@@ -103,7 +103,8 @@ def child(spec: dict) -> None:
     lora_rank = args.lora_r if args.use_lora else 0
     reference_forward = args.loss == "wspo" and args.reference_logps == "model"
     probe = phase_two_flops(config, [2], [1], lora_rank=lora_rank, reference_forward=reference_forward)
-    measure = dict(kinds=probe, tokens=spec["ceiling_tokens"], attention_length=spec["attention_length"])
+    measure = dict(kinds=probe, tokens=spec["ceiling_tokens"], attention_length=spec["attention_length"],
+                   min_seconds=spec["ceiling_seconds"])
     dtype = getattr(torch, spec["dtype"])
     before = Ceiling.measure(config, dtype, device, **measure)
     pipeline.WSPOTrainer = Recording  # the toolkit's own pipeline, recorded
@@ -166,6 +167,7 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", default=["wspo", "dpo"])
     parser.add_argument("--fine_tuning", nargs="+", default=["full", "lora"])
     parser.add_argument("--packing", nargs="+", default=["false", "true"])
+    parser.add_argument("--ceiling_seconds", type=float, default=0.3, help="least seconds of repeats per GEMM kind")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -210,7 +212,8 @@ def main() -> None:
                     spec = {"name": name, "argv": [a for k, v in keys.items() for a in (f"--{k}", str(v))],
                             "device": args.device, "dtype": args.dtype, "threads": args.threads,
                             "warmup_steps": args.warmup_steps, "batch_pairs": args.batch_pairs,
-                            "ceiling_tokens": min(4096, args.batch_pairs * 2 * 400), "attention_length": 400}
+                            "ceiling_tokens": min(4096, args.batch_pairs * 2 * 400), "attention_length": 400,
+                            "ceiling_seconds": args.ceiling_seconds}
                     results.append(run_child(spec))
     checks = {}
     for loss in args.losses:

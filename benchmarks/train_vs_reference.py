@@ -185,11 +185,17 @@ def recording(trainer_class, record: dict):
             if model.training:
                 loss = out[0] if return_outputs else out
                 record["losses"].append(float(loss.detach()))
-                record["tokens"].append(int(inputs["attention_mask"].sum()))  # real tokens forwarded per model
-                record["padded_tokens"].append(inputs["attention_mask"].numel())
+
+                def drawn():
+                    return [self.train_dataset[i] for i in inputs["row_index"].tolist()]  # a list or a lazy dataset
+
+                if "attention_mask" in inputs:
+                    record["tokens"].append(int(inputs["attention_mask"].sum()))  # real tokens forwarded per model
+                else:  # packed rows (--packing true) carry no mask: the drawn sequences' own lengths
+                    record["tokens"].append(sum(len(e.input_ids) for e in drawn()))
+                record["padded_tokens"].append(inputs["input_ids"].numel())
                 if "first_batch" not in record:
-                    drawn = [self.train_dataset[i] for i in inputs["row_index"].tolist()]  # a list or a lazy dataset
-                    record["first_batch"] = [getattr(e, "row_id", None) or e.responses[0].row_id for e in drawn]
+                    record["first_batch"] = [getattr(e, "row_id", None) or e.responses[0].row_id for e in drawn()]
             return out
 
         def save_model(self, output_dir=None, _internal_call=False):

@@ -45,14 +45,19 @@ def make_callable(module_name: str) -> None:
 def library_bars(disable_tqdm: bool):
     """With `disable_tqdm`, the bars of transformers (loading weights) and datasets are off too,
     for the duration (the CLIs and the API)."""
-    import datasets
     import transformers
 
+    try:
+        import datasets
+    except ImportError:  # a node with torch and transformers alone (only hub datasets need it): no bars of its own
+        datasets = None
+
     hf_bars = transformers.utils.logging.is_progress_bar_enabled()
-    datasets_bars = not datasets.are_progress_bars_disabled()
+    datasets_bars = datasets is not None and not datasets.are_progress_bars_disabled()
     if disable_tqdm:
         transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
+        if datasets is not None:
+            datasets.disable_progress_bars()
     try:
         yield
     finally:

@@ -132,42 +132,46 @@ def response_logprobs(
         # out_features, not weight.shape: under ZeRO-3 the local weight is an empty partition.
         vocab = getattr(head, "out_features", None) or inner.config.vocab_size
         chunk_rows = max(1, chunk_bytes // (4 * vocab))
+    if topk or gather_ids is not None:  # distillation: the top-k or the gathered ids from the same chunks
+        return _head_logprobs_distill(head, states, targets, chunk_rows, inner.config, topk, gather_ids)
     if torch.is_grad_enabled() and states.requires_grad:
-        logps, extra = _head_logprobs_autograd(head, states, targets, chunk_rows, inner.config, topk, gather_ids)
-    else:
-        logps, extra = _head_logprobs_inplace(head, states, targets, chunk_rows, inner.config, topk, gather_ids)
-    if not (topk or gather_ids is not None):
-        return logps
-    if not extra:  # no selected position
-        width = topk or gather_ids.shape[1]
-        empty = states.new_zeros((0, width), dtype=torch.float32)
-        return logps, ((empty, empty.long()) if topk else empty)
-    if topk:
-        return logps, (torch.cat([v for v, _ in extra]), torch.cat([i for _, i in extra]))
-    return logps, torch.cat(extra)
+        return _head_logprobs_autograd(head, states, targets, chunk_rows, inner.config)
+    return _head_logprobs_inplace(head, states, targets, chunk_rows, inner.config)
 
 
-def _head_logprobs_autograd(head, states, targets, chunk_rows: int, config, topk: int, gather_ids):
-    """Training: fresh tensors per chunk, as autograd needs them. Returns (log-probs, per-chunk extras)."""
+def _head_logprobs_autograd(head, states, targets, chunk_rows: int, config) -> torch.Tensor:
+    """Training: fresh tensors per chunk, as autograd needs them."""
+    pieces = []
+    for start in range(0, states.shape[0], chunk_rows):
+        logits = _softcap(head(states[start : start + chunk_rows]), config).float()
+        picked = logits.gather(1, targets[start : start + chunk_rows, None]).squeeze(1)
+        pieces.append(picked - torch.logsumexp(logits, dim=-1))
+    if not pieces:
+        return states.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)
+
+
+def _head_logprobs_distill(head, states, targets, chunk_rows: int, config, topk: int, gather_ids):
+    """Distillation (wspo.shards.topk): per chunk, the actual token's log-prob and the chunk's
+    top-k (log-probs, ids), or its log-probs at `gather_ids`; fresh tensors (gradients flow)."""
     pieces, extra = [], []
     for start in range(0, states.shape[0], chunk_rows):
         logits = _softcap(head(states[start : start + chunk_rows]), config).float()
         picked = logits.gather(1, targets[start : start + chunk_rows, None]).squeeze(1)
         normaliser = torch.logsumexp(logits, dim=-1)
         pieces.append(picked - normaliser)
-        if topk or gather_ids is not None:
-            extra.append(_distillation_columns(logits, normaliser, topk, gather_ids, start, chunk_rows))
+        if topk:
+            values, ids = logits.topk(min(topk, logits.shape[-1]), dim=-1)  # sorted, most likely first
+            extra.append((values - normaliser[:, None], ids))
+        else:
+            extra.append(logits.gather(1, gather_ids[start : start + chunk_rows]) - normaliser[:, None])
     if not pieces:
-        return states.new_zeros(0, dtype=torch.float32), extra
-    return torch.cat(pieces), extra
-
-
-def _distillation_columns(logits, normaliser, topk: int, gather_ids, start: int, chunk_rows: int):
-    """One chunk's top-k (log-probs, ids), or its log-probs at `gather_ids`."""
+        logps = states.new_zeros(0, dtype=torch.float32)
+        empty = states.new_zeros((0, topk or gather_ids.shape[1]), dtype=torch.float32)
+        return logps, ((empty, empty.long()) if topk else empty)
     if topk:
-        values, ids = logits.topk(min(topk, logits.shape[-1]), dim=-1)  # sorted, most likely first
-        return values - normaliser[:, None], ids
-    return logits.gather(1, gather_ids[start : start + chunk_rows]) - normaliser[:, None]
+        return torch.cat(pieces), (torch.cat([v for v, _ in extra]), torch.cat([i for _, i in extra]))
+    return torch.cat(pieces), torch.cat(extra)
 
 
 # One logits buffer per output head (and dtype), reused by every chunk of every call while the
@@ -186,15 +190,13 @@ def _buffer(head: torch.nn.Module, rows: int, vocab: int, dtype: torch.dtype, de
     return buf[:rows]
 
 
-def _head_logprobs_inplace(head, states, targets, chunk_rows: int, config, topk: int, gather_ids):
+def _head_logprobs_inplace(head, states, targets, chunk_rows: int, config) -> torch.Tensor:
     """No gradients (scoring, evaluation): the head's logits go into one reused buffer, in the
     head's dtype (bf16 matmuls stay bf16), and the log-sum-exp runs in float32 in place: the same
-    numbers as `_head_logprobs_autograd` (max, subtract, exp, sum, log, as torch.logsumexp does).
-    Top-k values (or the values at `gather_ids`) are read before the buffer is overwritten."""
+    numbers as `_head_logprobs_autograd` (max, subtract, exp, sum, log, as torch.logsumexp does)."""
     total = states.shape[0]
-    extra = []
     if not total:
-        return states.new_zeros(0, dtype=torch.float32), extra
+        return states.new_zeros(0, dtype=torch.float32)
     rows = min(chunk_rows, total)
     weight = getattr(head, "weight", None)
     plain = (type(head) is torch.nn.Linear and weight is not None and weight.dim() == 2
@@ -223,18 +225,9 @@ def _head_logprobs_inplace(head, states, targets, chunk_rows: int, config, topk:
             logits = _buffer(head, rows, vocab, torch.float32, states.device)[:n]
             logits.copy_(raw)
         picked = logits.gather(1, targets[start : start + n, None]).squeeze(1)
-        if topk:
-            values, ids = logits.topk(min(topk, vocab), dim=-1)  # sorted, most likely first
-        elif gather_ids is not None:
-            values = logits.gather(1, gather_ids[start : start + n])
         peak = logits.amax(dim=1, keepdim=True)
         # torch.logsumexp's guard: an infinite max would make x - max NaN.
         peak.masked_fill_(torch.isinf(peak), 0.0)
         sums = logits.sub_(peak).exp_().sum(dim=1)
-        normaliser = sums.log_() + peak.squeeze(1)
-        out[start : start + n] = picked - normaliser
-        if topk:
-            extra.append((values - normaliser[:, None], ids))
-        elif gather_ids is not None:
-            extra.append(values - normaliser[:, None])
-    return out, extra
+        out[start : start + n] = picked - (sums.log_() + peak.squeeze(1))
+    return out

@@ -127,13 +127,13 @@ def markdown(grid: dict) -> str:
                   f"(std {w['closing_first_token_std']:.3f}) on the token where the closing sentence starts, "
                   f"{w['other_tokens_mean']:+.4f} (std {w['other_tokens_std']:.3f}) on every other token; "
                   f"that one token is {w['closing_first_token_share_of_initial_loss']:.0%} of the WSPO loss at its start", ""]
-    lines += ["| strong SFT steps | SFT NLL (x weak) | SFT signal | SFT rep. | WSPO lr | steps | gamma | signal | gain "
+    lines += ["| strong SFT steps | SFT NLL (x weak) | SFT signal | SFT unfinished | SFT rep. | WSPO lr | steps | gamma | signal | gain "
              "| anywhere | unfinished | accuracy | NLL (x SFT) | rep. | goals |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|:---:|"]
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|:---:|"]
     for r in grid["cells"]:
         met = {None: "-", True: "met", False: "no"}[r["goals_met"]]
         lines.append(f"| {r['strong_sft_steps']} | {f(r['strong_sft_nll'], '.3f')} ({f(r['strong_sft_nll_vs_weak_sft'], '.2f')}x) "
-                     f"| {f(r['strong_sft_signal'], '.2f')} | {f(r['strong_sft_repetition'], '.2f')} | {r['learning_rate']:.0e} "
+                     f"| {f(r['strong_sft_signal'], '.2f')} | {f(r['strong_sft_unfinished'], '.2f')} | {f(r['strong_sft_repetition'], '.2f')} | {r['learning_rate']:.0e} "
                      f"| {r['wspo_steps']} | {r['gamma']:g} | {f(r['signal'], '.2f')} | {f(r['signal_gain'], '+.2f')} "
                      f"| {f(r['signal_anywhere'], '.2f')} | {f(r['unfinished'], '.2f')} | {f(r['accuracy'], '.2f')} "
                      f"| {f(r['heldout_nll'], '.3f')} ({f(r['nll_ratio'], '.3f')}x) | {f(r['repetition'], '.2f')} | {met} |")

@@ -83,7 +83,6 @@ class PrecomputeArguments:
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per engine."})
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vllm: fraction of GPU memory (of RAM on CPU builds) for the engine."})
     overwrite: bool = field(default=False, metadata={"help": "Delete an output_dir written with other settings instead of failing."})
-    disable_tqdm: bool = field(default=False, metadata={"help": "Turn the progress bars (on stderr) off."})
     # Offline distillation (docs/distill.md): a teacher's top-k log-probs per response position.
     teacher: str | None = field(default=None, metadata={
         "help": "A teacher to distill from (column logp_teacher; with topk, its top-k columns): directory or hub name."})
@@ -95,6 +94,7 @@ class PrecomputeArguments:
     topk_encoding: str = field(default="compact", metadata={
         "help": "compact (ids as per-position differences, log-probs as uint16 steps of 1/256 nat: error <= 0.00195) "
                 "or fp32 (exact float32 log-probs and int32 ids)."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Turn the progress bars (on stderr) off."})
 
     def __post_init__(self):
         self.slot_list = [s.strip() for s in self.slots.split(",") if s.strip()]

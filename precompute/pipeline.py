@@ -54,8 +54,8 @@ from wspo.shards.store import (
 )
 from wspo.shards.card import write_card
 from wspo.shards.lock import OutputLock
-from wspo.shards.storage import AnyPath, read_parquet, read_parquet_schema, remove_tree, shard_path
 from wspo.shards.topk import TOPK_FORMAT_VERSION, encode_topk, ids_column, logps_column, manifest_record, topk_fields
+from wspo.shards.storage import AnyPath, read_parquet, read_parquet_schema, remove_tree, shard_path
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
 from .config import PrecomputeArguments
@@ -386,6 +386,14 @@ def _tokenizer_record(tokenize: ResponseTokenizer, out: AnyPath, work: AnyPath, 
     return tokenize.describe()
 
 
+def _check_topk_vocabulary(k: int, scorer_dirs: dict[str, Path]) -> None:
+    for name, model_dir in scorer_dirs.items():
+        config = read_config(model_dir)
+        vocab = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+        if vocab is not None and k > vocab:
+            raise PrecomputeError(f"topk {k} exceeds the {vocab} tokens of {name} ({model_dir}); set --topk {vocab} or lower")
+
+
 class IdenticalScorersWarning(UserWarning):
     """weak_ref and weak_aligned are one model: every reward will be exactly zero."""
 
@@ -407,14 +415,6 @@ def check_weak_pair(args: PrecomputeArguments, scorers: list[dict], scorer_dirs:
     if args.strict:
         raise PrecomputeError(message + " (refused in strict mode)")
     warnings.warn(message, IdenticalScorersWarning, stacklevel=2)
-
-
-def _check_topk_vocabulary(k: int, scorer_dirs: dict[str, Path]) -> None:
-    for name, model_dir in scorer_dirs.items():
-        config = read_config(model_dir)
-        vocab = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
-        if vocab is not None and k > vocab:
-            raise PrecomputeError(f"topk {k} exceeds the {vocab} tokens of {name} ({model_dir}); set --topk {vocab} or lower")
 
 
 def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:

@@ -13,8 +13,10 @@ engine (prompt + one generated token), and no position is computed twice. Engine
 - `logprobs_mode="raw_logprobs"`: the model's own log-softmax, before any logits processor,
   temperature or top-k/p (vLLM's default today; set so a changed default cannot change shards).
 - `prompt_logprobs=0`: only the log-prob of the actual token; `score(..., topk=K)` asks for
-  `prompt_logprobs=K`, the K most likely ids of every prompt position (vLLM adds the actual token
-  when it is not among them; entries are told apart by their `rank`). The engine then needs
+  `prompt_logprobs=K` over the whole sequence, the K most likely ids of every position (vLLM adds
+  the actual token when it is not among them; entries are told apart by their `rank`), so with
+  top-k a sequence must leave the generated token a position (vLLM 0.32 refuses `logprobs=K`
+  beside `logprob_token_ids`, the way the last token is scored without top-k). The engine then needs
   `max_logprobs >= K` (`max_topk`). vLLM 0.32's response-only parameters (`prompt_logprob_start`)
   work only with fixed `prompt_logprob_token_ids`, not with top-k, so the prompt rows are computed
   and dropped as for the actual token's log-prob.
@@ -78,27 +80,21 @@ class VLLMScorer:
         for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
             if len(seq) > self.max_model_len:
                 raise ValueError(f"sequence {i} has {len(seq)} tokens, more than max_model_len {self.max_model_len}")
-            if topk and len(seq) == self.max_model_len:  # top-k rows need the whole sequence as the prompt
-                raise ConfigError(f"sequence {i} has {len(seq)} tokens, the model's whole max_model_len: with --topk the "
-                                  "vllm backend scores sequences of at most max_model_len - 1 tokens; lower --max_length "
-                                  "by one or use --backend hf")
             if not 1 <= p <= len(seq):
                 raise ValueError(f"sequence {i}: prompt length {p} outside 1..{len(seq)}")
         if not sequences:
             return []
         sequences = [[int(t) for t in seq] for seq in sequences]
-        if topk:  # the whole sequence as the prompt: top-k rows come from prompt_logprobs alone
-            prompts = [TokensPrompt(prompt_token_ids=seq) for seq in sequences]
-            params = SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False, flat_logprobs=True)
-        else:
-            prompts = [TokensPrompt(prompt_token_ids=seq[:-1]) for seq in sequences]
-            params = [SamplingParams(max_tokens=1, prompt_logprobs=0, logprob_token_ids=[seq[-1]], detokenize=False)
-                      for seq in sequences]
+        if topk:  # every position's top-k from prompt_logprobs (vLLM 0.32 refuses logprobs=K with logprob_token_ids)
+            return self._score_topk(sequences, prompt_lengths, topk)
+        prompts = [TokensPrompt(prompt_token_ids=seq[:-1]) for seq in sequences]
+        params = [SamplingParams(max_tokens=1, prompt_logprobs=0, logprob_token_ids=[seq[-1]], detokenize=False)
+                  for seq in sequences]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         # `generate` returns outputs in request order; check it rather than trust it silently.
         results = []
         for i, (seq, p, out) in enumerate(zip(sequences, prompt_lengths, outputs, strict=True)):
-            if list(out.prompt_token_ids) != (seq if topk else seq[:-1]):
+            if list(out.prompt_token_ids) != seq[:-1]:
                 raise RuntimeError(f"vLLM output {i} is not for input sequence {i}")
             # prompt_logprobs[t] = {token_id: Logprob} for seq[t] given seq[:t]; entry 0 is None.
             # The last token's is the generated position's log-prob of that token.
@@ -106,12 +102,28 @@ class VLLMScorer:
                 results.append(np.zeros(0, dtype=np.float32))
                 continue
             logps = out.prompt_logprobs
-            if topk:
-                actual = np.array([logps[t][seq[t]].logprob for t in range(p, len(seq))], dtype=np.float32)
-                results.append((actual, *_topk_of(logps, range(p, len(seq)), topk)))
-                continue
             last = out.outputs[0].logprobs[0][seq[-1]].logprob
             results.append(np.array([logps[t][seq[t]].logprob for t in range(p, len(seq) - 1)] + [last], dtype=np.float32))
+        return results
+
+    def _score_topk(self, sequences: list[list[int]], prompt_lengths: list[int], topk: int) -> list:
+        """The whole sequence as the prompt, `prompt_logprobs=topk`: (actual, top-k log-probs, top-k
+        ids) per sequence. The one generated token needs a position, so a sequence must be shorter
+        than max_model_len here."""
+        for i, seq in enumerate(sequences):
+            if len(seq) >= self.max_model_len:
+                raise ValueError(f"sequence {i} has {len(seq)} tokens; with topk a sequence must be shorter than "
+                                 f"max_model_len {self.max_model_len} (lower max_length by one)")
+        prompts = [TokensPrompt(prompt_token_ids=seq) for seq in sequences]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False, flat_logprobs=True)
+        results = []
+        for i, (seq, p, out) in enumerate(zip(sequences, prompt_lengths, self.llm.generate(prompts, params, use_tqdm=False),
+                                              strict=True)):
+            if list(out.prompt_token_ids) != seq:
+                raise RuntimeError(f"vLLM output {i} is not for input sequence {i}")
+            logps = out.prompt_logprobs  # [t]: seq[t] given seq[:t]; the entries of rank 1..topk and the actual token
+            actual = np.array([logps[t][seq[t]].logprob for t in range(p, len(seq))], dtype=np.float32)
+            results.append((actual, *_topk_of([logps[t] for t in range(p, len(seq))], topk)))
         return results
 
     def close(self) -> None:
@@ -121,15 +133,15 @@ class VLLMScorer:
             shutdown_engine(llm)
 
 
-def _topk_of(logps, positions: range, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """([n, k] log-probs, [n, k] ids), most likely first, from vLLM's prompt log-probs: the entries
-    of rank 1..k (the actual token's entry has its own rank, often above k)."""
+def _topk_of(positions: list, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """([n, k] log-probs, [n, k] ids), most likely first, from vLLM's log-prob dicts of n positions:
+    the entries of rank 1..k (the actual token's entry has its own rank, often above k)."""
     values = np.empty((len(positions), k), dtype=np.float32)
     ids = np.empty((len(positions), k), dtype=np.int64)
-    for row, t in enumerate(positions):
-        top = sorted((lp.rank, -lp.logprob, token) for token, lp in logps[t].items() if lp.rank <= k)[:k]
+    for row, entries in enumerate(positions):
+        top = sorted((lp.rank, -lp.logprob, token) for token, lp in entries.items() if lp.rank <= k)[:k]
         if len(top) != k:
-            raise RuntimeError(f"vLLM returned {len(top)} of the top {k} log-probs at prompt position {t}")
+            raise RuntimeError(f"vLLM returned {len(top)} of the top {k} log-probs at response position {row}")
         ids[row] = [token for _, _, token in top]
         values[row] = [-neg for _, neg, _ in top]
     return values, ids

@@ -21,7 +21,7 @@ export TOKENIZERS_PARALLELISM=false
 G=${WSPO_GRID_DIR:-outputs/grid}
 read -r -a SFT_STEPS <<< "${GRID_SFT_STEPS:-100 200}"
 read -r -a WSPO_SETTINGS <<< "${GRID_WSPO:-1e-4:30 3e-5:30 1e-5:30}"
-read -r -a GAMMAS <<< "${GRID_GAMMAS:-0.1 0.25 1.0}"
+read -r -a GAMMAS <<< "${GRID_GAMMAS:-0.1}"
 STRONG_SFT_LR=${GRID_STRONG_SFT_LR:-2e-3}
 
 for needed in "$O/models/strong_base/config.json" "$O/shards/sft/manifest.json" "$O/shards/wspo/manifest.json"; do

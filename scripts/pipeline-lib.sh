@@ -8,15 +8,15 @@ TRAIN=(--max_length 256 --eval_fraction 0.05 --per_device_train_batch_size 8 --l
        --warmup_steps 0.05 --logging_steps 25 --eval_strategy no --save_strategy no --report_to none
        --dataloader_pin_memory false --disable_tqdm true)
 # Training lengths of the main job (docs/main-job.md, "What was tried", says why these numbers).
-WEAK_SFT_STEPS=150 STRONG_SFT_STEPS=100 DPO_STEPS=20 WSPO_STEPS=30 MAX_NEW_TOKENS=160
+WEAK_SFT_STEPS=150 STRONG_SFT_STEPS=200 DPO_STEPS=20 WSPO_STEPS=30 MAX_NEW_TOKENS=160
 if [ "${WSPO_SMOKE:-0}" = 1 ]; then  # a smoke test of the scripts (tests/test_main_job_scripts.py): 2 steps each
   WEAK_SFT_STEPS=2 STRONG_SFT_STEPS=2 DPO_STEPS=2 WSPO_STEPS=2 MAX_NEW_TOKENS=4
 fi
 PAPER_GAMMA=0.1
-GAMMAS=(0.05 0.25 0.5 1.0)  # the sweep besides the paper's 0.1 (which is strong_wspo)
+GAMMAS=(0.25 1.0)  # the sweep besides the paper's 0.1 (which is strong_wspo)
 # Phase two: WSPO of the strong SFT model from the shards alone, a small learning rate.
 WSPO=(--loss wspo --model_name_or_path "$O/strong_sft" --shards "$O/shards/wspo" --max_steps "$WSPO_STEPS"
-      --learning_rate 1e-4 "${TRAIN[@]}")
+      --learning_rate 3e-5 "${TRAIN[@]}")
 EVAL_SPLIT=(--dataset embedded --dataset_split test_prefs)
 
 step() {  # step "what" OUTPUT_FILE command...: run the command unless OUTPUT_FILE exists

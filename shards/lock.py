@@ -11,8 +11,8 @@ On an object store (`output_dir` a URL) the lock is an object created with a con
 store has no conditional write, fsspec checks then writes, and the lock is read back after
 writing: a narrow window remains in which both could start (docs/cluster.md).
 
-`wspo-train` holds the same kind of lock on its output_dir (`command`, `name`: train/identity.py),
-so it lives here, beside the storage it writes to, in neither phase.
+`wspo-train` holds the same lock on its own output_dir (wspo.train.identity), so it lives here,
+beside the storage it writes to, not in either phase.
 """
 
 from __future__ import annotations
@@ -62,7 +62,10 @@ class OutputLock:
             other = {}
         same_launch = self.owner is not None and other.get("owner") == self.owner
         dead_here = other.get("host") == self.holder["host"] and isinstance(other.get("pid"), int) and not _alive(other["pid"])
-        if not (same_launch or dead_here):
+        # This very process left it: an earlier run in it could not remove it (a read-only remount,
+        # a full disk). No other run can hold our pid on our host.
+        left_here = other.get("host") == self.holder["host"] and other.get("pid") == os.getpid()
+        if not (same_launch or dead_here or left_here):
             raise LockError(
                 f"{self.path} is held by another {self.command} (pid {other.get('pid', '?')} on host "
                 f"{other.get('host', '?')}, since {other.get('since', '?')}): two runs cannot write the same "

@@ -78,8 +78,13 @@ def row_schema(scorers: list[str], topk: dict | None = None) -> pa.Schema:
     return pa.schema(fields)
 
 
-def float_list_columns(schema: pa.Schema) -> list[str]:
-    return [f.name for f in schema if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type)]
+def byte_stream_split_columns(schema: pa.Schema) -> list[str]:
+    """List columns written with byte-stream-split: float lists, and the top-k columns (id gaps and
+    uint16 log-probs are small integers whose high bytes are nearly constant)."""
+    from .topk import is_topk_column
+
+    return [f.name for f in schema if pa.types.is_list(f.type)
+            and (pa.types.is_floating(f.type.value_type) or is_topk_column(f.name))]
 
 
 def list_arrays(column: pa.ChunkedArray | pa.Array) -> list:
@@ -90,15 +95,6 @@ def list_arrays(column: pa.ChunkedArray | pa.Array) -> list:
     offsets = offsets - offsets[0]  # a sliced array's offsets index into its parent's values
     values = column.flatten().to_numpy(zero_copy_only=False)
     return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
-
-
-def byte_stream_split_columns(schema: pa.Schema) -> list[str]:
-    """List columns written with byte-stream-split: float lists, and the top-k columns (id gaps and
-    uint16 log-probs are small integers whose high bytes are nearly constant)."""
-    from .topk import is_topk_column
-
-    return [f.name for f in schema if pa.types.is_list(f.type)
-            and (pa.types.is_floating(f.type.value_type) or is_topk_column(f.name))]
 
 
 def canonical_json(obj) -> str:

@@ -91,3 +91,44 @@ def test_ceiling_rates_cover_the_work_and_give_a_fraction():
     assert ceiling.rate(work) == pytest.approx(limits.total_flops(work) / limit)
     with pytest.raises(KeyError, match="no rate measured"):
         ceiling.seconds({"wgrad:1x1": 1.0})
+
+
+def run_benchmark(script: str, *argv: str) -> dict:
+    import json
+    import os
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *argv], capture_output=True, text=True,
+                          env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout[done.stdout.index("{"):])
+
+
+@pytest.mark.slow
+def test_phase_one_limit_runs_and_matches_full_logits():
+    report = run_benchmark("phase_one_limit.py", "--preset", "tiny", "--rows", "4", "--dtypes", "float32", "--parts", "2",
+                           "--ceiling_seconds", "0.02")
+    (run,) = report["runs"]
+    assert run["rows"] == 4 and run["checked_rows"] == 2
+    assert run["max_abs_diff_vs_naive"] < 1e-4  # the shards' log-probs = a full-logits log_softmax
+    assert len(run["minor_faults_per_part"]) == 4  # 2 parts x 2 scorers
+    assert run["useful_gflop"] > 0 and 0 < run["fraction_of_limit"] and run["limit_seconds"] < run["run_seconds"]
+
+
+@pytest.mark.slow
+def test_phase_two_limit_runs_and_packed_equals_padded():
+    report = run_benchmark("phase_two_limit.py", "--preset", "tiny", "--steps", "1", "--batch_pairs", "2",
+                           "--max_length", "384", "--losses", "wspo", "--fine_tuning", "lora", "--ceiling_seconds", "0.02")
+    assert [(r["packing"], r["timed_steps"]) for r in report["runs"]] == [(False, 1), (True, 1)]
+    assert report["checks"]["wspo-lora_packed_vs_padded_max_loss_diff"] < 1e-4
+    assert all(r["fraction_of_limit"] > 0 for r in report["runs"])
+
+
+@pytest.mark.slow
+def test_vs_trl_runs_with_the_same_batches_and_losses():
+    report = run_benchmark("vs_trl.py", "--preset", "tiny-2k", "--pairs", "4", "--batch", "2", "--steps", "2",
+                           "--max_length", "256")
+    assert report["trl_version"] == "1.16.0"
+    assert report["exactness"]["trained_sequences_with_equal_token_ids"] == "8/8"
+    assert report["exactness"]["max_loss_diff_vs_trl_ref_in_memory"] < 1e-4
+    assert len(report["losses"]["wspo_train"]) == len(report["losses"]["trl_precompute"]) == 2

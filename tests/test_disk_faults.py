@@ -112,6 +112,41 @@ def small_tmpfs(folder: Path, size: str):
         subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
+def test_precompute_read_only_remount_mid_run_is_named_and_the_rerun_resumes(tiny_models, tmp_path, capsys, monkeypatch):
+    """The file system is remounted read-only (for real) just before the first shard part is written."""
+    import subprocess
+
+    import wspo.precompute.pipeline as pipeline
+    from wspo.precompute.cli import main
+
+    def argv(out: Path) -> list[str]:
+        return ["--dataset", "embedded", "--output_dir", str(out), "--max_samples", "8", "--slots", "chosen",
+                "--max_length", "128", "--max_prompt_length", "96", "--backend", "hf", "--dtype", "float32",
+                "--rows_per_file", "4", "--weak_ref", str(tiny_models["weak_ref"]),
+                "--weak_aligned", str(tiny_models["weak_aligned"])]
+
+    assert main(argv(tmp_path / "clean")) == 0
+    write_parquet = pipeline.write_parquet
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
+        out = disk / "set"
+
+        def remount_then_write(table, path, metadata=None):
+            if Path(str(path)).parent.name == "data":  # a shard part: the disk goes read-only under the run
+                subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+            return write_parquet(table, path, metadata)
+
+        monkeypatch.setattr(pipeline, "write_parquet", remount_then_write)
+        assert main(argv(out)) == 1
+        err = capsys.readouterr().err
+        assert f"wspo-precompute: error: cannot write {out}" in err
+        assert "the file system is read-only (mounted or remounted read-only) (EROFS). Remount it read-write" in err
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        monkeypatch.setattr(pipeline, "write_parquet", write_parquet)
+        assert not list(out.glob("manifest*.json")) and not list(out.glob("data/*.parquet"))
+        assert main(argv(out)) == 0  # resumed: the sequences and scores on disk are kept
+        assert snapshot(out / "data") == snapshot(tmp_path / "clean" / "data")
+
+
 def test_train_full_disk_while_torch_saves_the_optimizer_is_named(train_setup, tmp_path, capsys):  # noqa: F811
     """A real ENOSPC where torch.save names no errno (`unexpected pos ...`): the file system is asked."""
     from wspo.train.checkpoints import checkpoint_problem

@@ -116,4 +116,4 @@ def test_grid_table_holds_each_cell_against_its_own_strong_sft(tmp_path):
 
     grid.main([str(cells), "--pipeline_dir", str(pipeline)])
     assert json.loads((cells / "grid.json").read_text()) == built
-    assert "| 200 | 2.500 (0.78x) | 0.70 |" in (cells / "grid.md").read_text()
+    assert "| 200 | 2.500 (0.78x) | 0.70 | 0.00 |" in (cells / "grid.md").read_text()

@@ -29,7 +29,7 @@ from wspo.shards.store import ShardError, ShardSet
 ENV = os.environ | {"TOKENIZERS_PARALLELISM": "false"}
 SCHEDULER_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_STEP",
                   "JOB_COMPLETION_INDEX")
-OPTIONS = dict(max_length=384, max_prompt_length=192, max_samples=12, rows_per_file=4, batch_tokens=1024)
+OPTIONS = dict(max_length=384, max_prompt_length=192, max_samples=12, rows_per_file=2, batch_tokens=1024)
 
 
 def make_args(tiny_models, out, **overrides) -> PrecomputeArguments:
@@ -67,16 +67,21 @@ def local_one(tiny_models, tmp_path_factory):
     return out
 
 
-def test_one_worker_on_s3_equals_a_local_run(tiny_models, s3_bucket, local_one, capsys):
+def test_one_worker_on_s3_equals_a_local_run(tiny_models, s3_bucket, local_one, tmp_path, capsys):
     url = f"{s3_bucket}/one"
     run(make_args(tiny_models, url))
-    assert part_bytes(url) == part_bytes(local_one) and len(part_bytes(url)) == 3
+    assert part_bytes(url) == part_bytes(local_one) and len(part_bytes(url)) == 6
     assert rows_by_id(url) == rows_by_id(local_one)
     store = shard_path(url)
     names = sorted(p.name for p in store.glob("*"))
     assert names == ["README.md", "data", "manifest.json"]  # no lock, no work folder, no temporary file left
     assert shards_main(["verify", url]) == 0
-    assert "OK (3 files" in capsys.readouterr().out
+    assert "OK (6 files" in capsys.readouterr().out
+    # The other readers of wspo-shards take the URL; the page is written locally.
+    assert shards_main(["info", url]) == 0 and json.loads(capsys.readouterr().out)["rows"] == 12
+    assert shards_main(["head", url, "-n", "1", "--tokens", "3"]) == 0
+    assert shards_main(["show", url, "--html", str(tmp_path / "page.html"), "-n", "2"]) == 0
+    assert (tmp_path / "page.html").read_text().count('<div class="row"') == 4
     # A rerun finds the set complete and leaves it as it is.
     before = {p.name: p.read_bytes() for p in store.glob("*.json")}
     run(make_args(tiny_models, url))
@@ -129,15 +134,14 @@ def wait_and_kill(proc, path, timeout: float = 300) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_on_s3_gives_identical_bytes(tiny_models, s3_bucket, tmp_path, capsys):
+def test_sigkill_then_resume_on_s3_gives_identical_bytes(tiny_models, s3_bucket, local_one, capsys):
     """Killed while the second scorer runs, then between a part and the manifest: no reader takes
-    the set for complete, and the rerun ends with a local run's bytes. Small parts (2 rows) leave
+    the set for complete, and the rerun ends with the local run's bytes. Small parts (2 rows) leave
     several parts to assemble after the kill point, so it is not missed."""
-    local = tmp_path / "clean"
-    run(make_args(tiny_models, local, rows_per_file=2))
+    local = local_one
     url = f"{s3_bucket}/killed"
     store = shard_path(url)
-    cmd = command(tiny_models, url, "--rows_per_file", "2")
+    cmd = command(tiny_models, url)
     wait_and_kill(subprocess.Popen(cmd, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
                   store / "_work-00000" / "weak_aligned-00001.parquet")
     assert not (store / "manifest.json").exists() and not (store / "data").glob("*.parquet")
@@ -148,7 +152,7 @@ def test_sigkill_then_resume_on_s3_gives_identical_bytes(tiny_models, s3_bucket,
         ShardSet.open(url)  # an interrupted set never looks complete
     assert shards_main(["verify", url]) == 1
     assert "phase one has not finished" in capsys.readouterr().err
-    run(make_args(tiny_models, url, rows_per_file=2))
+    run(make_args(tiny_models, url))
     assert part_bytes(url) == part_bytes(local) and len(part_bytes(url)) == 6
     a, b = (json.loads((shard_path(root) / "manifest.json").read_text()) for root in (local, url))
     for volatile in ("created", "timing", "command", "checksum"):

@@ -103,16 +103,6 @@ class WSPOArguments:
                   "named by its fingerprint; reused by later runs and shared by the ranks of a node). Default: "
                   "<output_dir>/.wspo_cache."},
     )
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "Replace what output_dir holds of an earlier run (a finished model, wspo_run.json, checkpoints); "
-                  "without it such an output_dir is refused (resuming its checkpoints aside)."},
-    )
-    allow_resume_mismatch: bool = field(
-        default=False,
-        metadata={"help": "Resume from a checkpoint written by a run with another identity (strong model, shard sets, loss "
-                  "and its keys, tokenizer rule) or with none recorded; by default such a resume is refused naming what differs."},
-    )
     kd_alpha: float = field(
         default=1.0,
         metadata={"help": "kd: weight of the distillation KL; 1 - kd_alpha weighs the SFT loss on the actual tokens."},
@@ -125,6 +115,16 @@ class WSPOArguments:
         default=None,
         metadata={"help": "kd: the scorer whose top-k columns are the teacher (default: the set's only top-k scorer, "
                   "else 'teacher')."},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace what output_dir holds of an earlier run (a finished model, wspo_run.json, checkpoints); "
+                  "without it such an output_dir is refused (resuming its checkpoints aside)."},
+    )
+    allow_resume_mismatch: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint written by a run with another identity (strong model, shard sets, loss "
+                  "and its keys, tokenizer rule) or with none recorded; by default such a resume is refused naming what differs."},
     )
     model_dtype: str = field(
         default="auto",
