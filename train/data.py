@@ -120,7 +120,8 @@ def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_p
     no room for one response token cannot be trained on. `distill` (loss kd): another tokenizer is
     refused outright, since the stored top-k ids are the teacher's vocabulary.
     """
-    rule = shards_rule(tokenizer, shard_sets[0].tokenizer, max_length, max_length - 1)
+    shard_tok = shard_sets[0].tokenizer
+    rule = shards_rule(tokenizer, shard_tok, max_length, max_length - 1)
     matching = [s.root for s in shard_sets if rule is not None and rule.matches(s.tokenizer)]
     if len(matching) == len(shard_sets):
         return rule, False
