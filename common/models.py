@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from wspo.errors import ConfigError, InputError, InputPathError
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 CONFIG_FILES = ("config.json", "generation_config.json")
 
@@ -21,16 +23,16 @@ def resolve_model_dir(name_or_path: str, option: str = "model") -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{option}: {path} is a directory without config.json, not a model")
+            raise InputPathError(f"{option}: {path} is a directory without config.json, not a model")
         return path
     if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
-        raise FileNotFoundError(f"{option}: {name_or_path} is not a model directory (and not a hub name 'org/model')")
+        raise InputPathError(f"{option}: {name_or_path} is not a model directory (and not a hub name 'org/model')")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except Exception as e:  # offline, unknown repo, gated repo: one clear message
-        raise FileNotFoundError(f"{option}: cannot find {name_or_path!r} locally or on the hub ({type(e).__name__}: {e})") from None
+        raise InputPathError(f"{option}: cannot find {name_or_path!r} locally or on the hub ({type(e).__name__}: {e})") from None
 
 
 def check_weights(model_dir: Path, option: str = "model") -> None:
@@ -42,15 +44,15 @@ def check_weights(model_dir: Path, option: str = "model") -> None:
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError) as e:
-            raise ValueError(f"{option}: {index} is not a valid safetensors index ({e})") from None
+            raise InputError(f"{option}: {index} is not a valid safetensors index ({e})") from None
         files = [model_dir / n for n in names]
     else:
         files = sorted(model_dir.glob("*.safetensors")) or sorted(p for p in model_dir.iterdir() if p.suffix in (".bin", ".pt"))
     if not files:
-        raise FileNotFoundError(f"{option}: {model_dir} holds no weights (no *.safetensors or *.bin files)")
+        raise InputPathError(f"{option}: {model_dir} holds no weights (no *.safetensors or *.bin files)")
     for path in files:
         if not path.exists():
-            raise FileNotFoundError(f"{option}: {path} is listed in the safetensors index but missing")
+            raise InputPathError(f"{option}: {path} is listed in the safetensors index but missing")
         if path.suffix != ".safetensors":
             continue
         # A safetensors file is an 8-byte header length, the JSON header, then the data: the
@@ -63,10 +65,10 @@ def check_weights(model_dir: Path, option: str = "model") -> None:
         except (OSError, ValueError):
             header = None
         if not isinstance(header, dict):
-            raise ValueError(f"{option}: {path} is not a readable safetensors file (truncated or corrupt)")
+            raise InputError(f"{option}: {path} is not a readable safetensors file (truncated or corrupt)")
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
         if 8 + n + end != size:
-            raise ValueError(f"{option}: {path} is truncated ({size} bytes, its header describes {8 + n + end})")
+            raise InputError(f"{option}: {path} is truncated ({size} bytes, its header describes {8 + n + end})")
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -93,7 +95,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}[dtype]
     except KeyError:
-        raise ValueError(f"dtype {dtype!r}: expected auto, float32, bfloat16 or float16") from None
+        raise ConfigError(f"dtype {dtype!r}: expected auto, float32, bfloat16 or float16") from None
 
 
 def default_device() -> str:
@@ -109,7 +111,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exception for a malformed file
         file = Path(str(name_or_path)) / "tokenizer.json"
         what = f"{file} does not parse" if file.exists() else f"cannot load the tokenizer of {name_or_path}"
-        raise ValueError(f"{what} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        raise InputError(f"{what} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 def load_causal_lm(name_or_path: str | os.PathLike, dtype: torch.dtype, device: str | None = None):

@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 from wspo.args import parse_config
+from wspo.errors import WspoError
 from wspo.paths import check_output
-from wspo.shards.store import ShardError
+from wspo.disk import error_text
+from wspo.shards.store import write_text
 
 from .config import GenerateArguments, RewardsArguments
-from .rewards import EvalError
 
 USAGE = """usage: wspo-eval {rewards,generate} [CONFIG.yaml] [--key value ...]
 
@@ -31,7 +32,29 @@ TASKS = {
 def _write_json(obj, path: str) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", out)  # whole or not at all
+
+
+def run_rewards(args: RewardsArguments) -> dict:
+    """Check the output paths, score the pairs, write output_file / pairs_file when set; returns
+    the summary (wspo-eval rewards and wspo.evaluate_rewards)."""
+    _check_outputs(args)
+    from .rewards import run
+
+    summary, pairs = run(args)
+    if args.pairs_file:
+        Path(args.pairs_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.pairs_file).write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    if args.output_file:
+        _write_json(summary, args.output_file)
+    return summary
+
+
+def _check_outputs(args) -> None:
+    inputs = {k: getattr(args, k, None) for k in ("policy", "reference", "model", "dataset", "shards", "instructions", "tokenizer")}
+    for key in ("output_file", "pairs_file"):
+        if getattr(args, key, None):
+            check_output(getattr(args, key), inputs, option=key, is_file=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,27 +68,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dataclass_type, description = TASKS[task]
     program, sys.argv[0] = sys.argv[0], f"wspo-eval {task}"  # argparse's prog: usage and errors name the task
+    args = None
     try:
         (args,) = parse_config([dataclass_type], rest, description=description)
-        inputs = {k: getattr(args, k, None) for k in ("policy", "reference", "model", "dataset", "shards", "instructions", "tokenizer")}
-        for key in ("output_file", "pairs_file"):
-            if getattr(args, key, None):
-                check_output(getattr(args, key), inputs, option=key, is_file=True)
         if task == "rewards":
-            from .rewards import run
-
-            summary, pairs = run(args)
-            if args.pairs_file:
-                Path(args.pairs_file).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.pairs_file).write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+            summary = run_rewards(args)
         else:
+            _check_outputs(args)
             from .generate import run
 
             summary, _ = run(args)
-        if getattr(args, "output_file", None) and task == "rewards":
-            _write_json(summary, args.output_file)
-    except (EvalError, ShardError, FileNotFoundError, ValueError) as e:
-        print(f"wspo-eval {task}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - user-facing errors (WspoError) and disk faults are named; the rest is re-raised
+        then = "rerun the same command: no output file was left half-written"
+        where = getattr(args, "output_file", None) or "the output file"
+        print(f"wspo-eval {task}: error: {error_text(e, (WspoError,), where, then)}", file=sys.stderr)
         return 1
     finally:
         sys.argv[0] = program

@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+DEFAULT_SPLIT = "test_prefs"
 DATASET_FORMATS = ("auto", "h4", "llamafactory", "wrpo", "columns")
 BACKENDS = ("hf", "vllm")
+
+
+def resolve_split(dataset: str | None, split: str | None) -> str | None:
+    """The split to read: test_prefs by default; none for a single file, which is read whole (a
+    split named with one would label the whole file as that split: refused)."""
+    if dataset is None or not Path(dataset).expanduser().is_file():
+        return split or DEFAULT_SPLIT
+    if split is not None:
+        raise ValueError(f"dataset_split {split}: dataset {dataset} is a single file, which has no splits (it is read "
+                         "whole); leave dataset_split out, or give a folder of split files or a hub dataset")
+    return None
 
 
 @dataclass
@@ -26,7 +39,7 @@ class RewardsArguments:
         metadata={"help": "Preference set: hub dataset name, local JSON/JSONL/Parquet file or folder, or 'embedded' "
                           "(the bundled sample). Give either dataset or shards."},
     )
-    dataset_split: str = field(default="test_prefs", metadata={"help": "Split to read (H4: train_prefs, test_prefs)."})
+    dataset_split: str | None = field(default=None, metadata={"help": "Split to read from a hub dataset or a folder of split files (default test_prefs). A single file has no splits: it is read whole, and giving a split with it is refused."})
     dataset_format: str = field(
         default="auto", metadata={"help": f"Row layout: {', '.join(DATASET_FORMATS)} (as in wspo-precompute)."}
     )
@@ -52,12 +65,14 @@ class RewardsArguments:
     pairs_file: str | None = field(
         default=None, metadata={"help": "Write one JSON line per pair (example id, rewards, token counts) here."}
     )
+    disable_tqdm: bool = field(default=False, metadata={"help": "Turn the progress bars (on stderr) off."})
 
     def __post_init__(self):
         if self.max_samples is not None and self.max_samples <= 0:
             raise ValueError(f"max_samples must be a positive number of rows (got {self.max_samples})")
         if (self.dataset is None) == (self.shards is None):
             raise ValueError("give exactly one of dataset (a preference set) and shards (a shard set)")
+        self.dataset_split = resolve_split(self.dataset, self.dataset_split)
         if self.dataset_format not in DATASET_FORMATS:
             raise ValueError(f"dataset_format: {self.dataset_format!r}; choose from {', '.join(DATASET_FORMATS)}")
         if self.reference is None and self.reference_column is None:
@@ -83,7 +98,7 @@ class GenerateArguments:
         metadata={"help": "Prompts: the conversation before the chosen response of each row of this dataset "
                           "(hub name, local file or folder, or 'embedded'). Give either dataset or instructions."},
     )
-    dataset_split: str = field(default="test_prefs", metadata={"help": "Split to read."})
+    dataset_split: str | None = field(default=None, metadata={"help": "Split to read from a hub dataset or a folder of split files (default test_prefs). A single file has no splits: it is read whole, and giving a split with it is refused."})
     dataset_format: str = field(default="auto", metadata={"help": f"Row layout: {', '.join(DATASET_FORMATS)}."})
     column_map: str | None = field(default=None, metadata={"help": "For dataset_format=columns (see wspo-precompute)."})
     instructions: str | None = field(
@@ -113,6 +128,7 @@ class GenerateArguments:
             raise ValueError(f"max_samples must be a positive number of rows (got {self.max_samples})")
         if (self.dataset is None) == (self.instructions is None):
             raise ValueError("give exactly one of dataset (prompts of a dataset split) and instructions (a JSON list)")
+        self.dataset_split = resolve_split(self.dataset, self.dataset_split)
         if self.dataset_format not in DATASET_FORMATS:
             raise ValueError(f"dataset_format: {self.dataset_format!r}; choose from {', '.join(DATASET_FORMATS)}")
         if self.backend not in BACKENDS:

@@ -30,10 +30,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from wspo.errors import InputPathError
 from wspo.embedded.sample import shows_preference_signal
-from wspo.models import default_device, load_causal_lm, load_tokenizer, read_config, resolve_dtype, resolve_model_dir
+from wspo.models import check_weights, default_device, load_causal_lm, load_tokenizer, read_config, resolve_dtype, resolve_model_dir
 from wspo.precompute.data import detect_format, load_rows, to_example
 from wspo.precompute.scorers import length_batches
+from wspo.shards.store import write_text
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
 from .config import GenerateArguments
@@ -71,7 +73,7 @@ def prompts_from_dataset(args: GenerateArguments) -> tuple[list[Prompt], Counter
 def prompts_from_instructions(args: GenerateArguments) -> tuple[list[Prompt], Counter]:
     path = Path(args.instructions)
     if not path.is_file():
-        raise FileNotFoundError(f"instructions: {path} does not exist")
+        raise InputPathError(f"instructions: {path} does not exist")
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -177,6 +179,7 @@ def run(args: GenerateArguments) -> tuple[dict, list[dict]]:
     """Generate; returns the summary and the AlpacaEval records (also written to output_file)."""
     started = time.perf_counter()
     model_dir = resolve_model_dir(args.model, option="model")
+    check_weights(model_dir, option="model")
     tokenizer = load_tokenizer(args.tokenizer or model_dir)
     rule = ResponseTokenizer(tokenizer, args.max_prompt_length + args.max_new_tokens, args.max_prompt_length, args.end_of_turn_token)
     prompts, skipped = prompts_from_dataset(args) if args.dataset is not None else prompts_from_instructions(args)
@@ -218,10 +221,7 @@ def run(args: GenerateArguments) -> tuple[dict, list[dict]]:
                         "generator": generator,
                         "dataset": prompt.dataset})
     out = Path(args.output_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(records, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    write_text(json.dumps(records, ensure_ascii=False, indent=2) + "\n", out)
     summary = {
         "task": "generate",
         "model": args.model,

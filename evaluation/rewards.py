@@ -27,12 +27,12 @@ import numpy as np
 from tqdm import tqdm
 
 from wspo.errors import WspoError
-from wspo.models import default_device, load_tokenizer, model_fingerprint, resolve_dtype, resolve_model_dir
+from wspo.models import check_weights, default_device, load_tokenizer, model_fingerprint, resolve_dtype, resolve_model_dir
 from wspo.precompute.data import detect_format, load_rows, to_example
 from wspo.precompute.scorers import HFScorer
 from wspo.shards.schema import logp_column
 from wspo.shards.store import ShardSet, list_arrays
-from wspo.shards.tokenization import ResponseTokenizer, Skip
+from wspo.shards.tokenization import ResponseTokenizer, Skip, shards_rule, stored_ids_mismatch
 
 from .config import RewardsArguments
 
@@ -44,7 +44,7 @@ class EvalError(WspoError):
 
 
 @dataclass
-class Response:
+class ScoredResponse:
     prompt_ids: list[int]
     token_ids: list[int]  # response ids, end-of-turn included unless truncated
     truncated: bool
@@ -58,8 +58,8 @@ class Response:
 @dataclass
 class Pair:
     example_id: str
-    chosen: Response
-    rejected: Response
+    chosen: ScoredResponse
+    rejected: ScoredResponse
 
 
 # -- tokenizer ----------------------------------------------------------------------------------
@@ -73,9 +73,8 @@ def check_tokenizer(name: str, model_dir: Path, rule: ResponseTokenizer) -> None
         raise EvalError(f"{name}: {e}; policy and reference must score the same token ids") from None
 
 
-def _rule(args: RewardsArguments, source: str, end_of_turn_token: str | None, rule_version: int | None = None) -> ResponseTokenizer:
-    version = {} if rule_version is None else {"rule_version": rule_version}
-    return ResponseTokenizer(load_tokenizer(source), args.max_length, args.max_prompt_length, end_of_turn_token, **version)
+def _rule(args: RewardsArguments, source: str, end_of_turn_token: str | None) -> ResponseTokenizer:
+    return ResponseTokenizer(load_tokenizer(source), args.max_length, args.max_prompt_length, end_of_turn_token)
 
 
 # -- pairs from a preference set ----------------------------------------------------------------
@@ -100,31 +99,31 @@ def pairs_from_dataset(args: RewardsArguments, rule: ResponseTokenizer) -> tuple
         except Skip as skip:
             skipped[skip.reason] += 1
             continue
-        pairs.append(Pair(example.example_id, *(Response(t.prompt_ids, t.token_ids, t.truncated) for t in sides.values())))
+        pairs.append(Pair(example.example_id, *(ScoredResponse(t.prompt_ids, t.token_ids, t.truncated) for t in sides.values())))
     return pairs, skipped, layout
 
 
 # -- pairs from a shard set ---------------------------------------------------------------------
 
 
-def _shard_response(row: dict, stored: list[int] | None, ref: np.ndarray | None, rule: ResponseTokenizer, root: Path) -> Response:
+def _shard_response(row: dict, stored: list[int] | None, ref: np.ndarray | None, rule: ResponseTokenizer, root: Path) -> ScoredResponse:
     """A shard row under `rule`: its stored ids (checked against re-tokenizing) when the rule has
     the shards' fingerprint, else the rule's own tokenization of its text."""
     messages = json.loads(row["messages"])
     if stored is None:
         tok = rule(messages, row["response"])
-        return Response(tok.prompt_ids, tok.token_ids, tok.truncated)
+        return ScoredResponse(tok.prompt_ids, tok.token_ids, tok.truncated)
     prompt = rule.prompt_ids(messages)
     if len(prompt) > rule.max_prompt_length:
         raise Skip("prompt_too_long")
     full, _, _ = rule.response_tokens(row["response"])
-    if full[: len(stored)] != stored or (len(stored) < len(full) and not row["truncated"]):
+    if stored_ids_mismatch(stored, full, row["truncated"]) is not None:
         raise EvalError(f"row {row['id']} (example {row['example_id']}) of {root}: re-tokenizing its response does not give "
                         "the stored token_ids although the tokenizers share a fingerprint; the shard row or the tokenizer "
                         "files were altered")
     keep = min(len(stored), rule.max_length - len(prompt))
-    return Response(prompt, stored[:keep], bool(row["truncated"]) or keep < len(stored),
-                    None if ref is None else ref[:keep].astype(np.float64))
+    return ScoredResponse(prompt, stored[:keep], bool(row["truncated"]) or keep < len(stored),
+                          None if ref is None else ref[:keep].astype(np.float64))
 
 
 def pairs_from_shards(args: RewardsArguments, policy_dir: Path) -> tuple[list[Pair], Counter, dict]:
@@ -142,11 +141,8 @@ def pairs_from_shards(args: RewardsArguments, policy_dir: Path) -> tuple[list[Pa
 
     # The shards' rule under the policy's tokenizer: same fingerprint -> stored ids are used.
     source = args.tokenizer or str(policy_dir)
-    try:
-        rule = _rule(args, source, args.end_of_turn_token or shard_tok["end_of_turn_token"], shard_tok.get("rule_version", 1))
-    except ValueError:  # the shards' end-of-turn token is not in this vocabulary
-        rule = None
-    same = rule is not None and rule.matches(shard_tok)
+    rule = shards_rule(load_tokenizer(source), shard_tok, args.max_length, args.max_prompt_length, args.end_of_turn_token)
+    same = rule is not None
     if not same:
         if ref_column:
             raise EvalError(f"reference_column {ref_column}: the tokenization here ({source}, end-of-turn "
@@ -201,7 +197,7 @@ def score_pairs(model_dir: Path, pairs: list[Pair], args: RewardsArguments, name
     scorer = HFScorer(model_dir, dtype=args.dtype, batch_tokens=args.batch_tokens)
     # Scored in slices of rows so a progress bar (rows/s, tokens/s) can follow; each slice is
     # batched by the scorer as a whole call would be.
-    bar = tqdm(total=len(responses), unit="row", desc=f"scoring {name}", file=sys.stderr)
+    bar = tqdm(total=len(responses), unit="row", desc=f"scoring {name}", file=sys.stderr, disable=args.disable_tqdm)
     started, tokens, logps = time.perf_counter(), 0, []
     try:
         for start in range(0, len(responses), PROGRESS_ROWS):
@@ -247,6 +243,9 @@ def run(args: RewardsArguments) -> tuple[dict, list[dict]]:
     started = time.perf_counter()
     policy_dir = resolve_model_dir(args.policy, option="policy")
     reference_dir = resolve_model_dir(args.reference, option="reference") if args.reference else None
+    check_weights(policy_dir, option="policy")
+    if reference_dir is not None:
+        check_weights(reference_dir, option="reference")
     if args.shards is not None:
         pairs, skipped, info = pairs_from_shards(args, policy_dir)
         rule = info.pop("rule")

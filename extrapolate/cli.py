@@ -7,11 +7,12 @@ import warnings
 from dataclasses import dataclass, field
 
 from wspo.args import parse_config
-
+from wspo.disk import error_text
+from wspo.errors import WspoError
 from wspo.paths import check_output
 
 from .expo import OUT_DTYPES, extrapolate
-from .tensors import CheckpointError, parse_size
+from .tensors import parse_size
 
 
 @dataclass
@@ -32,21 +33,28 @@ class ExtrapolateArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace existing OUTPUT_DIR/alpha-* directories."})
     allow_base_mismatch: bool = field(default=False, metadata={
         "help": "Apply a LoRA adapter given as --aligned even though its base_model_name_or_path is not --sft."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Turn the progress bar (on stderr) off."})
+
+
+def run(args: ExtrapolateArguments):
+    """Check the output path, then extrapolate (wspo-extrapolate and wspo.extrapolate)."""
+    check_output(args.output_dir, {"sft": args.sft, "aligned": args.aligned})
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # the swallowed-step warning must reach the user every time
+        return extrapolate(args.sft, args.aligned, args.alpha, args.output_dir, out_dtype=args.out_dtype,
+                           max_shard_size=parse_size(args.max_shard_size),
+                           swallow_threshold=args.swallow_threshold, overwrite=args.overwrite,
+                           allow_base_mismatch=args.allow_base_mismatch, progress=not args.disable_tqdm)
 
 
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse_config([ExtrapolateArguments], argv, prog="wspo-extrapolate", description=(
         "ExPO model extrapolation: theta = theta_aligned + alpha * (theta_aligned - theta_sft), tensor by tensor."))
     try:
-        check_output(args.output_dir, {"sft": args.sft, "aligned": args.aligned})
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")  # the swallowed-step warning must reach the user every time
-            summary = extrapolate(args.sft, args.aligned, args.alpha, args.output_dir, out_dtype=args.out_dtype,
-                                  max_shard_size=parse_size(args.max_shard_size),
-                                  swallow_threshold=args.swallow_threshold, overwrite=args.overwrite,
-                                  allow_base_mismatch=args.allow_base_mismatch)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"wspo-extrapolate: error: {e}", file=sys.stderr)
+        summary = run(args)
+    except Exception as e:  # noqa: BLE001 - user-facing errors (WspoError) and disk faults are named; the rest is re-raised
+        then = "rerun the same command: no incomplete alpha folder was left (each is published whole)"
+        print(f"wspo-extrapolate: error: {error_text(e, (WspoError,), args.output_dir, then)}", file=sys.stderr)
         return 1
     gib = 2**30
     print(f"alphas: {', '.join(str(a) for a in summary.alphas)}")

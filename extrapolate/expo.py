@@ -27,6 +27,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from wspo.errors import ConfigError, OutputExistsError
+from wspo.errors import NonFiniteError
+from wspo.models import check_weights
+
 from .lora import LoraAdapter, check_against_base, check_base_model, is_adapter_dir, load_adapter
 from .tensors import (
     CheckpointError, LazyCheckpoint, OutputTensor, StreamingShardWriter, plan_shards, row_chunks,
@@ -46,7 +50,7 @@ EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weig
 HEAD_NAME = "lm_head.weight"
 
 
-class NonFiniteError(CheckpointError):
+class NonFiniteTensorError(CheckpointError, NonFiniteError):
     """An output tensor holds NaN or inf (an alpha that overflows the output dtype, or broken inputs)."""
 
 
@@ -136,7 +140,7 @@ def make_plan(sft_dir: str | Path, aligned_dir: str | Path, out_dtype: str = "au
               allow_base_mismatch: bool = False) -> Plan:
     sft_dir, aligned_dir = Path(sft_dir), Path(aligned_dir)
     if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"out_dtype {out_dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
+        raise ConfigError(f"out_dtype {out_dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
     # The output's config is the aligned model's (the SFT model's under an adapter): it must exist.
     config_source = sft_dir if is_adapter_dir(aligned_dir) else aligned_dir
     if not (config_source / "config.json").is_file():
@@ -231,7 +235,7 @@ def prepare_output_dirs(output_dir: Path, alphas: list[float], overwrite: bool) 
     dirs = [output_dir / alpha_dir_name(alpha) for alpha in alphas]
     for d in dirs:
         if d.exists() and any(d.iterdir()) and not overwrite:
-            raise FileExistsError(f"{d} exists and is not empty (pass --overwrite to replace it)")
+            raise OutputExistsError(f"{d} exists and is not empty (pass --overwrite to replace it)")
     for d in dirs:
         if partial_dir(d).exists():
             shutil.rmtree(partial_dir(d))  # left by an interrupted run
@@ -239,14 +243,14 @@ def prepare_output_dirs(output_dir: Path, alphas: list[float], overwrite: bool) 
     return dirs
 
 
-def publish(final_dir: Path) -> None:
+def publish_folder(final_dir: Path) -> None:
     """Rename the complete temporary directory to its final name (replacing an old output)."""
     if final_dir.exists():
         shutil.rmtree(final_dir)
     partial_dir(final_dir).rename(final_dir)
 
 
-def check_finite(plan: "Plan", step: TensorStep, rows, alpha: float, rounded: torch.Tensor,
+def check_output_finite(plan: "Plan", step: TensorStep, rows, alpha: float, rounded: torch.Tensor,
                  aligned: torch.Tensor) -> None:
     """Refuse NaN/inf in an output piece, saying whether the inputs or the alpha caused it."""
     if not rounded.is_floating_point() or bool(torch.isfinite(rounded).all()):
@@ -254,9 +258,9 @@ def check_finite(plan: "Plan", step: TensorStep, rows, alpha: float, rounded: to
     bad = int((~torch.isfinite(rounded)).sum())
     sft_rows = plan.sft.read(step.sft_name or step.name, rows)
     if not bool(torch.isfinite(aligned).all()) or not bool(torch.isfinite(sft_rows.float()).all()):
-        raise NonFiniteError(f"tensor {step.name!r}: the input checkpoints hold NaN or inf values; nothing written")
+        raise NonFiniteTensorError(f"tensor {step.name!r}: the input checkpoints hold NaN or inf values; nothing written")
     largest = torch.finfo(step.out_dtype).max
-    raise NonFiniteError(
+    raise NonFiniteTensorError(
         f"alpha={alpha}: tensor {step.name!r} overflows {str(step.out_dtype).removeprefix('torch.')} "
         f"({bad} element(s) beyond +-{largest:.3g} or NaN); use a smaller --alpha or --out_dtype float32; "
         f"nothing written")
@@ -320,12 +324,15 @@ def extrapolate(sft_dir: str | Path, aligned_dir: str | Path, alphas: list[float
     start_time = time.perf_counter()
     alphas = [float(a) for a in alphas]
     if not alphas:
-        raise ValueError("give at least one --alpha")
+        raise ConfigError("give at least one --alpha")
     not_finite = [a for a in alphas if not math.isfinite(a)]
     if not_finite:
-        raise ValueError(f"--alpha {not_finite[0]}: must be a finite number")
+        raise ConfigError(f"--alpha {not_finite[0]}: must be a finite number")
     if len(set(alphas)) != len(alphas):
-        raise ValueError(f"--alpha {alphas}: must be distinct (each gets its own output directory)")
+        raise ConfigError(f"--alpha {alphas}: must be distinct (each gets its own output directory)")
+    for option, folder in (("--sft", sft_dir), ("--aligned", aligned_dir)):  # a cut download or copy, named
+        if Path(folder).is_dir():
+            check_weights(Path(folder), option=option)
     plan = make_plan(sft_dir, aligned_dir, out_dtype, allow_base_mismatch)
     final_dirs = prepare_output_dirs(Path(output_dir), alphas, overwrite)
     out_dirs = [partial_dir(d) for d in final_dirs]
@@ -337,7 +344,7 @@ def extrapolate(sft_dir: str | Path, aligned_dir: str | Path, alphas: list[float
             shutil.rmtree(d, ignore_errors=True)
         raise
     for d in final_dirs:
-        publish(d)
+        publish_folder(d)
     bytes_written, swallowed = summary
     return Summary(alphas, [str(d) for d in final_dirs], len(plan.steps), bytes_written, peak_rss_bytes(),
                    time.perf_counter() - start_time, swallowed)
@@ -358,7 +365,7 @@ def write_weights(plan: Plan, alphas: list[float], out_dirs: list[Path], shards,
                 aligned_rounded = aligned.to(step.out_dtype) if check_rounding else None
                 for alpha, result, writer in zip(alphas, results, writers):
                     rounded = result.to(step.out_dtype)
-                    check_finite(plan, step, rows, alpha, rounded, aligned)
+                    check_output_finite(plan, step, rows, alpha, rounded, aligned)
                     if check_rounding:
                         count_swallowed(counts[alpha, step.name], aligned, result, aligned_rounded, rounded)
                     writer.write(rounded)

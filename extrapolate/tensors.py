@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from wspo.errors import WspoError
+from wspo.errors import ConfigError, WspoError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -149,7 +149,7 @@ def parse_size(text: str | int) -> int:
         return text
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     if not match or match.group(2).upper() not in _SIZE_UNITS:
-        raise ValueError(f"max_shard_size {text!r}: expected a number of bytes or e.g. '2GB', '500MB', '1GiB'")
+        raise ConfigError(f"max_shard_size {text!r}: expected a number of bytes or e.g. '2GB', '500MB', '1GiB'")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from wspo.errors import ConfigError
 from wspo.shards.schema import SLOTS
+
+from .workers import resolve_workers
 
 DATASET_FORMATS = ("auto", "h4", "llamafactory", "wrpo", "columns")
 BACKENDS = ("hf", "vllm")
+DEFAULT_MAX_LENGTH = 4096  # unset max_length: this, or the smallest scorer's positions when fewer
 LAUNCHERS = ("none", "ray")
 
 
 @dataclass
 class PrecomputeArguments:
-    output_dir: str = field(metadata={"help": "Directory of the shard set to write (created; a rerun resumes it)."})
+    output_dir: str = field(metadata={"help": "Directory of the shard set to write (created; a rerun resumes it), or an "
+                                              "fsspec URL such as s3://bucket/prefix (docs/cluster.md)."})
     dataset: str = field(
         default="embedded",
         metadata={"help": "Hub dataset name, a local JSON/JSONL/Parquet file or folder, or 'embedded' (the bundled sample)."},
@@ -46,8 +51,11 @@ class PrecomputeArguments:
     end_of_turn_token: str | None = field(default=None, metadata={"help": "End-of-turn token appended to responses (default: eos)."})
     backend: str = field(default="hf", metadata={"help": "Scoring backend: 'hf' (batched transformers) or 'vllm'."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."})
-    max_length: int = field(default=4096, metadata={"help": "Max prompt + response tokens; longer responses are cut and flagged truncated."})
-    max_prompt_length: int = field(default=2048, metadata={"help": "Rows whose prompt has more tokens are skipped (counted)."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Max prompt + response tokens; longer responses are cut and flagged truncated. Default: "
+                f"min({DEFAULT_MAX_LENGTH}, the smallest scorer's max_position_embeddings), reported in the summary and manifest."})
+    max_prompt_length: int | None = field(default=None, metadata={
+        "help": "Rows whose prompt has more tokens are skipped (counted). Default: half of max_length (as TRL)."})
     batch_tokens: int | None = field(
         default=None,
         metadata={"help": "hf: padded tokens per forward batch (default: from the model and device: 16384 on GPU; on CPU "
@@ -75,6 +83,18 @@ class PrecomputeArguments:
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per engine."})
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vllm: fraction of GPU memory (of RAM on CPU builds) for the engine."})
     overwrite: bool = field(default=False, metadata={"help": "Delete an output_dir written with other settings instead of failing."})
+    # Offline distillation (docs/distill.md): a teacher's top-k log-probs per response position.
+    teacher: str | None = field(default=None, metadata={
+        "help": "A teacher to distill from (column logp_teacher; with topk, its top-k columns): directory or hub name."})
+    topk: int = field(default=0, metadata={
+        "help": "Store the K most likely token ids and their log-probs at every response position (0: none). "
+                "Which scorers: topk_scorers. Shard format version 3."})
+    topk_scorers: str | None = field(default=None, metadata={
+        "help": "Comma-separated scorers whose top-k are stored (default: teacher when set, else every scorer)."})
+    topk_encoding: str = field(default="compact", metadata={
+        "help": "compact (ids as per-position differences, log-probs as uint16 steps of 1/256 nat: error <= 0.00195) "
+                "or fp32 (exact float32 log-probs and int32 ids)."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Turn the progress bars (on stderr) off."})
 
     def __post_init__(self):
         self.slot_list = [s.strip() for s in self.slots.split(",") if s.strip()]
@@ -89,27 +109,82 @@ class PrecomputeArguments:
             raise ValueError(f"backend: {self.backend!r}; choose from {', '.join(BACKENDS)}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher: {self.launcher!r}; choose from {', '.join(LAUNCHERS)}")
-        from .launch import resolve_workers
-
         self.num_workers, self.worker_index = resolve_workers(self.num_workers, self.worker_index, self.launcher)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], a share of the GPU's memory (got {self.gpu_memory_utilization})")
         for key in ("gpus_per_worker", "cpus_per_worker", "max_retries"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"{key} must be >= 0 (got {getattr(self, key)})")
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
         for key in ("batch_tokens", "rows_per_file", "max_length", "max_prompt_length", "tensor_parallel_size"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive (got {getattr(self, key)})")
+        # Only an explicit contradiction is an error; unset lengths are settled by resolve_lengths.
+        if self.max_length is not None and self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
         if self.max_samples is not None and self.max_samples <= 0:
             raise ValueError(f"max_samples must be a positive number of rows (got {self.max_samples})")
+        self._check_topk()
+
+    def _check_topk(self) -> None:
+        from wspo.shards.topk import ENCODINGS
+
+        if self.topk < 0:
+            raise ValueError(f"topk must be >= 0 (got {self.topk})")
+        if self.topk_encoding not in ENCODINGS:
+            raise ValueError(f"topk_encoding: {self.topk_encoding!r}; choose from {', '.join(ENCODINGS)}")
+        if self.topk_scorers is not None and not self.topk:
+            raise ValueError("topk_scorers is set but topk is 0: set --topk K to store top-k columns")
+
+    def topk_scorer_list(self) -> list[str]:
+        """The scorers whose top-k columns are stored (empty without topk)."""
+        if not self.topk:
+            return []
+        names = list(self.scorer_paths())
+        if self.topk_scorers is None:
+            return ["teacher"] if "teacher" in names else names
+        chosen = [s.strip() for s in self.topk_scorers.split(",") if s.strip()]
+        bad = [s for s in chosen if s not in names]
+        if bad or not chosen:
+            raise ValueError(f"topk_scorers: {self.topk_scorers!r} names no scorer of this run ({', '.join(names)})")
+        return [s for s in names if s in chosen]
+
+    def resolve_lengths(self, positions: dict[str, int | None]) -> dict:
+        """Settle unset lengths from the scorers' `max_position_embeddings` (scorer name -> positions,
+        None when the config has none) and return how (the manifest's `lengths` record).
+
+        - max_length unset: min(DEFAULT_MAX_LENGTH, the smallest scorer's positions);
+        - max_prompt_length unset: half of max_length (TRL's DPOConfig ratio, 512 of 1024);
+        - an explicit max_length over a scorer's positions stays an error (the pipeline names it).
+        """
+        known = {name: p for name, p in positions.items() if p is not None}
+        record = {}
+        if self.max_length is None:
+            smallest = min(known.items(), key=lambda item: item[1], default=None)
+            if smallest is not None and smallest[1] < DEFAULT_MAX_LENGTH:
+                self.max_length = smallest[1]
+                record["max_length_from"] = (f"default: the {smallest[1]} positions of {smallest[0]} "
+                                             f"(min({DEFAULT_MAX_LENGTH}, the smallest scorer's max_position_embeddings))")
+            else:
+                self.max_length = DEFAULT_MAX_LENGTH
+                record["max_length_from"] = (f"default: {DEFAULT_MAX_LENGTH} (min({DEFAULT_MAX_LENGTH}, the smallest "
+                                             "scorer's max_position_embeddings))")
+        else:
+            record["max_length_from"] = "set"
+        if self.max_prompt_length is None:
+            self.max_prompt_length = self.max_length // 2
+            record["max_prompt_length_from"] = "default: half of max_length"
+        else:
+            record["max_prompt_length_from"] = "set"
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
+        return {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length, **record}
 
     def scorer_paths(self) -> dict[str, str]:
         """Scorer name -> model, in scoring order (the names become the `logp_<name>` columns)."""
         candidates = (("weak_ref", self.weak_ref), ("weak_aligned", self.weak_aligned),
-                      ("ref", self.ref_model), ("strong_ref", self.strong_ref))
+                      ("ref", self.ref_model), ("strong_ref", self.strong_ref),
+                      ("teacher", self.teacher))
         scorers = {name: path for name, path in candidates if path}
         if not scorers:
-            raise ValueError("no scorer: set weak_ref and weak_aligned (WSPO), ref_model (DPO, WRPO) or strong_ref")
+            raise ValueError("no scorer: set weak_ref and weak_aligned (WSPO), ref_model (DPO, WRPO), strong_ref or teacher")
         return scorers

@@ -17,12 +17,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from wspo.errors import ConfigError, InputError, InputPathError
 from wspo.shards.schema import canonical_json
 from wspo.shards.tokenization import Skip
 
 
 @dataclass
-class Example:
+class DatasetExample:
     index: int  # position in the source split: the order of rows in the shards
     example_id: str
     responses: dict[str, tuple[list[dict], str]]  # slot -> (messages before the response, response)
@@ -50,12 +51,12 @@ class InvalidRow:
 def _split_files(path: Path, split: str) -> list[Path]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _SUFFIXES)
     if not files or any(p.suffix not in _SUFFIXES for p in files):
-        raise FileNotFoundError(f"dataset: {path} holds no .json, .jsonl or .parquet files")
+        raise InputPathError(f"dataset: {path} holds no .json, .jsonl or .parquet files")
     if path.is_dir():
         # A folder of split files (train_prefs.jsonl, ...) picks the split by file name.
         named = [p for p in files if p.stem == split or p.stem.startswith(f"{split}-") or p.parent.name == split]
         if not named:
-            raise FileNotFoundError(
+            raise InputPathError(
                 f"dataset: {path} has no files for split {split!r} (looked for {split}.jsonl, {split}-*.parquet, {split}/*)"
             )
         files = named
@@ -109,11 +110,11 @@ class _JsonList:
         try:
             self._rows = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise ValueError(f"dataset: {path}: bytes that are not UTF-8 at offset {e.start}") from None
+            raise InputError(f"dataset: {path}: bytes that are not UTF-8 at offset {e.start}") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"dataset: {path}: invalid JSON ({e})") from None
+            raise InputError(f"dataset: {path}: invalid JSON ({e})") from None
         if not isinstance(self._rows, list):
-            raise ValueError(f"dataset: {path}: a .json file must hold a list of rows or JSON lines")
+            raise InputError(f"dataset: {path}: a .json file must hold a list of rows or JSON lines")
         self.num_rows = len(self._rows)
 
     def rows(self, start: int, stop: int):
@@ -134,7 +135,7 @@ class _ParquetFile:
         try:
             self.num_rows = pq.ParquetFile(path).metadata.num_rows
         except Exception as e:  # pyarrow raises several types for a damaged footer
-            raise ValueError(f"dataset: {path}: not a readable Parquet file ({e})") from None
+            raise InputError(f"dataset: {path}: not a readable Parquet file ({e})") from None
 
     def rows(self, start: int, stop: int):
         import pyarrow.parquet as pq
@@ -162,7 +163,7 @@ class _HubDataset:
         try:
             self.dataset = datasets.load_dataset(name, split=split)
         except Exception as e:
-            raise FileNotFoundError(f"dataset: cannot load {name!r} split {split!r} ({type(e).__name__}: {e})") from None
+            raise InputPathError(f"dataset: cannot load {name!r} split {split!r} ({type(e).__name__}: {e})") from None
         self.num_rows = len(self.dataset)
         self.fingerprint = self.dataset._fingerprint
 
@@ -219,7 +220,7 @@ def open_source(dataset: str, split: str, max_samples: int | None = None) -> Sou
                 parts.append(_JsonLines(p, digest))
         fingerprint = digest.hexdigest()
     elif path.is_absolute() or dataset.startswith("."):
-        raise FileNotFoundError(f"dataset: {dataset} does not exist")
+        raise InputPathError(f"dataset: {dataset} does not exist")
     else:
         parts = [_HubDataset(dataset, split)]
         fingerprint = parts[0].fingerprint
@@ -243,7 +244,7 @@ def detect_format(rows: list) -> str:
         # H4 and WRPO share column names; WRPO's `chosen` holds two conversations.
         first = next((row["chosen"] for row in rows if isinstance(row, dict) and row.get("chosen")), None)
         return "wrpo" if isinstance(first, list) and isinstance(first[0], list) else "h4"
-    raise ValueError(
+    raise InputError(
         f"dataset_format=auto: columns {sorted(cols)} match no known layout (h4: prompt/chosen/rejected; "
         "llamafactory: instruction/chosen/rejected); set dataset_format=columns and column_map"
     )
@@ -285,11 +286,11 @@ def _parse_column_map(column_map: str) -> dict[str, str]:
     for item in column_map.split(","):
         key, sep, column = item.partition("=")
         if not sep or key.strip() not in ("prompt", "system", "chosen", "rejected", "id"):
-            raise ValueError(f"column_map: bad item {item!r}; expected prompt=COL, system=COL, chosen=COL, rejected=COL or id=COL")
+            raise ConfigError(f"column_map: bad item {item!r}; expected prompt=COL, system=COL, chosen=COL, rejected=COL or id=COL")
         mapping[key.strip()] = column.strip()
     for key in ("prompt", "chosen"):
         if key not in mapping:
-            raise ValueError(f"column_map: {key}=COL is required")
+            raise ConfigError(f"column_map: {key}=COL is required")
     return mapping
 
 
@@ -297,7 +298,7 @@ def _row_hash(row: dict) -> str:
     return hashlib.sha256(canonical_json(row).encode()).hexdigest()
 
 
-def to_example(index: int, row: dict, layout: str, slots: list[str], column_map: str | None = None) -> Example:
+def to_example(index: int, row: dict, layout: str, slots: list[str], column_map: str | None = None) -> DatasetExample:
     """Normalise one source row; raises `Skip` (with a counted reason) when it is malformed."""
     if isinstance(row, InvalidRow):
         raise Skip(row.reason, row.detail)
@@ -348,8 +349,8 @@ def to_example(index: int, row: dict, layout: str, slots: list[str], column_map:
         rid = row.get(mapping.get("id", ""), None)
         example_id = str(rid) if isinstance(rid, (str, int)) else _row_hash(row)
     else:
-        raise ValueError(f"unknown dataset layout {layout!r}")
+        raise ConfigError(f"unknown dataset layout {layout!r}")
     for slot, (_, response) in responses.items():
         if not response.strip():
             raise Skip("empty_response", f"{slot} response is empty")
-    return Example(index=index, example_id=example_id, responses=responses)
+    return DatasetExample(index=index, example_id=example_id, responses=responses)

@@ -1,11 +1,9 @@
-"""Where phase-one workers come from (DESIGN section 8).
+"""The Ray launcher of phase one (DESIGN section 8).
 
-- `resolve_workers`: `--num_workers` / `--worker_index`, or `auto` to read them from the scheduler
-  the process runs under: a SLURM job array (`SLURM_ARRAY_TASK_ID`, `_MIN`, `_STEP`, `_COUNT`) or
-  a Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`; the Job's `completions` is `--num_workers`).
-- `run_ray`: `--launcher ray` runs all the workers as Ray tasks on a cluster (or a local
-  instance). Each task is an ordinary worker: the same `pipeline.run`, the same files, so a task
-  whose process or node dies is retried by Ray and resumes its own parts.
+`run_ray`: `--launcher ray` runs all the workers as Ray tasks on a cluster (or a local instance).
+Each task is an ordinary worker: the same `pipeline.run`, the same files, so a task whose process
+or node dies is retried by Ray and resumes its own parts. (Which worker a process is under SLURM
+or a Kubernetes Indexed Job: workers.py.)
 """
 
 from __future__ import annotations
@@ -17,69 +15,14 @@ import sys
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from wspo.errors import WspoError
+from wspo.shards.storage import AnyPath, read_parquet, read_parquet_schema, shard_path
+from wspo.shards.store import reward_statistics
 
-SLURM_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
-K8S_VAR = "JOB_COMPLETION_INDEX"
-
-
-def _int(value, option: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{option}: {value!r} is neither an integer nor 'auto'") from None
-
-
-def resolve_workers(num_workers, worker_index, launcher: str = "none", env=None) -> tuple[int, int]:
-    """(num_workers, worker_index) as integers, reading the scheduler's variables for `auto`."""
-    env = os.environ if env is None else env
-    if launcher == "ray":
-        if num_workers == "auto":
-            raise ValueError("num_workers: give a number with --launcher ray (the Ray launcher starts that many tasks)")
-        n = _int(num_workers, "num_workers")
-        if n < 1:
-            raise ValueError(f"num_workers must be at least 1 (got {n})")
-        return n, 0
-    n = None if num_workers == "auto" else _int(num_workers, "num_workers")
-    slurm_count = env.get("SLURM_ARRAY_TASK_COUNT")
-    if num_workers == "auto":
-        if slurm_count is None:
-            raise ValueError(
-                "num_workers auto reads SLURM_ARRAY_TASK_COUNT (a SLURM job array), which is not set; "
-                "give --num_workers N (for a Kubernetes Indexed Job: its completions)"
-            )
-        n = _int(slurm_count, "SLURM_ARRAY_TASK_COUNT")
-    if worker_index == "auto":
-        if "SLURM_ARRAY_TASK_ID" in env:
-            task_id = _int(env["SLURM_ARRAY_TASK_ID"], "SLURM_ARRAY_TASK_ID")
-            task_min = _int(env.get("SLURM_ARRAY_TASK_MIN", "0"), "SLURM_ARRAY_TASK_MIN")
-            step = _int(env.get("SLURM_ARRAY_TASK_STEP", "1"), "SLURM_ARRAY_TASK_STEP")  # --array=0-14:2
-            i = (task_id - task_min) // max(step, 1)
-            if slurm_count is not None and _int(slurm_count, "SLURM_ARRAY_TASK_COUNT") != n:
-                raise ValueError(
-                    f"the SLURM job array has {slurm_count} tasks (SLURM_ARRAY_TASK_COUNT) but --num_workers is {n}: "
-                    "make them equal, or use --num_workers auto"
-                )
-        elif K8S_VAR in env:
-            i = _int(env[K8S_VAR], K8S_VAR)
-        else:
-            raise ValueError(
-                "worker_index auto: no scheduler variable is set (looked for "
-                f"{', '.join(SLURM_VARS)} of a SLURM job array and {K8S_VAR} of a Kubernetes Indexed Job); "
-                "run under one of them, or give --worker_index I"
-            )
-    else:
-        i = _int(worker_index, "worker_index")
-    if n < 1:
-        raise ValueError(f"num_workers must be at least 1 (got {n})")
-    if not 0 <= i < n:
-        raise ValueError(f"worker_index {i} is not in [0, num_workers={n})")
-    return n, i
-
-
-# -- Ray ----------------------------------------------------------------------------------------
+from .pipeline import PrecomputeError, run
 
 
 class StorageError(WspoError):
@@ -90,7 +33,7 @@ def _probe_name(launch_id: str) -> str:
     return f".ray-probe-{launch_id}"
 
 
-def check_storage(out: Path, launch_id: str, worker_index: int) -> None:
+def check_storage(out: AnyPath, launch_id: str, worker_index: int) -> None:
     """In a task: the driver's probe file is there with its content, and the folder is writable."""
     host = socket.gethostname()
     probe = out / _probe_name(launch_id)
@@ -101,7 +44,8 @@ def check_storage(out: Path, launch_id: str, worker_index: int) -> None:
     if seen != launch_id:
         raise StorageError(
             f"worker {worker_index} on host {host} cannot see output_dir {out} as the driver wrote it "
-            f"({probe.name} is missing there): output_dir must be storage every node sees (a shared filesystem)"
+            f"({probe.name} is missing there): output_dir must be storage every node sees (a shared filesystem, "
+            "or an object-store URL such as s3://bucket/prefix with the same credentials on every node)"
         )
     mine = out / f"{_probe_name(launch_id)}-{worker_index}"
     try:
@@ -113,9 +57,7 @@ def check_storage(out: Path, launch_id: str, worker_index: int) -> None:
 
 def _worker_task(args, launch_id: str) -> dict:
     """One phase-one worker inside a Ray task."""
-    from .pipeline import run
-
-    check_storage(Path(args.output_dir), launch_id, args.worker_index)
+    check_storage(shard_path(args.output_dir), launch_id, args.worker_index)
     manifest = run(args, lock_owner=launch_id)
     return {"worker_index": args.worker_index, "host": socket.gethostname(), "counts": manifest["counts"],
             "files": manifest["files"], "timing": manifest["timing"]}
@@ -130,17 +72,13 @@ def _cause(error: BaseException) -> str:
 
 def run_ray(args) -> dict:
     """Run `args.num_workers` workers as Ray tasks; returns the combined summary (manifest-shaped)."""
-    from tqdm.auto import tqdm
-
-    from .pipeline import PrecomputeError
-
     try:
         import ray
     except ImportError:
         raise PrecomputeError('--launcher ray needs Ray, which is not installed here: pip install "wspo[ray]"') from None
 
     started = time.perf_counter()
-    out = Path(args.output_dir).expanduser().resolve()  # tasks may run in other folders, on other nodes
+    out = shard_path(args.output_dir).expanduser().resolve()  # tasks may run in other folders, on other nodes
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -168,7 +106,8 @@ def run_ray(args) -> dict:
                                               num_workers=str(args.num_workers))
             pending[task.remote(worker_args, launch_id)] = i
         done, failed = [], {}
-        with tqdm(total=args.num_workers, desc=f"ray: {args.num_workers} workers", unit="worker", dynamic_ncols=True) as bar:
+        with tqdm(total=args.num_workers, desc=f"ray: {args.num_workers} workers", unit="worker", dynamic_ncols=True,
+                  disable=args.disable_tqdm) as bar:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 i = pending.pop(ready[0])
@@ -195,12 +134,8 @@ def run_ray(args) -> dict:
     return combined_summary(out, sorted(done, key=lambda r: r["worker_index"]), time.perf_counter() - started)
 
 
-def combined_summary(out: Path, results: list[dict], seconds: float) -> dict:
+def combined_summary(out: AnyPath, results: list[dict], seconds: float) -> dict:
     """The workers' counts added up, with the set's reward statistics (read one file at a time)."""
-    import pyarrow.parquet as pq
-
-    from wspo.shards.store import reward_statistics
-
     counts = Counter()
     skipped = Counter()
     for r in results:
@@ -212,8 +147,8 @@ def combined_summary(out: Path, results: list[dict], seconds: float) -> dict:
     files = [f for r in results for f in r["files"]]
     tokens = sum(r["timing"]["sequence_tokens"] for r in results)
     reward = None
-    if files and "reward" in pq.read_schema(out / files[0]["path"]).names:
-        reward = reward_statistics(pq.read_table(out / f["path"], columns=["reward", "reward_sum"]) for f in files)
+    if files and "reward" in read_parquet_schema(out / files[0]["path"]).names:
+        reward = reward_statistics(read_parquet(out / f["path"], columns=["reward", "reward_sum"]) for f in files)
     return {
         "counts": {**counts, "rows_in_split": results[0]["counts"]["rows_in_split"] if results else 0,
                    "skipped": dict(sorted(skipped.items()))},

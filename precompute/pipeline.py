@@ -21,9 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-import shutil
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,17 +32,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 import wspo
-from wspo.errors import WspoError
+from wspo.errors import NonFiniteError, WspoError
 from wspo.models import (
     check_weights, default_device, load_tokenizer, model_fingerprint, read_config, resolve_dtype, resolve_model_dir,
 )
 from wspo.shards.schema import (
     FORMAT_NAME,
-    FORMAT_VERSION,
+    PLAIN_FORMAT_VERSION,
     canonical_json,
     has_reward,
     logp_column,
@@ -54,11 +53,13 @@ from wspo.shards.store import (
     write_parquet,
 )
 from wspo.shards.card import write_card
+from wspo.shards.lock import OutputLock
+from wspo.shards.topk import TOPK_FORMAT_VERSION, encode_topk, ids_column, logps_column, manifest_record, topk_fields
+from wspo.shards.storage import AnyPath, read_parquet, read_parquet_schema, remove_tree, shard_path
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
 from .config import PrecomputeArguments
-from .data import Example, Source, detect_format, open_source, to_example
-from .lock import OutputLock
+from .data import DatasetExample, Source, detect_format, open_source, to_example
 from .scorers import open_scorer
 
 # Reasons that mean the row itself is malformed: an error in strict mode. Others (a prompt over
@@ -75,6 +76,10 @@ SEQUENCE_SCHEMA = pa.schema(
 
 class PrecomputeError(WspoError):
     """A phase-one failure with a message for the user (the CLI prints it without a traceback)."""
+
+
+class NonFiniteScoresError(PrecomputeError, NonFiniteError):
+    """A scorer returned NaN or infinite log-probs; nothing was published for those rows."""
 
 
 @dataclass
@@ -108,7 +113,7 @@ def iter_sequences(args: PrecomputeArguments, source: Source, block: range, layo
         if progress is not None:
             progress.update(1)
         try:
-            example: Example = to_example(index, row, layout, args.slot_list, args.column_map)
+            example: DatasetExample = to_example(index, row, layout, args.slot_list, args.column_map)
             tokenized = {slot: tokenize(*example.responses[slot]) for slot in args.slot_list}
         except Skip as skip:
             if args.strict and skip.reason in MALFORMED:
@@ -146,7 +151,7 @@ class BuildSummary:
 
 
 def build_parts(args: PrecomputeArguments, source: Source, block: range, layout: str, tokenize: ResponseTokenizer,
-                out: Path, work: Path, run_fp: str) -> tuple[BuildSummary, set[int]]:
+                out: AnyPath, work: AnyPath, run_fp: str) -> tuple[BuildSummary, set[int]]:
     """Stream the block into parts of `rows_per_file` sequences, each written to `work/seq-<k>.parquet`
     unless it is already there or its shard file was assembled: one part in memory at a time.
 
@@ -166,7 +171,8 @@ def build_parts(args: PrecomputeArguments, source: Source, block: range, layout:
         summary.num_parts += 1
 
     part: list[Sequence] = []
-    with tqdm(total=len(block), desc=f"tokenizing{_worker_tag(args)}", unit="row", dynamic_ncols=True, mininterval=1.0) as bar:
+    with tqdm(total=len(block), desc=f"tokenizing{_worker_tag(args)}", unit="row", dynamic_ncols=True, mininterval=1.0,
+              disable=args.disable_tqdm) as bar:
         for seq in iter_sequences(args, source, block, layout, tokenize, summary.skipped, progress=bar):
             part.append(seq)
             summary.rows_written += 1
@@ -190,39 +196,53 @@ def _worker_tag(args: PrecomputeArguments) -> str:
 
 def check_finite(scorer: str, part: pa.Table, logps: list[np.ndarray], source: str) -> None:
     bad = [i for i, lp in enumerate(logps) if not np.isfinite(lp).all()]
+    check_finite_rows(scorer, part, bad, source)
+
+
+def check_finite_rows(scorer: str, part: pa.Table, bad: list[int], source: str) -> None:
     if bad:
         ids, example_ids, slots = (part[c].to_pylist() for c in ("id", "example_id", "slot"))
         names = ", ".join(f"{example_ids[i]}/{slots[i]} (id {ids[i][:12]})" for i in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise PrecomputeError(
+        raise NonFiniteScoresError(
             f"scorer {scorer} ({source}) returned NaN or infinite log-probs for {len(bad)} row(s): {names}{more}. "
             "Nothing was published for these rows; check the model's weights and dtype (float16 overflows are common)."
         )
 
 
-def score_parts(args, scorer_name: str, model_dir: Path, num_parts: int, work: Path, run_fp: str,
+def score_parts(args, scorer_name: str, model_dir: Path, num_parts: int, work: AnyPath, run_fp: str,
                 assembled: set[int]) -> None:
     """Score every part that is neither assembled nor scored by this scorer yet; one model load at most."""
     todo = [k for k in range(num_parts) if k not in assembled and not (work / f"{scorer_name}-{k:05d}.parquet").exists()]
     if not todo:
         return
+    topk = args.topk if scorer_name in args.topk_scorer_list() else 0
     scorer = open_scorer(
         args.backend, model_dir, dtype=args.dtype, batch_tokens=args.batch_tokens,
         **({"tensor_parallel_size": args.tensor_parallel_size, "gpu_memory_utilization": args.gpu_memory_utilization,
-            "max_model_len": args.max_length} if args.backend == "vllm" else {}),
+            "max_model_len": args.max_length, "max_topk": topk} if args.backend == "vllm" else {}),
     )
     try:
-        bar = tqdm(total=len(todo), desc=f"scoring {scorer_name}{_worker_tag(args)}", unit="part", dynamic_ncols=True)
+        bar = tqdm(total=len(todo), desc=f"scoring {scorer_name}{_worker_tag(args)}", unit="part", dynamic_ncols=True,
+                   disable=args.disable_tqdm)
         start, tokens = time.perf_counter(), 0
         for k in todo:
-            part = pq.read_table(work / f"seq-{k:05d}.parquet", columns=["id", "example_id", "slot", "token_ids", "prompt_ids"])
+            part = read_parquet(work / f"seq-{k:05d}.parquet", columns=["id", "example_id", "slot", "token_ids", "prompt_ids"])
             token_ids, prompt_ids = part["token_ids"].to_pylist(), part["prompt_ids"].to_pylist()
-            logps = scorer.score([p + t for p, t in zip(prompt_ids, token_ids)], [len(p) for p in prompt_ids])
+            logps = scorer.score([p + t for p, t in zip(prompt_ids, token_ids)], [len(p) for p in prompt_ids], topk=topk)
+            top = None
+            if topk:
+                logps, top = [lp for lp, _, _ in logps], [(v, i) for _, v, i in logps]
+                # the top-k log-probs, like the actual token's, must be finite to be published
+                check_finite_rows(scorer_name, part, [i for i, (v, _) in enumerate(top) if not np.isfinite(v).all()],
+                                  str(model_dir))
             check_finite(scorer_name, part, logps, str(model_dir))
             for i, (lp, ids) in enumerate(zip(logps, token_ids)):
                 if len(lp) != len(ids):
                     raise PrecomputeError(f"scorer {scorer_name}: {len(lp)} log-probs for {len(ids)} tokens (row {part['id'][i]})")
             table = pa.table({logp_column(scorer_name): pa.array([lp.astype(np.float32) for lp in logps], pa.list_(pa.float32()))})
+            if top is not None:
+                table = _with_topk(table, scorer_name, top, args.topk_encoding)
             write_parquet(table, work / f"{scorer_name}-{k:05d}.parquet", {"wspo.run_fingerprint": run_fp})
             tokens += sum(len(p) + len(t) for p, t in zip(prompt_ids, token_ids))
             bar.update(1)
@@ -232,14 +252,25 @@ def score_parts(args, scorer_name: str, model_dir: Path, num_parts: int, work: P
         scorer.close()
 
 
+def _with_topk(table: pa.Table, scorer: str, top: list, encoding: str) -> pa.Table:
+    """A scorer's work table plus its encoded top-k columns (shards/topk.py)."""
+    encoded = [encode_topk(values, ids, encoding) for values, ids in top]
+    ids_field, logps_field = topk_fields(scorer, encoding)
+    table = table.append_column(ids_field, pa.array([i for i, _ in encoded], ids_field.type))
+    return table.append_column(logps_field, pa.array([v for _, v in encoded], logps_field.type))
+
+
 # -- step 4: assembling parts -------------------------------------------------------------------
 
 
-def part_table(sequences: pa.Table, scorers: list[str], logps: dict[str, pa.ChunkedArray]) -> pa.Table:
-    """A part's shard rows: the sequences' text columns, each scorer's log-probs, the reward."""
+def part_table(sequences: pa.Table, scorers: list[str], logps: dict[str, pa.ChunkedArray],
+               topk: dict | None = None, topk_columns: dict[str, pa.ChunkedArray] | None = None) -> pa.Table:
+    """A part's shard rows: the sequences' text columns, each scorer's log-probs (and top-k
+    columns: `topk` the manifest's record, `topk_columns` by column name), the reward."""
     columns = {f.name: sequences[f.name] for f in row_schema([]) if f.name in sequences.column_names}
     for name in scorers:
         columns[logp_column(name)] = logps[name]
+    columns.update(topk_columns or {})
     if has_reward(scorers):
         # Difference in float64, stored as float32; reward_sum is the sum of the stored values,
         # so sums are conserved exactly downstream.
@@ -251,22 +282,22 @@ def part_table(sequences: pa.Table, scorers: list[str], logps: dict[str, pa.Chun
         columns["reward_sum"] = [float(r.astype(np.float64).sum()) for r in rewards]
     columns["n_tokens"] = pc.list_value_length(sequences["token_ids"]).cast(pa.int32())
     columns["truncated"] = sequences["truncated"]
-    schema = row_schema(scorers)
+    schema = row_schema(scorers, topk)
     return pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
 
 
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _has_fingerprint(path: Path, run_fp: str) -> bool:
-    """A file this run wrote (files appear by rename, so such a file is whole)."""
+def _has_fingerprint(path: AnyPath, run_fp: str) -> bool:
+    """A file this run wrote (files appear by rename or whole upload, so such a file is whole)."""
     try:
-        return pq.read_schema(path).metadata.get(b"wspo.run_fingerprint") == run_fp.encode()
+        return read_parquet_schema(path).metadata.get(b"wspo.run_fingerprint") == run_fp.encode()
     except (OSError, pa.ArrowException, AttributeError):
         return False
 
 
-def _resume_state(out: Path, work: Path, manifest_path: Path, run_fp: str, args: PrecomputeArguments) -> bool:
+def _resume_state(out: AnyPath, work: AnyPath, manifest_path: AnyPath, run_fp: str, args: PrecomputeArguments) -> bool:
     """True when this worker's part of the set is already complete with these settings and verifies.
 
     Files of an interrupted run of the same command are kept and resumed. A finished set whose
@@ -300,20 +331,41 @@ def _resume_state(out: Path, work: Path, manifest_path: Path, run_fp: str, args:
         )
     for path in foreign + [manifest_path]:
         path.unlink(missing_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
+    remove_tree(work)
     for path in (out / part_name(args.worker_index, 0)).parent.glob(f"part-{args.worker_index:05d}-*.parquet"):
         path.unlink()
     return False
 
 
-def _read_json(path: Path) -> dict:
+def _check_other_workers(out: AnyPath, args: PrecomputeArguments, identity: dict) -> None:
+    """Refuse, before scoring, a worker whose set-mates (same `num_workers`, finished or interrupted)
+    were run with other settings: their manifests' run fingerprints must be this run's with only
+    the worker index changed. Readers would refuse the mixed set; this says so before any work."""
+    n = args.num_workers
+    for i in (i for i in range(n) if n > 1 and i != args.worker_index):
+        manifest_path, run_path = out / manifest_name(n, i), out / f"_work-{i:05d}" / "run.json"
+        manifest = _read_json(manifest_path)
+        recorded = manifest.get("run_fingerprint") or _read_json(run_path).get("run_fingerprint")
+        mate = {**identity, "workers": {"num_workers": n, "worker_index": i}}
+        if recorded is None or recorded == hashlib.sha256(canonical_json(mate).encode()).hexdigest():
+            continue
+        differ = [k for k in ("run_settings", "tokenizer", "scorers") if manifest and manifest.get(k) != identity[k]]
+        what = {"run_settings": "dataset or options", "tokenizer": "tokenizer", "scorers": "scorer models"}
+        raise PrecomputeError(
+            f"worker {i} of the shard set in {out} ({manifest_path.name if manifest else run_path}) was run with other "
+            f"{', '.join(what[k] for k in differ) or 'settings'} than this worker: the workers of one set must share the "
+            "dataset, models, tokenizer and options. Run this worker with that worker's settings, or use another output_dir."
+        )
+
+
+def _read_json(path: AnyPath) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _tokenizer_record(tokenize: ResponseTokenizer, out: Path, work: Path, identity_fp) -> dict:
+def _tokenizer_record(tokenize: ResponseTokenizer, out: AnyPath, work: AnyPath, identity_fp) -> dict:
     """The rule's manifest record (`describe`) under the fingerprint definition the output already
     uses: a set, or an interrupted run, begun before definition 2 keeps definition 1, so it
     resumes (or is found complete) and its workers' manifests agree. `identity_fp(record)` is the
@@ -334,6 +386,37 @@ def _tokenizer_record(tokenize: ResponseTokenizer, out: Path, work: Path, identi
     return tokenize.describe()
 
 
+def _check_topk_vocabulary(k: int, scorer_dirs: dict[str, Path]) -> None:
+    for name, model_dir in scorer_dirs.items():
+        config = read_config(model_dir)
+        vocab = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+        if vocab is not None and k > vocab:
+            raise PrecomputeError(f"topk {k} exceeds the {vocab} tokens of {name} ({model_dir}); set --topk {vocab} or lower")
+
+
+class IdenticalScorersWarning(UserWarning):
+    """weak_ref and weak_aligned are one model: every reward will be exactly zero."""
+
+
+def check_weak_pair(args: PrecomputeArguments, scorers: list[dict], scorer_dirs: dict[str, Path]) -> None:
+    """weak_ref and weak_aligned naming the same model, or two folders with identical config and
+    weight files (equal fingerprints), would score for minutes and write all-zero rewards: warn
+    before scoring; in strict mode refuse."""
+    fingerprints = {s["name"]: s["fingerprint"] for s in scorers}
+    if not {"weak_ref", "weak_aligned"} <= set(fingerprints):
+        return
+    same_dir = scorer_dirs["weak_ref"].resolve() == scorer_dirs["weak_aligned"].resolve()
+    if not same_dir and fingerprints["weak_ref"] != fingerprints["weak_aligned"]:
+        return
+    what = "name the same model" if same_dir else "have identical config and weight files"
+    message = (f"weak_ref ({args.weak_ref}) and weak_aligned ({args.weak_aligned}) {what}: "
+               "every reward would be exactly 0. "
+               "Give the weak model before alignment (SFT) as weak_ref and the one after (DPO) as weak_aligned.")
+    if args.strict:
+        raise PrecomputeError(message + " (refused in strict mode)")
+    warnings.warn(message, IdenticalScorersWarning, stacklevel=2)
+
+
 def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
     """Run phase one for this worker; returns its manifest.
 
@@ -341,14 +424,16 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
     of the same launch takes over the lock its dead predecessor left, wherever that ran.
     """
     started = time.perf_counter()
-    out = Path(args.output_dir)
+    out = shard_path(args.output_dir)  # a local folder or a URL (shards/storage.py)
     scorer_paths = args.scorer_paths()
     scorer_dirs = {name: resolve_model_dir(path, option=name) for name, path in scorer_paths.items()}
     tokenizer_source = args.tokenizer or str(scorer_dirs[next(iter(scorer_dirs))])
+    positions_of = {name: read_config(model_dir).get("max_position_embeddings") for name, model_dir in scorer_dirs.items()}
+    lengths = args.resolve_lengths(positions_of)
     tokenize = ResponseTokenizer(load_tokenizer(tokenizer_source), args.max_length, args.max_prompt_length, args.end_of_turn_token)
     for name, model_dir in scorer_dirs.items():
         check_weights(model_dir, option=name)
-        positions = read_config(model_dir).get("max_position_embeddings")
+        positions = positions_of[name]
         if positions is not None and args.max_length > positions:
             # Both backends refuse alike: hf would score past the limit silently, vLLM die in its config check.
             raise PrecomputeError(f"{name}: max_length {args.max_length} exceeds the {positions} positions of model "
@@ -367,6 +452,7 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
          "backend": args.backend, "dtype": str(resolve_dtype(args.dtype, default_device())).removeprefix("torch.")}
         for name, model_dir in scorer_dirs.items()
     ]
+    check_weak_pair(args, scorers, scorer_dirs)
     run_settings = {
         "dataset": {"source": args.dataset, "split": args.dataset_split, "format": layout,
                     "fingerprint": source.fingerprint, "slots": args.slot_list,
@@ -375,9 +461,13 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
         "rows_per_file": args.rows_per_file,
     }
     workers = {"num_workers": args.num_workers, "worker_index": args.worker_index}
+    topk = manifest_record(args.topk, args.topk_encoding, args.topk_scorer_list()) if args.topk else None
+    if topk:
+        _check_topk_vocabulary(args.topk, {name: scorer_dirs[name] for name in topk["scorers"]})
 
     def identity_of(tokenizer_record: dict) -> dict:
-        return {"run_settings": run_settings, "tokenizer": tokenizer_record, "scorers": scorers, "workers": workers}
+        identity = {"run_settings": run_settings, "tokenizer": tokenizer_record, "scorers": scorers, "workers": workers}
+        return identity | ({"topk": topk} if topk else {})  # sets without top-k keep their fingerprint
 
     def identity_fp(tokenizer_record: dict) -> str:
         return hashlib.sha256(canonical_json(identity_of(tokenizer_record)).encode()).hexdigest()
@@ -388,6 +478,7 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
     identity, run_fp = identity_of(tokenizer_record), identity_fp(tokenizer_record)
     manifest_path = out / manifest_name(args.num_workers, args.worker_index)
     with OutputLock(out, args.worker_index, owner=lock_owner):
+        _check_other_workers(out, args, identity)
         if _resume_state(out, work, manifest_path, run_fp, args):
             print(f"{manifest_path} is already complete for these settings; nothing to do.", file=sys.stderr)
             return json.loads(manifest_path.read_text())
@@ -408,11 +499,13 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
         for k in range(built.num_parts):
             path = out / part_name(args.worker_index, k)
             if k in assembled:
-                table = pq.read_table(path)  # assembled before an interruption
+                table = read_parquet(path)  # assembled before an interruption
             else:
-                sequences = pq.read_table(work / f"seq-{k:05d}.parquet")
-                logps = {name: pq.read_table(work / f"{name}-{k:05d}.parquet")[logp_column(name)] for name in names}
-                table = part_table(sequences, names, logps)
+                sequences = read_parquet(work / f"seq-{k:05d}.parquet")
+                scored = {name: read_parquet(work / f"{name}-{k:05d}.parquet") for name in names}
+                logps = {name: scored[name][logp_column(name)] for name in names}
+                extra = {c: scored[name][c] for name in (topk or {}).get("scorers", []) for c in (ids_column(name), logps_column(name))}
+                table = part_table(sequences, names, logps, topk, extra)
                 write_parquet(table, path, {"wspo.run_fingerprint": run_fp})
             stats.add(table)
             files.append(file_record(path, tokens=int(pc.sum(table["n_tokens"]).as_py()), root=out))
@@ -421,7 +514,7 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
         seconds = time.perf_counter() - started
         manifest = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": TOPK_FORMAT_VERSION if topk else PLAIN_FORMAT_VERSION,
             "toolkit_version": wspo.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "run_fingerprint": run_fp,
@@ -437,11 +530,12 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
                 "skipped": dict(sorted(built.skipped.items())),
             },
             "files": files,
+            "lengths": lengths,
             "reward": stats.result(),
             "timing": {"seconds": round(seconds, 3), "sequence_tokens": built.sequence_tokens,
                        "tokens_per_second": round(built.sequence_tokens * len(names) / seconds, 1)},
         }
         write_manifest(manifest, manifest_path)
         write_card(out)
-        shutil.rmtree(work)
+        remove_tree(work)
         return manifest

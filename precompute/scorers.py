@@ -4,6 +4,9 @@
     logps = scorer.score(sequences, prompt_lengths)   # logps[i][k] = log p(seq[i][p_i + k] | seq[i][:p_i + k])
     scorer.close()                                     # frees the model before the next one loads
 
+With `topk=K` (distillation) `score` returns, per sequence, (logps [n], topk_logps [n, K],
+topk_ids [n, K]): the K most likely ids at each response position, most likely first.
+
 `hf` batches with transformers; `vllm` (precompute/vllm_scorer.py) uses vLLM's offline engine and
 is imported only when chosen.
 """
@@ -16,6 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from wspo.errors import ConfigError
 from wspo.logprobs import response_logprobs, right_pad
 from wspo.models import default_device, load_causal_lm, resolve_dtype
 
@@ -24,7 +28,7 @@ class Scorer(Protocol):
     backend: str
     dtype: str
 
-    def score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[np.ndarray]: ...
+    def score(self, sequences: list[list[int]], prompt_lengths: list[int], topk: int = 0) -> list: ...
 
     def close(self) -> None: ...
 
@@ -83,19 +87,23 @@ class HFScorer:
         self.batch_tokens = batch_tokens or default_batch_tokens(self.model.config, self.device, self.torch_dtype)
 
     @torch.inference_mode()
-    def score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[np.ndarray]:
-        results: list[np.ndarray | None] = [None] * len(sequences)
+    def score(self, sequences: list[list[int]], prompt_lengths: list[int], topk: int = 0) -> list:
+        results: list = [None] * len(sequences)
         for batch in length_batches([len(s) for s in sequences], self.batch_tokens):
             input_ids, attention_mask, target_mask = right_pad([sequences[i] for i in batch], [prompt_lengths[i] for i in batch])
-            flat = response_logprobs(
-                self.model, input_ids.to(self.device), attention_mask.to(self.device), target_mask.to(self.device)
-            ).cpu().numpy()
+            out = response_logprobs(
+                self.model, input_ids.to(self.device), attention_mask.to(self.device), target_mask.to(self.device), topk=topk
+            )
+            flat = (out[0] if topk else out).cpu().numpy()
+            if topk:
+                top_logps, top_ids = (t.cpu().numpy() for t in out[1])
             offset = 0
             for i in batch:
                 n = len(sequences[i]) - prompt_lengths[i]
-                results[i] = flat[offset : offset + n]
+                part = slice(offset, offset + n)
+                results[i] = (flat[part], top_logps[part], top_ids[part]) if topk else flat[part]
                 offset += n
-        return results  # type: ignore[return-value]
+        return results
 
     def close(self) -> None:
         del self.model
@@ -105,10 +113,11 @@ class HFScorer:
 
 
 def open_scorer(backend: str, model_dir, dtype: str, batch_tokens: int | None, **vllm_options) -> Scorer:
+    """vllm_options: engine settings of VLLMScorer (max_topk: the largest topk `score` will be asked for)."""
     if backend == "hf":
         return HFScorer(model_dir, dtype=dtype, batch_tokens=batch_tokens)
     if backend == "vllm":
         from .vllm_scorer import VLLMScorer  # vLLM is imported only when chosen
 
         return VLLMScorer(model_dir, dtype=dtype, batch_tokens=batch_tokens or GPU_BATCH_TOKENS, **vllm_options)
-    raise ValueError(f"backend: {backend!r}; choose hf or vllm")
+    raise ConfigError(f"backend: {backend!r}; choose hf or vllm")

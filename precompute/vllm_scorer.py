@@ -1,8 +1,10 @@
 """vLLM backend of the scorer interface (precompute/scorers.py): prompt log-probs of token ids.
 
-Every sequence is sent as a token-id prompt and vLLM generates one token we throw away; what we
-keep is `prompt_logprobs`, the log-prob of each prompt token given the tokens before it, read off
-at the response positions. Engine options, and why:
+Every sequence but its last token is sent as a token-id prompt, and vLLM generates one token:
+`prompt_logprobs` give the log-prob of each prompt token given the tokens before it (read off at
+the response positions), and `logprob_token_ids=[last token]` the log-prob of the sequence's last
+token at the generated position. So a sequence of exactly `max_model_len` tokens fits the
+engine (prompt + one generated token), and no position is computed twice. Engine options, and why:
 
 - `skip_tokenizer_init=True`, `detokenize=False`: ids in, numbers out; no tokenizer is loaded and
   nothing is decoded (the shards' tokenizer is the project's, not vLLM's business).
@@ -10,15 +12,21 @@ at the response positions. Engine options, and why:
   have no prompt log-probs; every token must go through the model.
 - `logprobs_mode="raw_logprobs"`: the model's own log-softmax, before any logits processor,
   temperature or top-k/p (vLLM's default today; set so a changed default cannot change shards).
-- `prompt_logprobs=0`: only the log-prob of the actual token (no top-k alternatives).
+- `prompt_logprobs=0`: only the log-prob of the actual token; `score(..., topk=K)` asks for
+  `prompt_logprobs=K` over the whole sequence, the K most likely ids of every position (vLLM adds
+  the actual token when it is not among them; entries are told apart by their `rank`), so with
+  top-k a sequence must leave the generated token a position (vLLM 0.32 refuses `logprobs=K`
+  beside `logprob_token_ids`, the way the last token is scored without top-k). The engine then needs
+  `max_logprobs >= K` (`max_topk`). vLLM 0.32's response-only parameters (`prompt_logprob_start`)
+  work only with fixed `prompt_logprob_token_ids`, not with top-k, so the prompt rows are computed
+  and dropped as for the actual token's log-prob.
 - `max_num_batched_tokens=batch_tokens`: the tokens per engine step; long sequences are split
   over steps (chunked prefill). Prompt log-probs materialise [tokens, vocab] logits plus their
   float32 log-softmax per step, which vLLM's memory profiling does not reserve: this bounds them
   (16384 tokens x 152k vocab = 10 GB in float32; lower `batch_tokens` or
   `gpu_memory_utilization` for large vocabularies).
-- `max_model_len`: the longest sequence accepted. vLLM insists on room for the one generated
-  token, so the engine gets one more position; unset, it is the model's max_position_embeddings
-  minus one.
+- `max_model_len`: the longest sequence accepted, passed to the engine as it is (the last token is
+  the generated position); unset, the model's max_position_embeddings.
 - `dtype`: "auto" resolves as in the hf backend (bfloat16 on GPU, float32 on CPU), so both
   backends score in the dtype the manifest records.
 - `enforce_eager=True`: no CUDA graphs (they serve decode steps, which a one-token request never
@@ -36,6 +44,7 @@ import numpy as np
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
+from wspo.errors import ConfigError
 from wspo.models import default_device, resolve_dtype
 
 
@@ -43,15 +52,14 @@ class VLLMScorer:
     backend = "vllm"
 
     def __init__(self, model_dir, dtype: str = "auto", batch_tokens: int = 16384, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None, seed: int = 0):
+                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None, seed: int = 0, max_topk: int = 0):
         self.dtype = str(resolve_dtype(dtype, default_device())).removeprefix("torch.")
         if max_model_len is None:
             config = json.loads((Path(model_dir) / "config.json").read_text())
             max_model_len = config.get("max_position_embeddings", config.get("text_config", {}).get(
                 "max_position_embeddings"))
             if max_model_len is None:
-                raise ValueError(f"{model_dir}: config.json has no max_position_embeddings; set max_model_len")
-            max_model_len -= 1
+                raise ConfigError(f"{model_dir}: config.json has no max_position_embeddings; set max_model_len")
         self.max_model_len = int(max_model_len)
         self.llm = LLM(
             model=str(model_dir),
@@ -61,14 +69,14 @@ class VLLMScorer:
             enable_prefix_caching=False,
             logprobs_mode="raw_logprobs",
             max_num_batched_tokens=batch_tokens,
-            max_model_len=self.max_model_len + 1,
+            max_model_len=self.max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=True,
+            **({"max_logprobs": max_topk} if max_topk > 20 else {}),  # vLLM's default allows 20
         )
-        self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
 
-    def score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[np.ndarray]:
+    def score(self, sequences: list[list[int]], prompt_lengths: list[int], topk: int = 0) -> list:
         for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
             if len(seq) > self.max_model_len:
                 raise ValueError(f"sequence {i} has {len(seq)} tokens, more than max_model_len {self.max_model_len}")
@@ -77,16 +85,45 @@ class VLLMScorer:
         if not sequences:
             return []
         sequences = [[int(t) for t in seq] for seq in sequences]
-        prompts = [TokensPrompt(prompt_token_ids=seq) for seq in sequences]
-        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        if topk:  # every position's top-k from prompt_logprobs (vLLM 0.32 refuses logprobs=K with logprob_token_ids)
+            return self._score_topk(sequences, prompt_lengths, topk)
+        prompts = [TokensPrompt(prompt_token_ids=seq[:-1]) for seq in sequences]
+        params = [SamplingParams(max_tokens=1, prompt_logprobs=0, logprob_token_ids=[seq[-1]], detokenize=False)
+                  for seq in sequences]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
         # `generate` returns outputs in request order; check it rather than trust it silently.
         results = []
         for i, (seq, p, out) in enumerate(zip(sequences, prompt_lengths, outputs, strict=True)):
-            if list(out.prompt_token_ids) != seq:
+            if list(out.prompt_token_ids) != seq[:-1]:
                 raise RuntimeError(f"vLLM output {i} is not for input sequence {i}")
             # prompt_logprobs[t] = {token_id: Logprob} for seq[t] given seq[:t]; entry 0 is None.
+            # The last token's is the generated position's log-prob of that token.
+            if p == len(seq):  # nothing to score
+                results.append(np.zeros(0, dtype=np.float32))
+                continue
             logps = out.prompt_logprobs
-            results.append(np.array([logps[t][seq[t]].logprob for t in range(p, len(seq))], dtype=np.float32))
+            last = out.outputs[0].logprobs[0][seq[-1]].logprob
+            results.append(np.array([logps[t][seq[t]].logprob for t in range(p, len(seq) - 1)] + [last], dtype=np.float32))
+        return results
+
+    def _score_topk(self, sequences: list[list[int]], prompt_lengths: list[int], topk: int) -> list:
+        """The whole sequence as the prompt, `prompt_logprobs=topk`: (actual, top-k log-probs, top-k
+        ids) per sequence. The one generated token needs a position, so a sequence must be shorter
+        than max_model_len here."""
+        for i, seq in enumerate(sequences):
+            if len(seq) >= self.max_model_len:
+                raise ValueError(f"sequence {i} has {len(seq)} tokens; with topk a sequence must be shorter than "
+                                 f"max_model_len {self.max_model_len} (lower max_length by one)")
+        prompts = [TokensPrompt(prompt_token_ids=seq) for seq in sequences]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False, flat_logprobs=True)
+        results = []
+        for i, (seq, p, out) in enumerate(zip(sequences, prompt_lengths, self.llm.generate(prompts, params, use_tqdm=False),
+                                              strict=True)):
+            if list(out.prompt_token_ids) != seq:
+                raise RuntimeError(f"vLLM output {i} is not for input sequence {i}")
+            logps = out.prompt_logprobs  # [t]: seq[t] given seq[:t]; the entries of rank 1..topk and the actual token
+            actual = np.array([logps[t][seq[t]].logprob for t in range(p, len(seq))], dtype=np.float32)
+            results.append((actual, *_topk_of([logps[t] for t in range(p, len(seq))], topk)))
         return results
 
     def close(self) -> None:
@@ -94,6 +131,20 @@ class VLLMScorer:
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
             shutdown_engine(llm)
+
+
+def _topk_of(positions: list, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """([n, k] log-probs, [n, k] ids), most likely first, from vLLM's log-prob dicts of n positions:
+    the entries of rank 1..k (the actual token's entry has its own rank, often above k)."""
+    values = np.empty((len(positions), k), dtype=np.float32)
+    ids = np.empty((len(positions), k), dtype=np.int64)
+    for row, entries in enumerate(positions):
+        top = sorted((lp.rank, -lp.logprob, token) for token, lp in entries.items() if lp.rank <= k)[:k]
+        if len(top) != k:
+            raise RuntimeError(f"vLLM returned {len(top)} of the top {k} log-probs at response position {row}")
+        ids[row] = [token for _, _, token in top]
+        values[row] = [-neg for _, neg, _ in top]
+    return values, ids
 
 
 def shutdown_engine(llm) -> None:

@@ -11,36 +11,18 @@
 #   4. WSPO-train the strong SFT model from the shards alone, gamma 0.1 (the paper's) and a sweep
 #      of gamma over the SAME shards; ExPO the weak DPO model
 #   5. held-out evaluation of every model; report.json, report.png and the table
+# scripts/seeds.sh reruns step 4 and 5 with other seeds; scripts/grid.sh varies the strong side.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck disable=SC1091
 . scripts/env.sh
+# shellcheck disable=SC1091
+. scripts/pipeline-lib.sh  # O (the output folder), the training lengths, TRAIN, WSPO, GAMMAS, step, evaluate
 export TOKENIZERS_PARALLELISM=false
 
-O=${WSPO_PIPELINE_DIR:-outputs/pipeline}  # where everything goes
-LENGTHS=(--max_length 512 --max_prompt_length 256)
-TRAIN=(--max_length 256 --eval_fraction 0.05 --per_device_train_batch_size 8 --lr_scheduler_type cosine
-       --warmup_steps 0.05 --logging_steps 25 --eval_strategy no --save_strategy no --report_to none
-       --dataloader_pin_memory false --disable_tqdm true --seed 0)
 # The neutral split (sft.jsonl) is in the layout of H4 ultrachat_200k: prompt, prompt_id, messages.
 NEUTRAL=(--dataset embedded --dataset_split sft --dataset_format columns
          --column_map prompt=prompt,chosen=messages,id=prompt_id --slots chosen)
-GAMMAS=(0.05 0.25 0.5 1.0)  # the sweep besides the paper's 0.1 (which is strong_wspo)
-
-step() {  # step "what" OUTPUT_FILE command...: run the command unless OUTPUT_FILE exists
-  local what=$1 output=$2
-  shift 2
-  # Progress goes to stderr: a step's stdout may be redirected into its output file.
-  if [ -e "$output" ]; then echo "== $what: done already ($output)" >&2; return; fi
-  echo "== $what ($(date +%T))" >&2
-  "$@"
-}
-to_file() {  # to_file FILE command...: the command's stdout into FILE, which appears only when done
-  local out=$1
-  shift
-  mkdir -p "$(dirname "$out")"
-  "$@" > "$out.tmp" && mv "$out.tmp" "$out"
-}
 
 step "1. tiny bases" "$O/models/strong_base/config.json" \
   python -m wspo.embedded.models "$O/models" --bases
@@ -49,10 +31,10 @@ step "1. SFT data (neutral split)" "$O/shards/sft/manifest.json" \
   wspo-precompute "${NEUTRAL[@]}" --ref_model "$O/models/weak_base" --output_dir "$O/shards/sft" "${LENGTHS[@]}"
 step "1. SFT weak" "$O/weak_sft/wspo_run.json" \
   wspo-train --loss sft --model_name_or_path "$O/models/weak_base" --shards "$O/shards/sft" \
-    --output_dir "$O/weak_sft" --max_steps 150 --learning_rate 3e-3 "${TRAIN[@]}"
+    --output_dir "$O/weak_sft" --max_steps "$WEAK_SFT_STEPS" --learning_rate 3e-3 "${TRAIN[@]}" --seed 0
 step "1. SFT strong" "$O/strong_sft/wspo_run.json" \
   wspo-train --loss sft --model_name_or_path "$O/models/strong_base" --shards "$O/shards/sft" \
-    --output_dir "$O/strong_sft" --max_steps 100 --learning_rate 2e-3 "${TRAIN[@]}"
+    --output_dir "$O/strong_sft" --max_steps "$STRONG_SFT_STEPS" --learning_rate 2e-3 "${TRAIN[@]}" --seed 0
 
 step "2. reference log-probs of weak SFT" "$O/shards/ref_weak_sft/manifest.json" \
   wspo-precompute --dataset embedded --slots chosen,rejected --ref_model "$O/weak_sft" \
@@ -60,43 +42,31 @@ step "2. reference log-probs of weak SFT" "$O/shards/ref_weak_sft/manifest.json"
 # A mild DPO: it should leave the weak model fluent (held-out NLL close to weak SFT's).
 step "2. DPO weak SFT -> weak aligned" "$O/weak_dpo/wspo_run.json" \
   wspo-train --loss dpo --beta 0.1 --model_name_or_path "$O/weak_sft" --shards "$O/shards/ref_weak_sft" \
-    --output_dir "$O/weak_dpo" --max_steps 20 --learning_rate 5e-5 "${TRAIN[@]}"
+    --output_dir "$O/weak_dpo" --max_steps "$DPO_STEPS" --learning_rate 5e-5 "${TRAIN[@]}" --seed 0
 
 step "3. WSPO reward shards (weak SFT / weak DPO)" "$O/shards/wspo/manifest.json" \
   wspo-precompute --dataset embedded --slots chosen --weak_ref "$O/weak_sft" --weak_aligned "$O/weak_dpo" \
     --output_dir "$O/shards/wspo" "${LENGTHS[@]}"
 
 # gamma 0.1 is the paper's: the strong log-ratio is driven to 10x the weak one; a small learning rate.
-WSPO=(--loss wspo --model_name_or_path "$O/strong_sft" --shards "$O/shards/wspo" --max_steps 30
-      --learning_rate 1e-4 "${TRAIN[@]}")
-step "4. WSPO strong SFT from the shards (gamma 0.1)" "$O/strong_wspo/wspo_run.json" \
-  wspo-train --gamma 0.1 --output_dir "$O/strong_wspo" "${WSPO[@]}"
+step "4. WSPO strong SFT from the shards (gamma $PAPER_GAMMA)" "$O/strong_wspo/wspo_run.json" \
+  wspo-train --gamma "$PAPER_GAMMA" --output_dir "$O/strong_wspo" "${WSPO[@]}" --seed 0
 for g in "${GAMMAS[@]}"; do  # the same shards, reused: phase one is not run again
   step "4. WSPO sweep (gamma $g)" "$O/strong_wspo_gamma_$g/wspo_run.json" \
-    wspo-train --gamma "$g" --output_dir "$O/strong_wspo_gamma_$g" "${WSPO[@]}"
+    wspo-train --gamma "$g" --output_dir "$O/strong_wspo_gamma_$g" "${WSPO[@]}" --seed 0
 done
 step "4. ExPO weak DPO (alpha 0.3)" "$O/weak_expo/alpha-0.3/config.json" \
   wspo-extrapolate --sft "$O/weak_sft" --aligned "$O/weak_dpo" --alpha 0.3 --output_dir "$O/weak_expo"
 
-declare -A MODEL=([weak_sft]="$O/weak_sft" [weak_dpo]="$O/weak_dpo" [weak_expo]="$O/weak_expo/alpha-0.3"
-                  [strong_sft]="$O/strong_sft" [strong_wspo]="$O/strong_wspo")
-declare -A REFERENCE=([weak_dpo]="$O/weak_sft" [weak_expo]="$O/weak_sft" [strong_wspo]="$O/strong_sft")
+# 5. Each model's greedy answers; each aligned model's rewards against its SFT model (the SFT
+# models' held-out NLL is the reference side of these files: report.py reads it there).
+evaluate "$O/eval" weak_sft "$O/weak_sft"
+evaluate "$O/eval" weak_dpo "$O/weak_dpo" "$O/weak_sft"
+evaluate "$O/eval" weak_expo "$O/weak_expo/alpha-0.3" "$O/weak_sft"
+evaluate "$O/eval" strong_sft "$O/strong_sft"
+evaluate "$O/eval" strong_wspo "$O/strong_wspo" "$O/strong_sft"
 for g in "${GAMMAS[@]}"; do
-  MODEL[strong_wspo_gamma_$g]="$O/strong_wspo_gamma_$g"
-  REFERENCE[strong_wspo_gamma_$g]="$O/strong_sft"
-done
-SWEEP=(); for g in "${GAMMAS[@]}"; do SWEEP+=("strong_wspo_gamma_$g"); done
-# Rewards of each aligned model against its SFT model; the SFT models' held-out NLL is the
-# reference side of these files (report.py reads it there).
-for name in weak_dpo weak_expo strong_wspo "${SWEEP[@]}"; do
-  step "5. held-out implicit rewards and NLL: $name" "$O/eval/rewards-$name.json" \
-    to_file "$O/eval/rewards-$name.json" wspo-eval rewards --policy "${MODEL[$name]}" \
-      --reference "${REFERENCE[$name]}" --dataset embedded --dataset_split test_prefs "${LENGTHS[@]}"
-done
-for name in weak_sft weak_dpo weak_expo strong_sft strong_wspo "${SWEEP[@]}"; do
-  step "5. held-out greedy answers: $name" "$O/eval/generate-$name.json" \
-    to_file "$O/eval/generate-$name.json" wspo-eval generate --model "${MODEL[$name]}" --dataset embedded \
-      --dataset_split test_prefs --max_new_tokens 160 --output_file "$O/eval/answers-$name.json"
+  evaluate "$O/eval" "strong_wspo_gamma_$g" "$O/strong_wspo_gamma_$g" "$O/strong_sft"
 done
 
 echo

@@ -9,9 +9,8 @@ a finished set describes every worker (`wspo-shards card DIR` rewrites it by han
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from .schema import COLUMNS, FORMAT_VERSION
+from .schema import COLUMNS, PLAIN_FORMAT_VERSION
 
 HEADER = """---
 configs:
@@ -35,13 +34,20 @@ def render_card(manifests: list[dict], total_workers: int) -> str:
     tok = first["tokenizer"]
     lines = [HEADER, "# wspo reward shards", "",
              f"Per-token log-probs (and WSPO rewards) scored by `wspo-precompute` (shard format version "
-             f"{FORMAT_VERSION}) on `{dataset['source']}` split `{dataset['split']}` ({dataset['format']} layout), "
+             f"{first.get('format_version', PLAIN_FORMAT_VERSION)}) on `{dataset['source']}` split `{dataset['split']}` ({dataset['format']} layout), "
              f"slots {', '.join(dataset['slots'])}.", "",
              f"- rows: {rows:,}; response tokens: {tokens:,}; workers: {len(manifests)} of {total_workers}"
              + ("" if len(manifests) == total_workers else " (unfinished: workers are still writing)"),
              f"- tokenizer: `{tok['name']}` (fingerprint `{tok['fingerprint'][:16]}`, end of turn `{tok['end_of_turn_token']}`, "
              f"max length {tok['max_length']})", "", "## Scorers", "", "| column | model | dtype | backend |", "|---|---|---|---|"]
     lines += [f"| `logp_{s['name']}` | `{s['model']}` | {s['dtype']} | {s['backend']} |" for s in first["scorers"]]
+    topk = first.get("topk")
+    if topk:
+        lines += ["", "## Top-k log-probs (distillation)", "",
+                  f"Columns `topk_ids_<scorer>` and `topk_logp_<scorer>` of {', '.join(f'`{s}`' for s in topk['scorers'])}: "
+                  f"the {topk['k']} most likely token ids at every response position and their log-probs, encoding "
+                  f"`{topk['encoding']}` ({topk['layout']}; largest log-prob error {topk['max_logp_error']:.3g} nats). "
+                  "`wspo.shards.topk.decode_topk` decodes a row; `wspo-train --loss kd` distills from them."]
     lines += ["", "## Columns", "", "| column | meaning |", "|---|---|"]
     lines += [f"| `{name}` | {meaning} |" for name, meaning in COLUMNS.items()]
     reward = first.get("reward") if len(manifests) == 1 else None
@@ -59,10 +65,11 @@ def render_card(manifests: list[dict], total_workers: int) -> str:
     return "\n".join(lines)
 
 
-def write_card(root: Path) -> None:
+def write_card(root) -> None:
+    from .storage import shard_path
     from .store import _load_manifest, write_text
 
-    root = Path(root)
+    root = shard_path(root)
     while True:
         paths = sorted(root.glob("manifest-*-of-*.json")) or [root / "manifest.json"]
         manifests = [_load_manifest(p) for p in paths if p.exists()]

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+
+from wspo.args import SuggestingParser
+from wspo.errors import WspoError
 
 from .schema import COLUMNS, has_reward, logp_column
+from .storage import read_parquet
 from .store import ShardError, ShardSet, list_arrays, reward_statistics
 
 
@@ -34,9 +38,16 @@ def cmd_info(shards: ShardSet, args) -> int:
         "tokenizer": {k: m["tokenizer"][k] for k in ("name", "fingerprint", "vocab_size", "end_of_turn_token", "max_length")},
         "scorers": [{k: s[k] for k in ("name", "model", "backend", "dtype")} for s in shards.scorers],
     }
+    if shards.topk:  # format version 3: what the top-k columns cost per response token
+        from .topk import column_bytes, ids_column, logps_column
+
+        paths = [shards.root / f["path"] for f in shards.files]
+        info["topk"] = {**{k: shards.topk[k] for k in ("k", "encoding", "scorers", "max_logp_error")},
+                        "bytes_per_token": {s: round(column_bytes(paths, [ids_column(s), logps_column(s)]) / max(shards.num_tokens, 1), 1)
+                                            for s in shards.topk["scorers"]}}
     if has_reward(shards.scorer_names):
         # One file at a time: the summary's memory does not grow with the set.
-        stats = reward_statistics(pq.read_table(shards.root / f["path"], columns=["reward", "reward_sum"]) for f in shards.files)
+        stats = reward_statistics(read_parquet(shards.root / f["path"], columns=["reward", "reward_sum"]) for f in shards.files)
         if stats:
             info["reward"] = {k: [round(q, 4) for q in v] if isinstance(v, list) else v if isinstance(v, bool) else round(v, 6)
                               for k, v in stats.items()}
@@ -159,8 +170,38 @@ def cmd_project(shards: ShardSet, args) -> int:
     return 0
 
 
+def _length_or_none(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'none', got {text!r}") from None
+
+
+def cmd_export(shards: ShardSet, args) -> int:
+    """`--format trl-dpo`: the (chosen, rejected) pairs with reference sums for TRL 1.16's
+    DPOTrainer, as Parquet under OUT/data/ (`datasets.load_dataset(OUT, split="train")`)."""
+    from wspo.paths import check_output
+
+    from .store import DATA_DIR, write_parquet
+    from .trl_export import TRL_VERSION, to_trl_dpo
+
+    shards.check()
+    out = Path(args.output)
+    check_output(out, {"shards": str(shards.root), "tokenizer": args.tokenizer})
+    max_length = args.max_length
+    dataset = to_trl_dpo(shards, tokenizer=args.tokenizer, max_length=max_length)
+    write_parquet(dataset.data.table, out / DATA_DIR / "train-00000-of-00001.parquet")
+    print(f"wrote {dataset.num_rows} pairs to {out} (TRL {TRL_VERSION} conversational preference layout, reference sums "
+          f"in ref_chosen_logps / ref_rejected_logps). Train with "
+          f"wspo.shards.trl_export.DPOTrainerFromShards and DPOConfig(precompute_ref_log_probs=True, "
+          f"max_length={max_length}); see docs/shard-format.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="wspo-shards", allow_abbrev=False,
         description="Inspect and check wspo shard sets.",
         epilog="Columns:\n" + "\n".join(f"  {k:<14} {v}" for k, v in COLUMNS.items()),
@@ -184,12 +225,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", required=True, help="folder or hub name of the strong model's tokenizer")
     p.add_argument("--end-of-turn-token", default=None, help="end-of-turn token of that tokenizer (default: its eos)")
     p.add_argument("shards")
+    p = sub.add_parser("export", allow_abbrev=False, help="the set in another trainer's layout: --format trl-dpo (TRL's DPOTrainer)")
+    p.add_argument("--format", required=True, choices=["trl-dpo"], help="trl-dpo: chosen/rejected pairs with reference sums for TRL 1.16")
+    p.add_argument("--tokenizer", default=None, help="the tokenizer TRL will use (default: the shards' own)")
+    p.add_argument("--max_length", default=1024, type=_length_or_none, help="the max_length TRL will run with (DPOConfig's, default 1024; 'none': no cut)")
+    p.add_argument("shards")
+    p.add_argument("output", help="folder to write (Parquet under OUTPUT/data/)")
     args = parser.parse_args(argv)
     try:
         shards = ShardSet.open(args.shards)
-        return {"info": cmd_info, "verify": cmd_verify, "head": cmd_head, "show": cmd_show, "project": cmd_project}[args.command](shards, args)
-    except (ShardError, ValueError) as e:
-        print(f"wspo-shards: error: {e}", file=sys.stderr)
+        return {"info": cmd_info, "verify": cmd_verify, "head": cmd_head, "show": cmd_show, "project": cmd_project,
+                "export": cmd_export}[args.command](shards, args)
+    except Exception as e:  # noqa: BLE001 - user-facing errors (WspoError) and disk faults are named; the rest is re-raised
+        from wspo.disk import error_text
+
+        then = "rerun the same command: the output is written whole or not at all"
+        print(f"wspo-shards: error: {error_text(e, (WspoError,), getattr(args, 'html', None) or getattr(args, 'out', None), then)}",
+              file=sys.stderr)
         return 1
 
 

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wspo.errors import InputError
+
 EXCLUDED = -1  # chunk index of a token outside the usable text (truncation)
 
 
@@ -68,7 +70,7 @@ def chunk_sums(token_chunk, token_values, num_chunks: int) -> np.ndarray:
     token_chunk = np.asarray(token_chunk, dtype=np.int64)
     token_values = np.asarray(token_values, dtype=np.float64)
     if token_chunk.shape != token_values.shape:
-        raise ValueError(f"{token_chunk.shape[0]} chunk indices but {token_values.shape[0]} token values")
+        raise InputError(f"{token_chunk.shape[0]} chunk indices but {token_values.shape[0]} token values")
     included = token_chunk >= 0
     sums = np.bincount(token_chunk[included], weights=token_values[included], minlength=num_chunks)
     return sums.astype(np.float64)  # bincount of nothing is int64, even with weights
@@ -87,22 +89,22 @@ def _spans(name: str, starts, ends, text_length: int, has_end_of_turn: bool) -> 
     starts = np.asarray(starts, dtype=np.int64).reshape(-1)
     ends = np.asarray(ends, dtype=np.int64).reshape(-1)
     if starts.shape != ends.shape:
-        raise ValueError(f"{name}: {starts.size} starts but {ends.size} ends")
+        raise InputError(f"{name}: {starts.size} starts but {ends.size} ends")
     bad = np.flatnonzero((starts < 0) | (ends < starts) | (ends > text_length))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{name}: token {i} has span ({starts[i]}, {ends[i]}), "
+        raise InputError(f"{name}: token {i} has span ({starts[i]}, {ends[i]}), "
                          f"not 0 <= start <= end <= len(response) = {text_length}")
     for what, values in (("starts", starts), ("ends", ends)):
         down = np.flatnonzero(np.diff(values) < 0)
         if down.size:
             i = int(down[0]) + 1
-            raise ValueError(f"{name}: {what} decrease at token {i} ({values[i - 1]} -> {values[i]}); "
+            raise InputError(f"{name}: {what} decrease at token {i} ({values[i - 1]} -> {values[i]}); "
                              "spans must be in text order")
     if has_end_of_turn:
         if starts.size == 0 or starts[-1] != text_length or ends[-1] != text_length:
             last = (int(starts[-1]), int(ends[-1])) if starts.size else None
-            raise ValueError(f"{name}: says it ends with its end-of-turn token, but the last span is {last}, "
+            raise InputError(f"{name}: says it ends with its end-of-turn token, but the last span is {last}, "
                              f"not ({text_length}, {text_length})")
     return starts, ends
 
@@ -155,7 +157,7 @@ def chunk_tokens(
     Raises ValueError for spans that are not in text order or fall outside the response.
     """
     if (weak_pieces is None) != (strong_pieces is None):
-        raise ValueError("give weak_pieces and strong_pieces together, or neither")
+        raise InputError("give weak_pieces and strong_pieces together, or neither")
     weak_starts, weak_ends = _spans("weak spans", weak_starts, weak_ends, text_length, weak_has_end_of_turn)
     strong_starts, strong_ends = _spans("strong spans", strong_starts, strong_ends, text_length, strong_has_end_of_turn)
     weak_text = weak_starts.size - int(weak_has_end_of_turn)  # number of text tokens
@@ -229,7 +231,7 @@ def chunk_tokens(
 def _split_identical(weak_chunk, strong_chunk, num_chunks, weak_pieces, strong_pieces):
     """Rule 5: a chunk whose pieces are identical on both sides becomes one chunk per token."""
     if len(weak_pieces) != weak_chunk.size or len(strong_pieces) != strong_chunk.size:
-        raise ValueError(f"pieces: {len(weak_pieces)} weak and {len(strong_pieces)} strong given for "
+        raise InputError(f"pieces: {len(weak_pieces)} weak and {len(strong_pieces)} strong given for "
                          f"{weak_chunk.size} weak and {strong_chunk.size} strong tokens")
     # Included tokens in order; their chunk indices do not decrease, so chunk c's members are the
     # slice between bounds[c] and bounds[c + 1].

@@ -1,4 +1,4 @@
-"""Shard format version 2 (version 1 stays readable): the row schema (DESIGN section 4) and row identity."""
+"""Shard format version 3 (versions 1 and 2 stay readable): the row schema (DESIGN section 4) and row identity."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import json
 import pyarrow as pa
 
 FORMAT_NAME = "wspo-shards"
-FORMAT_VERSION = 2  # 2: parts under data/, a dataset card, manifest checksums
+FORMAT_VERSION = 3  # the newest version read. 2: parts under data/, a dataset card, manifest checksums; 3: top-k columns
+# A set is written with the oldest version that describes it: 3 only when it carries top-k columns,
+# so readers of version 2 keep reading sets without them.
+PLAIN_FORMAT_VERSION = 2
 
 SLOTS = ("chosen", "rejected", "chosen_source", "chosen_target")
 
@@ -27,6 +30,8 @@ COLUMNS = {
     "reward_sum": "sum of reward (WSPO shards only)",
     "n_tokens": "number of response tokens",
     "truncated": "the response was cut to fit max_length",
+    "topk_ids_<scorer>": "version 3, --topk K: the scorer's K most likely token ids at each response position (n_tokens x K; encoding in the manifest)",
+    "topk_logp_<scorer>": "version 3, --topk K: their log-probs (n_tokens x K; compact: uint16 of -logp * 256, fp32: float32)",
 }
 
 _BASE_FIELDS = [
@@ -58,18 +63,38 @@ def has_reward(scorers: list[str]) -> bool:
     return "weak_ref" in scorers and "weak_aligned" in scorers
 
 
-def row_schema(scorers: list[str]) -> pa.Schema:
-    """The Arrow schema of a shard file scored by `scorers` (in that order)."""
+def row_schema(scorers: list[str], topk: dict | None = None) -> pa.Schema:
+    """The Arrow schema of a shard file scored by `scorers` (in that order); `topk`: the manifest's
+    top-k record (shards/topk.py), whose scorers' top-k columns follow the log-prob columns."""
+    from .topk import topk_fields
+
     fields = list(_BASE_FIELDS)
     fields += [pa.field(logp_column(s), pa.list_(pa.float32()), nullable=False) for s in scorers]
+    for scorer in (topk or {}).get("scorers", []):
+        fields += topk_fields(scorer, topk["encoding"])
     if has_reward(scorers):
         fields += _REWARD_FIELDS
     fields += _TAIL_FIELDS
     return pa.schema(fields)
 
 
-def float_list_columns(schema: pa.Schema) -> list[str]:
-    return [f.name for f in schema if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type)]
+def byte_stream_split_columns(schema: pa.Schema) -> list[str]:
+    """List columns written with byte-stream-split: float lists, and the top-k columns (id gaps and
+    uint16 log-probs are small integers whose high bytes are nearly constant)."""
+    from .topk import is_topk_column
+
+    return [f.name for f in schema if pa.types.is_list(f.type)
+            and (pa.types.is_floating(f.type.value_type) or is_topk_column(f.name))]
+
+
+def list_arrays(column: pa.ChunkedArray | pa.Array) -> list:
+    """A list<float|int> column as one numpy array per row (views, no Python floats)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy()
+    offsets = offsets - offsets[0]  # a sliced array's offsets index into its parent's values
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
 
 
 def canonical_json(obj) -> str:

@@ -3,7 +3,9 @@
 A shard set is a directory of Parquet part files plus one manifest per worker:
 `manifest.json` when one worker wrote the set, `manifest-00003-of-00008.json` for worker 3 of 8.
 Every file is written under a temporary name and renamed into place, the manifest last, so a file
-with a final name is complete, and a directory with a manifest is a finished set.
+with a final name is complete, and a directory with a manifest is a finished set. The directory
+may be a local folder or any fsspec URL (`s3://...`): storage.py makes both look alike, and on
+an object store a file appears under its final key only once its upload is complete.
 """
 
 from __future__ import annotations
@@ -11,23 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from wspo.errors import WspoError
-
-from .schema import FORMAT_NAME, FORMAT_VERSION, float_list_columns
+from .schema import FORMAT_NAME, FORMAT_VERSION, byte_stream_split_columns, list_arrays
+from .storage import AnyPath, ShardError, is_url, parquet_file, publish, read_parquet, shard_path
 from .tokenization import FINGERPRINT_VERSION
 
 ROWS_PER_ROW_GROUP = 4096
-
-
-class ShardError(WspoError):
-    """A shard set that cannot be used as it is; the message names the file and the problem."""
 
 
 # -- names --------------------------------------------------------------------------------------
@@ -50,28 +46,15 @@ def part_name(worker_index: int, part_index: int) -> str:
 # -- writing ------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: AnyPath) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def _tmp_path(path: Path) -> Path:
-    """A temporary name of this writer's own: several workers (on several hosts) may write one
-    shared file at once (the dataset card), and must not rename each other's half-written file."""
-    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """fsync then rename: after a crash, a file under its final name is whole."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:
+def write_parquet(table: pa.Table, path: AnyPath, metadata: dict[str, str] | None = None) -> None:
     """Write `table` with the format's Parquet settings, atomically.
 
     zstd; dictionary encoding only for the low-cardinality `slot` column (never for float lists);
@@ -82,11 +65,9 @@ def write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None =
         schema_md = dict(table.schema.metadata or {})
         schema_md.update({k.encode(): v.encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(schema_md)
-    floats = [f"{name}.list.element" for name in float_list_columns(table.schema)]
+    floats = [f"{name}.list.element" for name in byte_stream_split_columns(table.schema)]
     floats += [f.name for f in table.schema if pa.types.is_floating(f.type)]
-    tmp = _tmp_path(path)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
+    publish(path, lambda tmp: pq.write_table(
         table,
         tmp,
         compression="zstd",
@@ -94,17 +75,14 @@ def write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None =
         use_byte_stream_split=floats,
         write_statistics=[f.name for f in table.schema if not pa.types.is_list(f.type)],
         row_group_size=ROWS_PER_ROW_GROUP,
-    )
-    _publish(tmp, path)
+    ))
 
 
-def write_text(text: str, path: Path) -> None:
-    tmp = _tmp_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    _publish(tmp, path)
+def write_text(text: str, path: AnyPath) -> None:
+    publish(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def write_json(obj: dict, path: Path) -> None:
+def write_json(obj: dict, path: AnyPath) -> None:
     write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", path)
 
 
@@ -114,29 +92,19 @@ def manifest_checksum(manifest: dict) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def write_manifest(manifest: dict, path: Path) -> None:
+def write_manifest(manifest: dict, path: AnyPath) -> None:
     """The worker's manifest, with its checksum, written last and atomically."""
     write_json({**manifest, "checksum": manifest_checksum(manifest)}, path)
 
 
-def file_record(path: Path, tokens: int, root: Path | None = None) -> dict:
+def file_record(path: AnyPath, tokens: int, root: AnyPath | None = None) -> dict:
     return {
         "path": path.relative_to(root).as_posix() if root is not None else path.name,
-        "rows": pq.ParquetFile(path).metadata.num_rows,
+        "rows": parquet_file(path).metadata.num_rows,
         "tokens": tokens,
         "bytes": path.stat().st_size,
         "sha256": sha256_file(path),
     }
-
-
-def list_arrays(column: pa.ChunkedArray | pa.Array) -> list:
-    """A list<float|int> column as one numpy array per row (views, no Python floats)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    offsets = column.offsets.to_numpy()
-    offsets = offsets - offsets[0]  # a sliced array's offsets index into its parent's values
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
 
 
 class RewardStatistics:
@@ -222,7 +190,7 @@ def reward_statistics(tables) -> dict | None:
 # -- reading ------------------------------------------------------------------------------------
 
 
-def _load_manifest(path: Path) -> dict:
+def _load_manifest(path: AnyPath) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -253,18 +221,18 @@ def _load_manifest(path: Path) -> dict:
 
 
 # Manifest entries that every worker of one set must agree on.
-_SHARED_KEYS = ("run_settings", "tokenizer", "scorers")
+_SHARED_KEYS = ("run_settings", "tokenizer", "scorers", "topk")
 
 
 @dataclass
 class ShardSet:
-    root: Path
+    root: AnyPath  # a local folder, or a URL (storage.UrlPath)
     manifests: list[dict]  # one per worker, in worker order
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> "ShardSet":
         """Load the manifest(s) and check that every worker's part is present and consistent."""
-        root = Path(root)
+        root = shard_path(root)
         if not root.is_dir():
             raise ShardError(f"{root}: no such shard directory")
         single = root / "manifest.json"
@@ -292,7 +260,7 @@ class ShardSet:
             if m["workers"]["num_workers"] != total:
                 raise ShardError(f"{p}: num_workers {m['workers']['num_workers']} differs from {paths[0].name} ({total})")
             for key in _SHARED_KEYS:
-                if m[key] != manifests[0][key]:
+                if m.get(key) != manifests[0].get(key):
                     raise ShardError(f"{p}: '{key}' differs from {paths[0].name}: the workers ran different settings")
         manifests.sort(key=lambda m: m["workers"]["worker_index"])
         return cls(root, manifests)
@@ -306,6 +274,11 @@ class ShardSet:
     @property
     def scorers(self) -> list[dict]:
         return self.manifests[0]["scorers"]
+
+    @property
+    def topk(self) -> dict | None:
+        """The top-k record (shards/topk.py) of a version-3 set with top-k columns, else None."""
+        return self.manifests[0].get("topk")
 
     @property
     def scorer_names(self) -> list[str]:
@@ -343,7 +316,7 @@ class ShardSet:
                 problems[record["path"]] = "sha256 does not match the manifest (altered after writing)"
             else:
                 try:
-                    rows = pq.ParquetFile(path).metadata.num_rows
+                    rows = parquet_file(path).metadata.num_rows
                 except Exception as e:  # pyarrow raises several types for corrupt files
                     problems[record["path"]] = f"unreadable Parquet ({e})"
                     continue
@@ -378,7 +351,7 @@ class ShardSet:
         for record in self.files:
             path = self.root / record["path"]
             try:
-                table = pq.read_table(path, columns=columns)
+                table = read_parquet(path, columns=columns)
             except Exception as e:
                 raise ShardError(f"{path}: cannot read ({e})") from None
             tables.append(table)
@@ -388,3 +361,59 @@ class ShardSet:
 
             table = table.filter(pc.is_in(table["slot"], pa.array(slots)))
         return table
+
+    # -- the Python API (docs/api.md) --
+
+    @property
+    def manifest(self) -> dict:
+        """The set's manifest: the one worker's, or for several workers the first one's shared
+        entries (tokenizer, scorers, run settings) with every worker's files and summed counts
+        (`workers` then lists each worker's own manifest)."""
+        if len(self.manifests) == 1:
+            return self.manifests[0]
+        counts = {}
+        for m in self.manifests:
+            for key, value in m["counts"].items():
+                if isinstance(value, dict):
+                    merged = counts.setdefault(key, {})
+                    for reason, n in value.items():
+                        merged[reason] = merged.get(reason, 0) + n
+                elif key != "rows_in_split":
+                    counts[key] = counts.get(key, 0) + value
+                else:
+                    counts[key] = value
+        return {**self.manifests[0], "files": self.files, "counts": counts, "workers": self.manifests}
+
+    def rows(self, columns: list[str] | None = None, slots: list[str] | None = None, batch_size: int = 1024):
+        """Every row as a dict, in file order, read one batch of `batch_size` rows at a time (memory
+        follows the batch, not the set); optionally only some columns and slots."""
+        read = None if columns is None else list(dict.fromkeys([*columns, *(["slot"] if slots else [])]))
+        for record in self.files:
+            path = self.root / record["path"]
+            try:
+                batches = parquet_file(path).iter_batches(batch_size=batch_size, columns=read)
+                for batch in batches:
+                    for row in batch.to_pylist():
+                        if slots is None or row["slot"] in slots:
+                            yield {k: row[k] for k in columns} if columns is not None else row
+            except (OSError, pa.ArrowException) as e:
+                raise ShardError(f"{path}: cannot read ({e})") from None
+
+    def to_dataset(self, cache_dir: str | os.PathLike | None = None):
+        """The rows as a memory-mapped `datasets.Dataset` (Arrow files in the datasets cache, or
+        `cache_dir`; built once per set, then reused)."""
+        from datasets import Dataset
+
+        if is_url(self.root):
+            raise ShardError(f"{self.root}: to_dataset reads a local shard set; copy it to a local folder first "
+                             "(or read it with .rows(), which streams from the store)")
+        return Dataset.from_parquet([str(self.root / f["path"]) for f in self.files],
+                                    cache_dir=None if cache_dir is None else str(cache_dir))
+
+    def to_trl_dpo(self, tokenizer=None, max_length: int | None = 1024):
+        """A `datasets.Dataset` that TRL 1.16's DPOTrainer trains on with the shards' reference
+        log-prob sums; refused, naming the row, if TRL would tokenize differently
+        (wspo.shards.trl_export; docs/shard-format.md "Training with TRL")."""
+        from .trl_export import to_trl_dpo
+
+        return to_trl_dpo(self, tokenizer=tokenizer, max_length=max_length)

@@ -24,6 +24,8 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 
+from wspo.errors import ConfigError, InputError
+
 RULE_VERSION = 2  # 2: end-of-turn token read from the chat template (1: the tokenizer's eos)
 # 2: the backend's own serialization hashed as it is (1: re-dumped as sorted-key JSON; sets
 # written then carry no `fingerprint_version` and are compared under it: `matches`)
@@ -119,12 +121,12 @@ class ResponseTokenizer:
     def __init__(self, tokenizer, max_length: int, max_prompt_length: int, end_of_turn_token: str | None = None,
                  rule_version: int = RULE_VERSION):
         if not getattr(tokenizer, "is_fast", False):
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer {tokenizer.name_or_path!r} is not a fast tokenizer; the rule needs "
                 "character offsets (install `tokenizers` and load with use_fast=True)"
             )
         if max_prompt_length >= max_length:
-            raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
+            raise ConfigError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
@@ -138,7 +140,7 @@ class ResponseTokenizer:
         else:
             eot, self.end_of_turn_source = tokenizer.eos_token, "eos"
         if eot is None:
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer {tokenizer.name_or_path!r}: its chat template shows no end-of-turn token and it has no "
                 "eos token: set end_of_turn_token"
             )
@@ -147,7 +149,7 @@ class ResponseTokenizer:
         # strings to an unk id that is also a real token (Qwen2's <|endoftext|>).
         eot_id = tokenizer.backend_tokenizer.token_to_id(eot)
         if eot_id is None:
-            raise ValueError(f"end_of_turn_token {eot!r} is not in the vocabulary of {tokenizer.name_or_path!r}")
+            raise ConfigError(f"end_of_turn_token {eot!r} is not in the vocabulary of {tokenizer.name_or_path!r}")
         self.end_of_turn_token = eot
         self.end_of_turn_id = int(eot_id)
 
@@ -213,7 +215,7 @@ class ResponseTokenizer:
         this rule's fingerprint, under the definition the set was written with."""
         version = record.get("fingerprint_version", 1)
         if version not in (1, FINGERPRINT_VERSION):
-            raise ValueError(f"tokenizer fingerprint version {version} is newer than this toolkit reads; upgrade wspo")
+            raise InputError(f"tokenizer fingerprint version {version} is newer than this toolkit reads; upgrade wspo")
         mine = self.fingerprint if version == FINGERPRINT_VERSION else self.fingerprint_v1
         return record["fingerprint"] == mine
 
@@ -246,14 +248,14 @@ class ResponseTokenizer:
         model_dir = Path(model_dir)
         vocab = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
         if vocab is not None and len(self.tokenizer) > vocab:
-            raise ValueError(f"model {model_dir} has {vocab} embeddings but the tokenizer has {len(self.tokenizer)} tokens")
+            raise InputError(f"model {model_dir} has {vocab} embeddings but the tokenizer has {len(self.tokenizer)} tokens")
         if same_tokenizer_files(model_dir, self.tokenizer.name_or_path):
             return  # byte-identical tokenizer files: no need to load and fingerprint them again
         if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
             theirs = ResponseTokenizer(AutoTokenizer.from_pretrained(str(model_dir)), self.max_length,
                                        self.max_prompt_length, self.end_of_turn_token, self.rule_version)
             if theirs.fingerprint != self.fingerprint:
-                raise ValueError(f"the tokenizer of {model_dir} differs from the one applied ({self.tokenizer.name_or_path})")
+                raise InputError(f"the tokenizer of {model_dir} differs from the one applied ({self.tokenizer.name_or_path})")
 
     # -- the rule -----------------------------------------------------------------------------
 
@@ -293,3 +295,32 @@ class ResponseTokenizer:
         if truncated:
             ids, starts, ends = ids[:room], starts[:room], ends[:room]
         return TokenizedResponse(prompt, ids, starts, ends, truncated)
+
+
+# -- reading shards under another process's tokenizer (train, eval) -------------------------------
+
+
+def shards_rule(tokenizer, shard_tokenizer: dict, max_length: int, max_prompt_length: int,
+                end_of_turn_token: str | None = None) -> ResponseTokenizer | None:
+    """The shards' rule applied by `tokenizer`, or None when that is not the rule they were written
+    with (another fingerprint, or their end-of-turn token is not in this vocabulary).
+
+    `shard_tokenizer` is the manifest's record; the rule takes its end-of-turn token (unless one
+    is given) and its rule version. With the rule, a reader uses the stored token ids, checked
+    with `stored_ids_mismatch`; without it, the reader tokenizes the text itself (or projects)."""
+    try:
+        rule = ResponseTokenizer(tokenizer, max_length, max_prompt_length,
+                                 end_of_turn_token or shard_tokenizer.get("end_of_turn_token"),
+                                 rule_version=shard_tokenizer.get("rule_version", 1))
+    except ValueError:  # the end-of-turn token is not in this vocabulary
+        return None
+    return rule if rule.matches(shard_tokenizer) else None
+
+
+def stored_ids_mismatch(stored: list[int], retokenized: list[int], truncated: bool) -> int | None:
+    """None when a row's stored response ids are what re-tokenizing its response under the shards'
+    rule gives: all of them, or a prefix when phase one cut the response (`truncated`); else the
+    first position where they differ (for the reader's error naming the row)."""
+    if retokenized[: len(stored)] == stored and (len(stored) == len(retokenized) or bool(truncated)):
+        return None
+    return next((i for i, (a, b) in enumerate(zip(retokenized, stored)) if a != b), min(len(retokenized), len(stored)))

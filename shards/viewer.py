@@ -2,7 +2,8 @@
 
 Each shown response has every token coloured by its reward (red below zero, blue above, white at
 zero; the scale is clipped at the 99th percentile of |reward|), with the reward and each scorer's
-log-prob on hover; the rows with the highest reward sums come first, then the lowest; a histogram
+log-prob on hover (and, for sets with top-k columns, each top-k scorer's five most likely
+alternatives with their probabilities); the rows with the highest reward sums come first, then the lowest; a histogram
 of the per-token rewards of the whole set sits on top. The page is one self-contained file: no
 script, no network. Memory stays bounded: only `reward_sum` of every row and one file at a time
 are read.
@@ -14,10 +15,27 @@ import html
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from .schema import has_reward, logp_column
+from .storage import read_parquet
 from .store import ShardSet, list_arrays
+from .topk import alternatives, decode_topk, ids_column, logps_column
+
+
+def _token_text(tokenizer_name: str):
+    """id -> text for the alternatives on hover: the shards' tokenizer when it is a local folder
+    (never a download), else the bare id."""
+    from pathlib import Path
+
+    if Path(str(tokenizer_name)).is_dir():
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_name))
+            return lambda i: repr(tokenizer.decode([i]))
+        except (OSError, ValueError):
+            pass
+    return lambda i: f"id {i}"
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
@@ -60,9 +78,9 @@ def render(shards: ShardSet, n: int = 20) -> str:
     paths = [shards.root / f["path"] for f in shards.files]
     # 1. Which rows: every row's sum, then the n highest and n lowest.
     if value_column == "reward":
-        sums = np.concatenate([pq.read_table(p, columns=["reward_sum"])["reward_sum"].to_numpy() for p in paths])
+        sums = np.concatenate([read_parquet(p, columns=["reward_sum"])["reward_sum"].to_numpy() for p in paths])
     else:
-        sums = np.concatenate([np.array([a.sum() for a in list_arrays(pq.read_table(p, columns=[value_column])[value_column])])
+        sums = np.concatenate([np.array([a.sum() for a in list_arrays(read_parquet(p, columns=[value_column])[value_column])])
                                for p in paths])
     order = np.argsort(-sums, kind="stable")
     chosen = list(order[:n]) + [i for i in order[::-1][:n] if i not in set(order[:n])]
@@ -71,23 +89,26 @@ def render(shards: ShardSet, n: int = 20) -> str:
     stats = (shards.manifests[0].get("reward") or {}) if value_column == "reward" else {}
     low, high = stats.get("token_p01_p50_p99", [None, None, None])[0], stats.get("token_p01_p50_p99", [None, None, None])[2]
     if low is None:
-        sample = np.concatenate(list_arrays(pq.read_table(paths[0], columns=[value_column])[value_column]))
+        sample = np.concatenate(list_arrays(read_parquet(paths[0], columns=[value_column])[value_column]))
         low, high = float(np.quantile(sample, 0.01)), float(np.quantile(sample, 0.99))
     bound = max(abs(low), abs(high), 1e-6)
     edges = np.linspace(-bound if value_column == "reward" else low, bound if value_column == "reward" else high, 61)
     counts = np.zeros(60, dtype=np.int64)
     for p in paths:
-        values = np.concatenate(list_arrays(pq.read_table(p, columns=[value_column])[value_column]) or [np.zeros(0)])
+        values = np.concatenate(list_arrays(read_parquet(p, columns=[value_column])[value_column]) or [np.zeros(0)])
         counts += np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)[0]
     # 3. The rows themselves, read file by file.
     wanted = set(sections["highest"]) | set(sections["lowest"])
     rows, offset = {}, 0
     columns = ["id", "slot", "messages", "response", "token_start", "token_end", value_column] + [c for c in logp_columns if c != value_column]
+    topk = shards.topk or {"scorers": []}
+    columns += [c for s in topk["scorers"] for c in (ids_column(s), logps_column(s))]
+    token_text = _token_text(shards.tokenizer["name"]) if topk["scorers"] else None
     for p, record in zip(paths, shards.files):
         local = [i - offset for i in wanted if offset <= i < offset + record["rows"]]
         if local:
-            table = pq.read_table(p, columns=columns).take(local)
-            arrays = {c: list_arrays(table[c]) for c in columns if c.startswith(("logp_", "reward"))}
+            table = read_parquet(p, columns=columns).take(local)
+            arrays = {c: list_arrays(table[c]) for c in columns if c.startswith(("logp_", "reward", "topk_"))}
             for k, i in enumerate(local):
                 rows[offset + i] = {c: table[c][k].as_py() for c in ("id", "slot", "messages", "response", "token_start", "token_end")}
                 rows[offset + i].update({c: arrays[c][k] for c in arrays})
@@ -97,10 +118,15 @@ def render(shards: ShardSet, n: int = 20) -> str:
         row = rows[i]
         messages = json.loads(row["messages"])
         prompt = messages[-1]["content"] if messages else ""
+        top = {s: decode_topk(row[ids_column(s)], row[logps_column(s)], topk["k"], topk["encoding"]) for s in topk["scorers"]}
         spans = []
         for k, (a, b) in enumerate(zip(row["token_start"], row["token_end"])):
             value = float(row[value_column][k])
-            tip = "&#10;".join([f"{value_column} {value:+.4f}"] + [f"{c} {float(row[c][k]):.4f}" for c in logp_columns if c != value_column])
+            lines = [f"{value_column} {value:+.4f}"] + [f"{c} {float(row[c][k]):.4f}" for c in logp_columns if c != value_column]
+            for s, (ids, logps) in top.items():  # the top alternatives of each top-k scorer
+                lines.append(f"{s} top {topk['k']}: " + ", ".join(f"{token_text(i)} {np.exp(lp):.3f}"
+                                                                   for i, lp in alternatives(ids[k], logps[k])))
+            tip = html.escape("\n".join(lines), quote=True).replace("\n", "&#10;")
             text = html.escape(row["response"][a:b]) if b > a else '<span class="eot">⏎ end of turn</span>'
             spans.append(f'<span class="t" style="background:{_colour(value, bound)}" title="{tip}">{text}</span>')
         total = float(np.asarray(row[value_column], np.float64).sum())

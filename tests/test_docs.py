@@ -28,6 +28,7 @@ COMMANDS = {
     "wspo-shards verify": ("wspo.shards.cli", ["verify"]),
     "wspo-shards head": ("wspo.shards.cli", ["head"]),
     "wspo-shards project": ("wspo.shards.cli", ["project"]),
+    "wspo-shards export": ("wspo.shards.cli", ["export"]),
 }
 
 

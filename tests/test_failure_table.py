@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = "\n".join(p.read_text(encoding="utf-8") for folder in ("common", "precompute", "shards", "train", "evaluation", "extrapolate")
+SOURCE = "\n".join(p.read_text(encoding="utf-8") for folder in ("common", "precompute", "shards", "train", "evaluation", "extrapolate", "embedded")
                    for p in sorted((ROOT / folder).rglob("*.py")))
 
 

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from wspo.precompute.launch import check_storage, resolve_workers, StorageError
+from wspo.precompute.launch import check_storage, StorageError
+from wspo.precompute.workers import resolve_workers
 from wspo.shards.store import ShardSet
 
 ENV = os.environ | {"TOKENIZERS_PARALLELISM": "false"}

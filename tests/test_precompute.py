@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from wspo.precompute.cli import main as precompute_main
 from wspo.precompute.config import PrecomputeArguments
 from wspo.precompute.pipeline import PrecomputeError, run
-from wspo.shards.schema import row_id, row_schema
+from wspo.shards.schema import FORMAT_VERSION, row_id, row_schema
 from wspo.shards.store import ShardError, ShardSet, list_arrays, manifest_checksum
 from wspo.shards.tokenization import ResponseTokenizer
 
@@ -241,9 +241,9 @@ def test_schema_version_from_the_future(shards, tmp_path):
     copy = tmp_path / "future"
     shutil.copytree(shards.root, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["format_version"] = 3
+    manifest["format_version"] = FORMAT_VERSION + 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ShardError, match="manifest.json: shard format version 3 is newer"):
+    with pytest.raises(ShardError, match=f"manifest.json: shard format version {FORMAT_VERSION + 1} is newer"):
         ShardSet.open(copy)
     manifest["format_version"] = 2
     manifest["tokenizer"]["fingerprint_version"] = 3

@@ -17,7 +17,7 @@ import pytest
 from wspo.embedded.sample import SAMPLE_DIR
 from wspo.precompute.config import PrecomputeArguments
 from wspo.precompute.data import InvalidRow, open_source
-from wspo.precompute.lock import LockError, OutputLock
+from wspo.shards.lock import LockError, OutputLock
 from wspo.precompute.pipeline import PrecomputeError, run
 from wspo.shards.store import RewardStatistics, ShardSet
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 TOL = 1e-4  # fp32 on both sides: kernels differ, the maths does not
+TOPK = 32  # above vLLM's default max_logprobs (20): the engine is opened with max_topk
 N_ROWS = 16
 MAX_LENGTH = 512
 
@@ -82,7 +83,7 @@ def vllm_scorer(tiny_models):
 
     scorer = open_scorer(
         "vllm", tiny_models["weak_ref"], dtype="float32", batch_tokens=128,
-        gpu_memory_utilization=0.25, max_model_len=MAX_LENGTH,
+        gpu_memory_utilization=0.25, max_model_len=MAX_LENGTH, max_topk=TOPK,
     )
     yield scorer
     scorer.close()  # a no-op when test_close_then_reload closed it already
@@ -141,6 +142,35 @@ def test_vllm_too_long_raises(rows, vllm_scorer):
 
 
 @pytest.mark.vllm
+def test_vllm_top_k_matches_hf(tiny_models, rows, vllm_scorer, vllm_logps):
+    """Distillation columns (shards/topk.py): the K most likely ids and their log-probs agree
+    between prompt_logprobs=K and the hf head's per-chunk top-k, and with the naive forward."""
+    from wspo.precompute.scorers import HFScorer
+
+    sequences, prompt_lengths = rows
+    from_vllm = vllm_scorer.score(sequences, prompt_lengths, topk=TOPK)
+    scorer = HFScorer(tiny_models["weak_ref"], dtype="float32", device="cpu")
+    try:
+        from_hf = scorer.score(sequences, prompt_lengths, topk=TOPK)
+    finally:
+        scorer.close()
+    assert max_abs_diff([a for a, _, _ in from_vllm], vllm_logps) < TOL  # the actual token's, as without top-k
+    values_diff, same_ids = 0.0, 0
+    for (_, v_values, v_ids), (_, h_values, h_ids), seq, p in zip(from_vllm, from_hf, sequences, prompt_lengths):
+        assert v_values.shape == h_values.shape == (len(seq) - p, TOPK)
+        values_diff = max(values_diff, float(np.abs(v_values - h_values).max()))
+        same_ids += int((v_ids == h_ids).all(axis=1).sum())
+        for t in np.flatnonzero((v_ids != h_ids).any(axis=1)):  # near-ties of a random model: order may differ
+            v_of, h_of = dict(zip(v_ids[t].tolist(), v_values[t])), dict(zip(h_ids[t].tolist(), h_values[t]))
+            assert all(abs(v_of[i] - h_of[i]) < TOL for i in v_of.keys() & h_of.keys())
+            # an id in one top-k only ties with the K-th value of the other
+            assert all(abs(v_of[i] - h_values[t, -1]) < TOL for i in v_of.keys() - h_of.keys())
+    positions = sum(len(s) - p for s, p in zip(sequences, prompt_lengths))
+    print(f"top-{TOPK}: vllm vs hf max abs diff {values_diff:.3g}; ids equal at {same_ids} of {positions} positions")
+    assert values_diff < TOL and same_ids >= 0.99 * positions
+
+
+@pytest.mark.vllm
 def test_close_then_reload(tiny_models, rows, vllm_scorer, vllm_logps):
     """After close() the engine's processes are gone and a second model loads in this process."""
     import psutil
@@ -164,10 +194,16 @@ def test_close_then_reload(tiny_models, rows, vllm_scorer, vllm_logps):
         time.sleep(0.5)
 
     aligned = VLLMScorer(tiny_models["weak_aligned"], dtype="float32", gpu_memory_utilization=0.25)
+    # A sequence of exactly the model's positions: the engine takes it (its last token is the
+    # generated position, so no position is needed beyond the model's limit).
+    sequences, prompt_lengths = rows
+    full = sequences[0] + sequences[1] * (4096 // len(sequences[1]) + 1)
+    rows_and_full = (sequences + [full[:4096]], prompt_lengths + [prompt_lengths[0]])
     try:
-        assert aligned.max_model_len == 4095  # the tiny models' max_position_embeddings - 1
-        logps = aligned.score(*rows)
+        assert aligned.max_model_len == 4096  # the tiny models' max_position_embeddings
+        logps = aligned.score(*rows_and_full)
     finally:
         aligned.close()
-    assert max_abs_diff(logps, vllm_logps) > 1e-2  # a different model, really reloaded
-    assert max_abs_diff(logps, naive_logprobs(tiny_models["weak_aligned"], *rows)) < TOL
+    assert len(logps[-1]) == 4096 - prompt_lengths[0]
+    assert max_abs_diff(logps[:-1], vllm_logps) > 1e-2  # a different model, really reloaded
+    assert max_abs_diff(logps, naive_logprobs(tiny_models["weak_aligned"], *rows_and_full)) < TOL

@@ -22,7 +22,7 @@ def chromium() -> str:
     if found is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed: .ci/run installs Debian's chromium package")
-        pytest.skip("chromium is not installed here (CI installs it)")
+        pytest.skip("chromium is not installed here (CI installs it); install it with: apt-get install -y chromium")
     return found
 
 

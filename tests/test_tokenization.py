@@ -106,3 +106,30 @@ def test_sets_written_under_fingerprint_definition_1_still_match(tokenizer):
 def test_bad_end_of_turn_token_is_named(tokenizer):
     with pytest.raises(ValueError, match="<nope>"):
         ResponseTokenizer(tokenizer, 512, 256, end_of_turn_token="<nope>")
+
+
+def test_shards_rule_is_the_recorded_rule_or_none(tokenizer):
+    """The shards' rule under a tokenizer (train and eval both choose with it): the recorded rule
+    when the fingerprint matches; None for another fingerprint or an end-of-turn token the
+    vocabulary lacks."""
+    from wspo.shards.tokenization import shards_rule
+
+    record = ResponseTokenizer(tokenizer, 512, 256).describe()
+    rule = shards_rule(tokenizer, record, 300, 299)
+    assert rule is not None and rule.fingerprint == ResponseTokenizer(tokenizer, 300, 299).fingerprint
+    assert (rule.max_length, rule.max_prompt_length, rule.end_of_turn_token) == (300, 299, record["end_of_turn_token"])
+    assert shards_rule(tokenizer, record | {"fingerprint": "0" * 64}, 300, 299) is None
+    assert shards_rule(tokenizer, record, 300, 299, end_of_turn_token="<nope>") is None
+
+
+@pytest.mark.parametrize("stored, retokenized, truncated, expected", [
+    ([5, 6, 7], [5, 6, 7], False, None),  # all of them
+    ([5, 6], [5, 6, 7], True, None),  # a prefix of a response phase one cut
+    ([5, 6], [5, 6, 7], False, 2),  # a prefix, but the row says it was not cut: differs where it ends
+    ([5, 9, 7], [5, 6, 7], False, 1),
+    ([5, 6, 7, 8], [5, 6, 7], True, 3),  # more stored ids than the text gives
+])
+def test_stored_ids_mismatch(stored, retokenized, truncated, expected):
+    from wspo.shards.tokenization import stored_ids_mismatch
+
+    assert stored_ids_mismatch(stored, retokenized, truncated) == expected

@@ -11,4 +11,11 @@
     trainer.py   WSPOTrainer: a thin transformers.Trainer subclass (loss, reference, logging)
     pipeline.py  run(): the whole job, from opening shards to wspo_run.json
     cli.py       wspo-train;  export.py: wspo-export (merge a LoRA adapter)
+
+The package is also the API function: `wspo.train(RECIPE.yaml?, **keys) -> TrainResult` (see
+wspo.api and docs/api.md).
 """
+
+from wspo.api import make_callable
+
+make_callable(__name__)

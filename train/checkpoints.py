@@ -15,6 +15,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from wspo.disk import DiskError, disk_message
+from wspo.errors import ConfigError
+
 WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 OPTIMIZER = ("optimizer.pt", "optimizer.bin")
 FINAL_TMP = ".final-partial"
@@ -55,7 +58,7 @@ def resolve_resume(resume, output_dir: str) -> str | bool | None:
     if isinstance(resume, str) and resume.lower() not in ("true", "last", "latest"):
         problem = checkpoint_problem(Path(resume)) if Path(resume).is_dir() else "no such folder"
         if problem:
-            raise ValueError(f"resume_from_checkpoint {resume}: not a complete checkpoint ({problem})")
+            raise ConfigError(f"resume_from_checkpoint {resume}: not a complete checkpoint ({problem})")
         return resume
     folders = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
                      key=lambda p: int(p.name.split("-")[-1]), reverse=True)
@@ -67,7 +70,7 @@ def resolve_resume(resume, output_dir: str) -> str | bool | None:
             print(f"resuming from {folder}{note}", file=sys.stderr)
             return str(folder)
         skipped.append(f"{folder.name}: {problem}")
-    raise ValueError(
+    raise ConfigError(
         f"resume_from_checkpoint true: no complete checkpoint in {output_dir}"
         + (f" (incomplete: {'; '.join(skipped)})" if skipped else " (none written yet)")
     )
@@ -82,14 +85,24 @@ def publish_final(trainer, output_dir: str) -> None:
     trainer.accelerator.wait_for_everyone()
     try:
         trainer.save_model(str(tmp))
-    except OSError as e:  # a full disk, a quota: nothing reaches output_dir
+    except Exception as e:  # a full disk, a quota (OSError, or a safetensors error): nothing reaches output_dir
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"could not write the final model to {out} ({e.strerror or e}); nothing was published "
-                         "there (checkpoints are kept)") from None
+        disk = disk_message(e, tmp, "rerun the same command (with --resume_from_checkpoint true to go on from the newest "
+                                    "complete checkpoint)")
+        if disk is None and not isinstance(e, OSError):
+            raise
+        raise DiskError(f"could not write the final model to {out}; nothing was published there (checkpoints are kept): "
+                        f"{disk or e}") from None
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
-        files = sorted((p for p in tmp.iterdir() if p.is_file()), key=lambda p: p.name in WEIGHTS or p.suffix == ".safetensors")
-        for path in files:  # weights last: a model folder with weights is a whole one
-            path.replace(out / path.name)
-        shutil.rmtree(tmp, ignore_errors=True)
+        move_into(tmp, out)
     trainer.accelerator.wait_for_everyone()
+
+
+def move_into(tmp: Path, out: Path) -> None:
+    """Move a whole saved model from `tmp` into `out`, weights last (a model folder with weights
+    is a whole one), then drop `tmp`."""
+    files = sorted((p for p in tmp.iterdir() if p.is_file()), key=lambda p: p.name in WEIGHTS or p.suffix == ".safetensors")
+    for path in files:
+        path.replace(out / path.name)
+    shutil.rmtree(tmp, ignore_errors=True)

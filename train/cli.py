@@ -11,11 +11,11 @@ import warnings
 from transformers import TrainingArguments
 
 from wspo.args import parse_config
+from wspo.disk import error_text
+from wspo.errors import ConfigError, WspoError
 from wspo.paths import check_output
-from wspo.shards.store import ShardError
 
 from .config import WSPOArguments
-from .data import DataError
 
 
 def check_report_to(report_to) -> None:
@@ -24,7 +24,7 @@ def check_report_to(report_to) -> None:
     wanted = [report_to] if isinstance(report_to, str) else list(report_to or [])
     if "tensorboard" in wanted and importlib.util.find_spec("tensorboard") is None \
             and importlib.util.find_spec("tensorboardX") is None:
-        raise ValueError("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
+        raise ConfigError("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
                          "(or pip install 'wspo[test]'), or pass --report_to none")
 
 
@@ -52,24 +52,36 @@ def closing_summary(record: dict) -> str:
     return "\n".join(lines)
 
 
+def check_training_args(args: WSPOArguments, training_args: TrainingArguments) -> None:
+    """What is checked after parsing and before any work (wspo-train and wspo.train)."""
+    if not (math.isfinite(training_args.learning_rate) and training_args.learning_rate > 0):
+        raise ConfigError(f"learning_rate must be finite and positive, got {training_args.learning_rate}")
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise ConfigError(f"max_steps must be a positive number of optimizer steps, or -1 to train for "
+                          f"num_train_epochs, got {training_args.max_steps}")
+    check_report_to(training_args.report_to)
+    check_output(training_args.output_dir, {"model_name_or_path": args.model_name_or_path, "shards": args.shards,
+                                            "reference_shards": args.reference_shards})
+
+
 def main(argv: list[str] | None = None) -> int:
     # DeepSpeed on recent torch warns on every collective call; once per run says enough.
     warnings.filterwarnings("once", category=FutureWarning, module="torch.distributed")
+    output_dir = None
     try:
         args, training_args = parse_config(
             [WSPOArguments, TrainingArguments], argv,
             description="Train from wspo-precompute shards (WSPO, SFT, DPO or WRPO; LoRA or full; DeepSpeed).",
         )
-        if not (math.isfinite(training_args.learning_rate) and training_args.learning_rate > 0):
-            raise ValueError(f"learning_rate must be finite and positive, got {training_args.learning_rate}")
-        check_report_to(training_args.report_to)
-        check_output(training_args.output_dir, {"model_name_or_path": args.model_name_or_path, "shards": args.shards,
-                                                "reference_shards": args.reference_shards})
+        output_dir = training_args.output_dir
+        check_training_args(args, training_args)
         from .pipeline import run  # after parsing, so `--help` and argument errors stay fast
 
         record = run(args, training_args)
-    except (DataError, ShardError, FileNotFoundError, ValueError) as e:
-        print(f"wspo-train: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - user-facing errors (WspoError) and disk faults are named; the rest is re-raised
+        then = ("rerun the same command (with --resume_from_checkpoint true to go on from the newest complete checkpoint, "
+                "which are kept; an interrupted one is skipped). No final model was published")
+        print(f"wspo-train: error: {error_text(e, (WspoError,), output_dir, then)}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # one summary per run, from the first process

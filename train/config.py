@@ -6,7 +6,7 @@ import math
 
 from dataclasses import dataclass, field
 
-LOSSES = ("wspo", "sft", "dpo", "wrpo")
+LOSSES = ("wspo", "sft", "dpo", "wrpo", "kd")
 PREFERENCE_LOSSES = ("dpo", "wrpo")  # pairs / triples of one example, reference log-probs from shards (logp_ref)
 DEFAULT_BETA = {"dpo": 0.1, "wrpo": 0.01}  # Zephyr / the WSPO paper's weak DPO; the WRPO paper
 ALPHA_SCHEDULES = ("linear", "fixed")
@@ -21,13 +21,15 @@ class WSPOArguments:
         metadata={"help": "The strong model to train (strong SFT): directory or hub name. Also the reference."}
     )
     shards: list[str] = field(
-        metadata={"help": "One or more shard set directories written by wspo-precompute (YAML list or space-separated)."}
+        metadata={"help": "One or more shard set directories written by wspo-precompute, or their URLs (s3://..., any "
+                  "fsspec URL: copied once per node into data_cache_dir) (YAML list or space-separated)."}
     )
     loss: str = field(
         default="wspo",
         metadata={"help": f"Objective: {', '.join(LOSSES)}. wspo and sft use the chosen rows only; dpo pairs the chosen and "
                   "rejected rows of one example_id; wrpo the chosen_source, chosen_target and rejected rows. dpo and wrpo "
-                  "read the reference's log-probs from the shards (column logp_ref: wspo-precompute --ref_model)."},
+                  "read the reference's log-probs from the shards (column logp_ref: wspo-precompute --ref_model). kd distills "
+                  "from a teacher's stored top-k log-probs (wspo-precompute --teacher MODEL --topk K; docs/distill.md)."},
     )
     gamma: float = field(default=0.1, metadata={"help": "wspo: scale of the strong log-ratio matched to the weak reward."})
     beta: float | None = field(
@@ -101,6 +103,29 @@ class WSPOArguments:
                   "named by its fingerprint; reused by later runs and shared by the ranks of a node). Default: "
                   "<output_dir>/.wspo_cache."},
     )
+    kd_alpha: float = field(
+        default=1.0,
+        metadata={"help": "kd: weight of the distillation KL; 1 - kd_alpha weighs the SFT loss on the actual tokens."},
+    )
+    kd_temperature: float = field(
+        default=1.0,
+        metadata={"help": "kd: temperature softening the teacher's and the student's top-k + bucket distributions (loss x T^2)."},
+    )
+    kd_scorer: str | None = field(
+        default=None,
+        metadata={"help": "kd: the scorer whose top-k columns are the teacher (default: the set's only top-k scorer, "
+                  "else 'teacher')."},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace what output_dir holds of an earlier run (a finished model, wspo_run.json, checkpoints); "
+                  "without it such an output_dir is refused (resuming its checkpoints aside)."},
+    )
+    allow_resume_mismatch: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint written by a run with another identity (strong model, shard sets, loss "
+                  "and its keys, tokenizer rule) or with none recorded; by default such a resume is refused naming what differs."},
+    )
     model_dtype: str = field(
         default="auto",
         metadata={"help": "dtype to load the model in: auto (LoRA: the bf16/fp16 training dtype; full fine-tuning: float32), float32, bfloat16, float16."},
@@ -148,6 +173,13 @@ class WSPOArguments:
             raise ValueError(f"packing_row_length must be at least 2, got {self.packing_row_length}")
         if self.packing_row_length is not None and not self.packing:
             raise ValueError("packing_row_length is set but packing is false: set --packing true to use it")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
+        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
+            raise ValueError(f"kd_temperature must be finite and positive, got {self.kd_temperature}")
+        if self.loss == "kd" and self.reward_projection != "none":
+            raise ValueError("loss kd needs the student to use the shards' tokenizer (top-k ids are the teacher's "
+                             "vocabulary); cross-tokenizer distillation is not supported: set reward_projection none")
         if self.use_lora and self.lora_r <= 0:
             raise ValueError(f"lora_r must be positive, got {self.lora_r}")
 

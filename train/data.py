@@ -37,8 +37,9 @@ from wspo.logprobs import right_pad
 from wspo.models import model_fingerprint
 from wspo.shards.projection import EXCLUDED, chunk_rewards, chunk_tokens, roundtrip_ok
 from wspo.shards.schema import has_reward, logp_column
+from wspo.shards.storage import is_url
 from wspo.shards.store import ShardSet, list_arrays
-from wspo.shards.tokenization import ResponseTokenizer, Skip
+from wspo.shards.tokenization import ResponseTokenizer, Skip, shards_rule, stored_ids_mismatch
 
 from .packing import pack_sequences
 
@@ -62,18 +63,30 @@ class Example:
     # Reward projection (DESIGN section 5): the chunk of each strong response token; `rewards` then
     # holds one summed weak reward per chunk. None: one segment per token.
     token_segments: np.ndarray | None = None
+    # Distillation (--loss kd): the teacher's top-k ids and log-probs, [response tokens, K].
+    topk_ids: np.ndarray | None = None
+    topk_logps: np.ndarray | None = None
 
 
 # -- shard sets ---------------------------------------------------------------------------------
 
 
+def opened_set(path: str) -> ShardSet:
+    """A shard set, opened and verified: the sha256 of every file of a local set; the sizes and
+    row counts of a set on an object store (a URL), whose files the row cache checksums as it
+    copies them, once per node (row_cache.py): every rank hashing them here would download the
+    whole set once more."""
+    shard_set = ShardSet.open(path)
+    return shard_set.check(checksums=not is_url(shard_set.root))
+
+
 def open_shard_sets(paths: list[str], loss: str) -> list[ShardSet]:
-    """Open and fully verify every shard set (sha256 of each file), and check it suits `loss`."""
+    """Open and verify every shard set (`opened_set`), and check it suits `loss`."""
     resolved = [Path(path).resolve() for path in paths]
     repeated = sorted({str(r) for r in resolved if resolved.count(r) > 1})
     if repeated:
         raise DataError(f"shards: {', '.join(repeated)} given more than once (its rows would be trained on twice)")
-    sets = [ShardSet.open(path).check() for path in paths]
+    sets = [opened_set(path) for path in paths]
     for shard_set in sets:
         if loss == "wspo" and not has_reward(shard_set.scorer_names):
             raise DataError(
@@ -96,21 +109,19 @@ def open_shard_sets(paths: list[str], loss: str) -> list[ShardSet]:
 _DEFINITION_FREE = ("vocab_size", "chat_template_hash", "end_of_turn_token", "end_of_turn_id", "rule_version")
 
 
-def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_projection: str) -> tuple[ResponseTokenizer, bool]:
+def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_projection: str,
+                distill: bool = False) -> tuple[ResponseTokenizer, bool]:
     """The shared tokenization rule under the strong tokenizer, and whether rewards are projected.
 
     Same fingerprint as the shards': rewards are used token for token, with the shards'
     end-of-turn token. Otherwise, with `reward_projection chunks`, the strong tokenizer applies
     the rule with its own end-of-turn token and rewards are projected onto chunks; without it,
     an error that says how to allow it. The prompt bound is max_length - 1: a prompt that leaves
-    no room for one response token cannot be trained on.
+    no room for one response token cannot be trained on. `distill` (loss kd): another tokenizer is
+    refused outright, since the stored top-k ids are the teacher's vocabulary.
     """
     shard_tok = shard_sets[0].tokenizer
-    try:
-        rule = ResponseTokenizer(tokenizer, max_length, max_length - 1, shard_tok["end_of_turn_token"],
-                                 rule_version=shard_tok.get("rule_version", 1))
-    except ValueError:  # the shards' end-of-turn token is not even in the strong vocabulary
-        rule = None
+    rule = shards_rule(tokenizer, shard_tok, max_length, max_length - 1)
     matching = [s.root for s in shard_sets if rule is not None and rule.matches(s.tokenizer)]
     if len(matching) == len(shard_sets):
         return rule, False
@@ -118,6 +129,13 @@ def strong_rule(shard_sets: list[ShardSet], tokenizer, max_length: int, reward_p
         raise DataError(
             f"the shard sets {', '.join(str(s.root) for s in shard_sets)} were tokenized with different "
             "tokenizers; train on one kind at a time"
+        )
+    if distill:
+        raise DataError(
+            f"loss kd: the student's tokenizer ({tokenizer.name_or_path}) differs from the tokenizer the shards were "
+            f"scored with ({shard_tok['name']}, fingerprint {shard_tok['fingerprint'][:12]}); the stored top-k ids are "
+            "the teacher's vocabulary, so the student must use the same tokenizer (cross-tokenizer distillation is "
+            "not supported)"
         )
     if reward_projection == "chunks":
         return ResponseTokenizer(tokenizer, max_length, max_length - 1), True
@@ -155,7 +173,7 @@ def reference_sets(paths: list[str], train_sets: list[ShardSet], model_dir: Path
     """The reference shard sets, opened and checked as `reference_logps` describes (nothing read).
     `rule`: the training sets' rule under the strong tokenizer (their tokenizer, not projected)."""
     by_root = {str(s.root): s for s in train_sets}
-    sets = [by_root.get(str(Path(path))) or ShardSet.open(path).check() for path in paths]
+    sets = [by_root.get(str(Path(path))) or opened_set(path) for path in paths]
     weights = None if allow_other_weights else model_fingerprint(model_dir)
     column = logp_column(scorer_name)
     for shard_set in sets:
@@ -350,10 +368,9 @@ def project_row(row: dict, rule: ResponseTokenizer, weak: dict, same_vocab: bool
 
 def _check_retokenized(row: dict, stored: list[int], full: list[int], root: Path) -> None:
     """Stored ids must be the strong tokenizer's ids: all of them, or a prefix when phase one cut the response."""
-    same = full[: len(stored)] == stored and (len(stored) == len(full) or (row["truncated"] and len(stored) < len(full)))
-    if same:
+    at = stored_ids_mismatch(stored, full, row["truncated"])
+    if at is None:
         return
-    at = next((i for i, (a, b) in enumerate(zip(full, stored)) if a != b), min(len(full), len(stored)))
     raise DataError(
         f"row {row['id']} (example {row['example_id']}) of {root}: re-tokenizing its response with the strong "
         f"tokenizer gives {len(full)} ids, the shard stores {len(stored)}, first difference at token {at}. The "
@@ -438,6 +455,9 @@ class Collator:
             batch["rewards"] = torch.from_numpy(np.concatenate([e.rewards for e in in_order]))
         if examples[0].ref_logps is not None:
             batch["ref_logps"] = torch.from_numpy(np.concatenate([e.ref_logps for e in in_order]))
+        if examples[0].topk_ids is not None:  # kd: [response tokens, K], in token order
+            batch["topk_ids"] = torch.from_numpy(np.concatenate([e.topk_ids for e in in_order]))
+            batch["teacher_topk_logps"] = torch.from_numpy(np.concatenate([e.topk_logps for e in in_order]))
         return batch
 
 

@@ -13,15 +13,15 @@ import math
 import torch
 from transformers import TrainerCallback
 
-from wspo.errors import WspoError
+from wspo.errors import NonFiniteError
 
 
-class NonFiniteError(WspoError, ValueError):
+class NonFiniteTrainingError(NonFiniteError, ValueError):
     """Training produced a NaN or infinite loss or gradient."""
 
 
-def _stop(step: int, what: str, args) -> NonFiniteError:
-    return NonFiniteError(
+def _stop(step: int, what: str, args) -> NonFiniteTrainingError:
+    return NonFiniteTrainingError(
         f"training stopped at step {step}: the {what} is NaN or infinite. No final model was written to "
         f"{args.output_dir} (checkpoints saved before step {step} are kept). Check the learning rate "
         f"({args.learning_rate:g}), gamma/beta and the precision settings."

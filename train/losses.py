@@ -161,3 +161,45 @@ def pearson_from_sums(sums: torch.Tensor) -> float:
     if var_x <= 0 or var_y <= 0:
         return float("nan")
     return cov / (var_x * var_y) ** 0.5
+
+
+def kd_token_losses(student_topk_logps: torch.Tensor, teacher_topk_logps: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """[T] forward KL(teacher || student) at each response position, over K + 1 categories: the
+    teacher's K most likely ids (stored in phase one) and one bucket for the rest of the
+    vocabulary.
+
+    teacher_topk_logps: [T, K] the teacher's log-probs of its top-k ids (no gradient).
+    student_topk_logps: [T, K] the student's log-probs of the same ids (a full-vocabulary
+        log-softmax, gathered: `response_logprobs(..., gather_ids=ids)`).
+
+    Each side's bucket is the mass outside the K ids, log(1 - sum_k p_k). With temperature T the
+    (K + 1)-category distributions of both sides are softened, log_softmax(categories / T), and
+    the KL is multiplied by T^2 (Hinton et al.), so gradient scales stay comparable across T;
+    T = 1 is the plain bucketed KL.
+    """
+    teacher = _with_bucket(teacher_topk_logps.float())
+    student = _with_bucket(student_topk_logps.float())
+    if temperature != 1.0:
+        teacher = torch.log_softmax(teacher / temperature, dim=-1)
+        student = torch.log_softmax(student / temperature, dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(-1) * temperature**2
+
+
+def _with_bucket(topk_logps: torch.Tensor) -> torch.Tensor:
+    """[T, K + 1]: the K log-probs and the log of the remaining mass, log(1 - exp(logsumexp)),
+    floored at the smallest float32 (a teacher whose stored top-k sums to 1 within rounding)."""
+    inside = torch.logsumexp(topk_logps, dim=-1)
+    rest = torch.log(torch.clamp(-torch.expm1(inside), min=torch.finfo(torch.float32).tiny))
+    return torch.cat([topk_logps, rest[:, None]], dim=-1)
+
+
+def kd_loss(policy_logps: torch.Tensor, student_topk_logps: torch.Tensor, teacher_topk_logps: torch.Tensor,
+            temperature: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+    """Distillation: alpha * mean over response tokens of the bucketed KL (`kd_token_losses`) +
+    (1 - alpha) * the SFT loss on the actual tokens (`sft_loss`, policy_logps [T]). Per token over
+    the micro-batch, like `sft_loss`."""
+    kl = kd_token_losses(student_topk_logps, teacher_topk_logps, temperature).mean()
+    if alpha == 1.0:
+        return kl
+    return alpha * kl + (1.0 - alpha) * sft_loss(policy_logps)

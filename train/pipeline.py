@@ -14,6 +14,7 @@ Reads nothing but the shards and the strong model directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -27,19 +28,23 @@ from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 
 import wspo
 from wspo.shards.schema import logp_column
-from wspo.models import load_tokenizer, read_config, resolve_model_dir
+from wspo.shards.store import write_json
+from wspo.models import check_weights, load_tokenizer, read_config, resolve_model_dir
 
 from .config import PREFERENCE_LOSSES, WSPOArguments
 from .data import REFERENCE_SCORER, Collator, DataError, describe_shards, open_shard_sets, strong_rule
+from .distill import teacher_columns
 from .data import reference_sets as reference_sets_of
 from .packing import check_packing_attention
 from .pairs import PreferenceCollator, preference_datasets
 from .checkpoints import publish_final, resolve_resume
 from .guards import NonFiniteGuard
+from .identity import (
+    IDENTITY_FILE, RUN_FILE, IdentityInCheckpoints, check_resume_identity, guard_finished_model, guard_output_dir,
+    hold_output_dir, run_identity,
+)
 from .rows import row_datasets
 from .trainer import WSPOTrainer
-
-RUN_FILE = "wspo_run.json"
 
 
 def model_dtype(args: WSPOArguments, training_args: TrainingArguments) -> torch.dtype:
@@ -78,7 +83,7 @@ def load_models(args: WSPOArguments, training_args: TrainingArguments, model_dir
         if training_args.gradient_checkpointing:
             policy.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         return policy, None
-    if args.loss == "sft" or args.reference_logps == "shards":
+    if args.loss in ("sft", "kd") or args.reference_logps == "shards":
         return policy, None
     reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     reference.config.use_cache = False
@@ -107,15 +112,27 @@ def _init_deepspeed_comm(training_args: TrainingArguments) -> None:
 
 
 def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list | None = None) -> dict:
-    """Train; returns what is written to `output_dir/wspo_run.json`."""
+    """Train; returns what is written to `output_dir/wspo_run.json`.
+
+    The run's first process holds output_dir's lock throughout (identity.py): a second live
+    wspo-train on the same output_dir is refused, naming this one.
+    """
+    lock = hold_output_dir(Path(training_args.output_dir), training_args.process_index == 0)
+    with lock if lock is not None else contextlib.nullcontext():
+        return _run(args, training_args, callbacks)
+
+
+def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list | None) -> dict:
     # 1. shards
     shard_sets = open_shard_sets(args.shards, args.loss)
+    teacher = teacher_columns(shard_sets, args.kd_scorer) if args.loss == "kd" else None
 
     # 2. strong tokenizer and examples
     model_dir = resolve_model_dir(args.model_name_or_path, option="model_name_or_path").resolve()
+    check_weights(model_dir, option="model_name_or_path")
     tokenizer = load_tokenizer(model_dir)
     max_length = args.max_length or shard_sets[0].tokenizer["max_length"]
-    rule, projected = strong_rule(shard_sets, tokenizer, max_length, args.reward_projection)
+    rule, projected = strong_rule(shard_sets, tokenizer, max_length, args.reward_projection, distill=teacher is not None)
     vocab = read_config(model_dir).get("vocab_size")
     if vocab is not None and len(tokenizer) > vocab:
         raise DataError(f"model {model_dir} has {vocab} embeddings but its tokenizer has {len(tokenizer)} tokens")
@@ -126,6 +143,8 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
     preference = None  # dpo / wrpo: what wspo_run.json records of the pairs and their reference
     cache_dir = Path(args.data_cache_dir or Path(training_args.output_dir) / ".wspo_cache")
     counts = Counter()
+    if training_args.process_index == 0:  # before anything of this run is written (the row cache included)
+        guard_output_dir(Path(training_args.output_dir), args.overwrite, training_args.resume_from_checkpoint)
     with training_args.main_process_first(local=True, desc="shard row cache"):
         if args.loss in PREFERENCE_LOSSES:
             train_set, eval_set, n_rows, reference_sets, preference = preference_datasets(
@@ -139,7 +158,7 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
                 reference_sets = reference_sets_of(args.reference_shards or args.shards, shard_sets, model_dir, rule)
                 reference = (reference_sets, logp_column(REFERENCE_SCORER))
             train_set, eval_set, n_rows = row_datasets(shard_sets, rule, args.loss, projected, args.eval_fraction,
-                                                       cache_dir, counts, reference)
+                                                       cache_dir, counts, reference, teacher=teacher, vocab_size=vocab)
     if not n_rows:
         slots = {k.removeprefix("rows_"): v for k, v in counts.items() if k.startswith("rows_")}
         raise DataError(
@@ -153,6 +172,15 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
             f"eval_strategy is {training_args.eval_strategy.value} but no held-out rows: raise eval_fraction "
             f"(now {args.eval_fraction}) or set eval_strategy no"
         )
+
+    # The run's identity, checked against the checkpoint it resumes from and recorded.
+    identity = run_identity(args, model_dir, shard_sets, reference_sets, rule, max_length, projected)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume:
+        check_resume_identity(resume, identity, args.allow_resume_mismatch)
+        guard_finished_model(Path(training_args.output_dir), identity, args.allow_resume_mismatch)
+    if training_args.process_index == 0:
+        write_json(identity, Path(training_args.output_dir) / IDENTITY_FILE)
 
     # 3. models
     _init_deepspeed_comm(training_args)
@@ -169,7 +197,9 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
         loss=args.loss,
         gamma=args.gamma,
         ref_model=reference_model,
-        reference_from_shards=args.loss != "sft" and args.reference_logps == "shards",
+        reference_from_shards=args.loss not in ("sft", "kd") and args.reference_logps == "shards",
+        kd_alpha=args.kd_alpha,
+        kd_temperature=args.kd_temperature,
         beta=args.beta,
         wrpo_alpha=args.wrpo_alpha,
         wrpo_alpha_schedule=args.wrpo_alpha_schedule,
@@ -178,9 +208,8 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        callbacks=[NonFiniteGuard(), *(callbacks or [])],
+        callbacks=[NonFiniteGuard(), IdentityInCheckpoints(identity), *(callbacks or [])],
     )
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     resumed_from = resume  # the checkpoint the run goes on from, for the record and the closing summary
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
@@ -210,9 +239,12 @@ def run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list |
             "world_size": training_args.world_size,
             "deepspeed_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         },
+        "identity": identity,
         "shards": describe_shards(shard_sets),
         "reference_shards": describe_shards(reference_sets),
         "preference": preference,
+        "distill": None if teacher is None else {"scorer": teacher.scorer, "k": teacher.k, "encoding": teacher.encoding,
+                                                 "kd_alpha": args.kd_alpha, "kd_temperature": args.kd_temperature},
         "data": {
             "max_length": max_length,
             "reward_projection": "chunks" if projected else "none (same tokenizer: rewards token for token)",

@@ -130,8 +130,10 @@ class ShardRowsDataset(torch.utils.data.Dataset):
     """One side (train or held out) of the rows; examples are built when drawn (module docstring)."""
 
     def __init__(self, rows: OpenRows, positions: np.ndarray, rule: ResponseTokenizer, with_rewards: bool,
-                 project: bool = False, reference: ReferenceJoin | None = None, same_vocab: bool = False):
+                 project: bool = False, reference: ReferenceJoin | None = None, same_vocab: bool = False,
+                 teacher=None, vocab_size: int | None = None):
         self.rows, self.positions, self.rule = rows, positions, rule
+        self.teacher, self.vocab_size = teacher, vocab_size  # kd: distill.TeacherColumns, the student's embeddings
         self.with_rewards, self.project, self.reference, self.same_vocab = with_rewards, project, reference, same_vocab
         self.counts: Counter = Counter()  # rows skipped / cut as met (in this process)
 
@@ -160,7 +162,11 @@ class ShardRowsDataset(torch.utils.data.Dataset):
             return None
         reward = np.asarray(row["reward"], dtype=np.float32) if self.with_rewards else None
         ref = self.reference.logps(position) if self.reference is not None else None
-        return token_example(row, prompt, stored, reward, ref, self.rule, self.counts, root)
+        example = token_example(row, prompt, stored, reward, ref, self.rule, self.counts, root)
+        if example is not None and self.teacher is not None:
+            keep = len(example.input_ids) - example.prompt_length
+            example.topk_ids, example.topk_logps = self.teacher.decode(row, keep, self.vocab_size, root)
+        return example
 
     @property
     def num_tokens(self) -> int:
@@ -176,11 +182,13 @@ class ShardRowsDataset(torch.utils.data.Dataset):
 
 
 def row_datasets(shard_sets: list[ShardSet], rule: ResponseTokenizer, loss: str, project: bool, eval_fraction: float,
-                 cache_dir: Path, counts: Counter, reference: tuple[list[ShardSet], str] | None = None):
+                 cache_dir: Path, counts: Counter, reference: tuple[list[ShardSet], str] | None = None,
+                 teacher=None, vocab_size: int | None = None):
     """Pipeline step 2 for wspo / sft: (train dataset, held-out dataset or None, row count).
 
     `reference`: (reference shard sets, column) when the strong reference's log-probs come from
-    shards. `counts` receives the rows per slot now and, as rows are drawn, the skipped and cut
+    shards. `teacher` (kd): the top-k columns to read (distill.TeacherColumns), checked against the
+    student's `vocab_size`. `counts` receives the rows per slot now and, as rows are drawn, the skipped and cut
     rows (the run record's counts).
     """
     if project and reference is not None:
@@ -190,6 +198,8 @@ def row_datasets(shard_sets: list[ShardSet], rule: ResponseTokenizer, loss: str,
         columns.append("reward")
     if project:
         columns += ["token_start", "token_end"]
+    if teacher is not None:
+        columns += teacher.columns
     rows = OpenRows(shard_sets, columns, cache_dir)
     counts.update(rows.counts)
     join = ReferenceJoin(rows, reference[0], reference[1], cache_dir) if reference is not None else None
@@ -198,7 +208,7 @@ def row_datasets(shard_sets: list[ShardSet], rule: ResponseTokenizer, loss: str,
 
     def side(positions):
         dataset = ShardRowsDataset(rows, positions, rule, with_rewards=loss == "wspo", project=project, reference=join,
-                                   same_vocab=same_vocab)
+                                   same_vocab=same_vocab, teacher=teacher, vocab_size=vocab_size)
         dataset.counts = counts
         return dataset
 

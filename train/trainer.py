@@ -28,10 +28,11 @@ from peft import PeftModel
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from wspo.errors import ConfigError
 from wspo.logprobs import response_logprobs
 
 from .held_out import HeldOutLedger
-from .losses import pearson_from_sums, pearson_sums_by, segment_sums, sft_loss, wspo_sequence_losses
+from .losses import kd_loss, kd_token_losses, pearson_from_sums, pearson_sums_by, segment_sums, sft_loss, wspo_sequence_losses
 from .preference import PreferenceMixin
 
 
@@ -42,20 +43,21 @@ class WSPOTrainer(PreferenceMixin, Trainer):
 
     def __init__(self, model, args, *, loss: str = "wspo", gamma: float = 0.1, ref_model: torch.nn.Module | None = None,
                  reference_from_shards: bool = False, beta: float = 0.1, wrpo_alpha: float = 0.1,
-                 wrpo_alpha_schedule: str = "linear", **kwargs):
+                 wrpo_alpha_schedule: str = "linear", kd_alpha: float = 1.0, kd_temperature: float = 1.0, **kwargs):
         # Batches carry keys the model's forward does not take (target_mask, rewards, ...); the
         # Trainer must not drop them.
         args.remove_unused_columns = False
         super().__init__(model=model, args=args, **kwargs)
         self.loss_name = loss
         self.gamma = gamma
+        self.kd_alpha, self.kd_temperature = kd_alpha, kd_temperature
         self._init_preference(loss, beta, wrpo_alpha, wrpo_alpha_schedule)  # dpo / wrpo (preference.py)
         self.uses_lora = isinstance(self.model, PeftModel)
         self.reference_from_shards = reference_from_shards
         if loss == "wspo" and not self.uses_lora and ref_model is None and not reference_from_shards:
-            raise ValueError("loss wspo with full fine-tuning needs ref_model (a frozen copy of the strong model) or reference_from_shards")
+            raise ConfigError("loss wspo with full fine-tuning needs ref_model (a frozen copy of the strong model) or reference_from_shards")
         self.ref_model = self._prepare_ref_model(ref_model) if ref_model is not None and not self.uses_lora else None
-        if loss == "sft":
+        if loss in ("sft", "kd"):
             self.reference_kind = None
         elif self.is_preference_loss:
             self.reference_kind = "logp_ref from shards"
@@ -137,6 +139,9 @@ class WSPOTrainer(PreferenceMixin, Trainer):
         if self.is_preference_loss:  # dpo / wrpo: preference.py
             loss = self.preference_loss(model, inputs, mode)
             return (loss, {}) if return_outputs else loss
+        if self.loss_name == "kd":
+            loss = self.distillation_loss(model, inputs, mode)
+            return (loss, {}) if return_outputs else loss
         policy_logps = response_logprobs(model, ids, mask, target, position_ids=positions)
         if self.loss_name == "sft":
             loss = sft_loss(policy_logps)
@@ -168,6 +173,23 @@ class WSPOTrainer(PreferenceMixin, Trainer):
             else:
                 self._sums += per_seq.sum(0).cpu()
         return (loss, {}) if return_outputs else loss
+
+    def distillation_loss(self, model, inputs, mode: str) -> torch.Tensor:
+        """--loss kd (losses.kd_loss): the student's log-probs of the actual tokens and of the
+        teacher's stored top-k ids, from the same output-head chunks."""
+        policy_logps, student_topk = response_logprobs(model, inputs["input_ids"], inputs.get("attention_mask"),
+                                                       inputs["target_mask"], position_ids=inputs.get("position_ids"),
+                                                       gather_ids=inputs["topk_ids"])
+        teacher = inputs["teacher_topk_logps"].float()
+        if mode == "eval":  # per example: summed loss, summed KL, tokens
+            with torch.no_grad():
+                kl = kd_token_losses(student_topk, teacher, self.kd_temperature)
+                per_token = self.kd_alpha * kl + (1.0 - self.kd_alpha) * -policy_logps
+                seq_ids, n_seqs = inputs["seq_ids"], inputs["row_index"].shape[0]
+                sums = [segment_sums(v.double(), seq_ids, n_seqs) for v in (per_token, kl)]
+                tokens = torch.bincount(seq_ids, minlength=n_seqs).double()
+                self.held_out.add(inputs["row_index"], torch.stack([*sums, tokens], 1))
+        return kd_loss(policy_logps, student_topk, teacher, self.kd_temperature, self.kd_alpha)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -216,6 +238,8 @@ class WSPOTrainer(PreferenceMixin, Trainer):
             return {}
         if self.loss_name == "sft":  # per token over the held-out set
             return {f"{prefix}loss": totals[0] / totals[1]}
+        if self.loss_name == "kd":  # per token: the loss, and the KL to the teacher alone
+            return {f"{prefix}loss": totals[0] / totals[2], f"{prefix}kd_kl": totals[1] / totals[2]}
         metrics = {f"{prefix}loss": totals[0] / n}  # mean over examples of their loss terms
         if self.is_preference_loss:
             return metrics | self._preference_metrics_of(torch.from_numpy(totals[1:]), prefix)
