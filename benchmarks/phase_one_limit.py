@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-RESULT_PREFIX = "BENCH_RESULT "
+import workloads  # noqa: E402  (benchmarks/, on sys.path from here on)
 
 
 def child(spec: dict) -> None:
@@ -126,7 +123,7 @@ def child(spec: dict) -> None:
     weights = sum(p.stat().st_size for p in models["weak_ref"].glob("*.safetensors")) * dtype.itemsize // 4
     limit = ceiling.seconds(work)
     rows_done = manifest["counts"]["rows_written"]
-    print(RESULT_PREFIX + json.dumps({
+    print(workloads.RESULT_PREFIX + json.dumps({
         "backend": spec["backend"], "dtype": spec["dtype"], "device": device, "threads": ceiling.threads,
         "batch_tokens": batch_tokens, "rows": rows_done, "sequence_tokens": sum(sequences),
         "response_tokens": sum(responses), "useful_gflop": round(sum(work.values()) / 1e9, 1),
@@ -148,12 +145,7 @@ def child(spec: dict) -> None:
 
 
 def run_child(spec: dict) -> dict:
-    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(Path(__file__).resolve().parent)}
-    proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)], capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode or not lines:
-        raise SystemExit(f"child {spec['backend']}/{spec['dtype']} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    return workloads.run_child(__file__, spec, f"child {spec['backend']}/{spec['dtype']}")
 
 
 def main() -> None:

@@ -35,12 +35,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workloads  # noqa: E402  (benchmarks/, on sys.path from here on)
 
-RESULT_PREFIX = "BENCH_RESULT "
 LOSS_TOLERANCE = 1e-4
 
 
@@ -86,10 +85,7 @@ def child(spec: dict) -> None:
             if output_dir:
                 Path(output_dir).mkdir(parents=True, exist_ok=True)
 
-    def now():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    now = workloads.clock(device)
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -127,7 +123,7 @@ def child(spec: dict) -> None:
         positions += sum(micro["positions"] for micro in step["micro"])
     tokens = sum(n for step in timed for micro in step["micro"] for n in micro["sequences"])
     limit = ceiling.seconds(work)
-    print(RESULT_PREFIX + json.dumps({
+    print(workloads.RESULT_PREFIX + json.dumps({
         "loss": args.loss, "fine_tuning": "lora" if args.use_lora else "full", "packing": args.packing,
         "reference": "model forward" if reference_forward else "shards", "dtype": spec["dtype"],
         "timed_steps": len(timed), "seconds_per_step": round(seconds / max(1, len(timed)), 3),
@@ -145,12 +141,7 @@ def child(spec: dict) -> None:
 
 
 def run_child(spec: dict) -> dict:
-    env = os.environ | {"TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)], capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode or not lines:
-        raise SystemExit(f"child {spec['name']} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    return workloads.run_child(__file__, spec, f"child {spec['name']}")
 
 
 def main() -> None:

@@ -33,17 +33,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workloads  # noqa: E402  (benchmarks/, on sys.path from here on)
 
-RESULT_PREFIX = "BENCH_RESULT "
 LOSS_TOLERANCE = 1e-4
 # ChatML whose assistant turn ends at its end-of-turn token (no newline after it), so TRL's
 # completion ids and the toolkit's response ids are the same tokens.
@@ -76,10 +74,7 @@ def child(spec: dict) -> None:
     device, path = spec["device"], spec["path"]
     record: dict = {"losses": [], "step_seconds": [], "ids": []}
 
-    def now():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    now = workloads.clock(device)
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -172,18 +167,12 @@ def child(spec: dict) -> None:
         for k in range(0, spec["batch"] * spec["steps"], spec["batch"]):
             record["ids"] += chosen[k:k + spec["batch"]] + rejected[k:k + spec["batch"]]
     result.update(seconds=time.perf_counter() - start, peak_rss_bytes=vmhwm(), **record)
-    print(RESULT_PREFIX + json.dumps(result))
+    print(workloads.RESULT_PREFIX + json.dumps(result))
 
 
 def run_child(spec: dict) -> dict:
-    env = os.environ | {"TOKENIZERS_PARALLELISM": "false"}
-    if spec["device"] == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)], capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode or not lines:
-        raise SystemExit(f"path {spec['path']} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(lines[-1][len(RESULT_PREFIX):])
+    env = {"CUDA_VISIBLE_DEVICES": ""} if spec["device"] == "cpu" else None
+    return workloads.run_child(__file__, spec, f"path {spec['path']}", env)
 
 
 def build(root: Path, preset: str, dtype: str) -> Path:

@@ -14,11 +14,43 @@ to the drawn length, so the text is ordinary English the real vocabulary tokeniz
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+import time
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+RESULT_PREFIX = "BENCH_RESULT "  # a measured child's one line of JSON on stdout
+
+
+def run_child(script: str, spec: dict, name: str, env: dict | None = None) -> dict:
+    """Run `script --_child SPEC` in a process of its own (its time and peak memory apart from
+    every other path's) and return the JSON it printed after RESULT_PREFIX."""
+    here = str(Path(__file__).resolve().parent)  # so the child imports limits / workloads too
+    env = os.environ | {"TOKENIZERS_PARALLELISM": "false",
+                        "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))} | (env or {})
+    proc = subprocess.run([sys.executable, script, "--_child", json.dumps(spec)], capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def clock(device: str):
+    """A perf_counter read after the device's queued work is done (CUDA runs asynchronously)."""
+    import torch
+
+    def now() -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    return now
+
 
 # Qwen2's pre-tokenizer pattern and a ChatML template (as tests/tokenizer_families.py builds it).
 QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
