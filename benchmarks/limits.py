@@ -150,8 +150,8 @@ def phase_two_flops(config, sequence_lengths: Iterable[int], response_lengths: I
     the forward, less the first layer's q/k/v input gradients). LoRA (lora_rank r on
     `lora_targets`): frozen base and head do forward + input gradient only; each adapter (A: in->r,
     B: r->out) forward + input + weight gradients. `reference_forward`: the strong reference's
-    forward over the same tokens (a frozen copy, or LoRA with adapters off) when it is not read
-    from shards.
+    forward over the same tokens (a frozen copy, or LoRA with adapters off) when the shards do
+    not hold its log-probs.
     """
     shape = Shape.of(config)
     sequence_lengths, response_lengths = _check(sequence_lengths, response_lengths)
