@@ -20,10 +20,13 @@ SequentialSampler), and the chat template renders an assistant turn as `content<
 nothing after it, so TRL's completion ids (prompt+completion minus prompt) equal the toolkit's
 response ids (content + end-of-turn token); the benchmark checks that the token ids of every
 trained pair are equal, and the per-step losses then agree to 1e-4 (asserted, float32). AdamW
-(adamw_torch), constant learning rate, no warm-up, beta 0.1, sigmoid loss, max_grad_norm 1 in all.
+(adamw_torch), constant learning rate, no warm-up, beta 0.1, sigmoid loss, max_grad_norm 1 in all;
+gradient checkpointing the same in all (`--gradient_checkpointing`, default true: TRL's DPOConfig
+default, which recomputes each layer's activations in the backward pass instead of keeping them).
 
 Reported: seconds of each path (after imports; model loading included), seconds per step
-(median of the steps after the first), peak RSS (VmHWM), and the issue's ratios:
+(median of the steps after the first), peak RSS (VmHWM) and RSS when training begins (imports,
+model, data and the trainer in place; TRL's precompute pass included), and the issue's ratios:
 precompute / TRL's reference pass (goal <= 0.8), step / TRL's step (<= 1), one full run (phase
 one + training) / TRL's precompute variant (<= 1), three runs reusing one shard set (phase one
 once + three trainings, the training measured once) / three TRL runs (<= 0.7), peak RSS (<= 0.8).
@@ -50,9 +53,10 @@ TEMPLATE = ("{% for message in messages %}{% if not loop.first %}{{ '\n' }}{% en
             "{% if add_generation_prompt %}{{ '\n<|im_start|>assistant\n' }}{% endif %}")
 
 
-def vmhwm() -> int:
+def proc_status_bytes(key: str) -> int:
+    """A memory figure of this process from /proc/self/status: VmHWM (peak RSS), VmRSS (now)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -77,6 +81,9 @@ def child(spec: dict) -> None:
     now = workloads.clock(device)
 
     class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            record["rss_bytes_at_train_begin"] = proc_status_bytes("VmRSS")
+
         def on_step_begin(self, args, state, control, **kwargs):
             record["begin"] = now()
 
@@ -86,7 +93,8 @@ def child(spec: dict) -> None:
     common = dict(per_device_train_batch_size=spec["batch"], learning_rate=1e-5, lr_scheduler_type="constant",
                   max_steps=spec["steps"], logging_steps=spec["steps"], save_strategy="no", report_to="none",
                   dataloader_pin_memory=False, disable_tqdm=True, seed=0, use_cpu=device == "cpu",
-                  optim="adamw_torch", max_grad_norm=1.0, warmup_steps=0, weight_decay=0.0)
+                  optim="adamw_torch", max_grad_norm=1.0, warmup_steps=0, weight_decay=0.0,
+                  gradient_checkpointing=spec["gradient_checkpointing"])
     start = time.perf_counter()
     result = {"path": path}
     if path.startswith("trl"):
@@ -166,7 +174,7 @@ def child(spec: dict) -> None:
         rejected = [t for s, t in zip(slots, ids) if s == "rejected"]
         for k in range(0, spec["batch"] * spec["steps"], spec["batch"]):
             record["ids"] += chosen[k:k + spec["batch"]] + rejected[k:k + spec["batch"]]
-    result.update(seconds=time.perf_counter() - start, peak_rss_bytes=vmhwm(), **record)
+    result.update(seconds=time.perf_counter() - start, peak_rss_bytes=proc_status_bytes("VmHWM"), **record)
     print(workloads.RESULT_PREFIX + json.dumps(result))
 
 
@@ -205,6 +213,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every path (0: torch's default)")
+    parser.add_argument("--gradient_checkpointing", default="true", choices=["true", "false"],
+                        help="in every training path (default true: TRL's DPOConfig default)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -223,7 +233,8 @@ def main() -> None:
         model = build(tmp, args.preset, args.dtype)
         base = {"model": str(model), "rows": str(SAMPLE_DIR / "train_prefs.jsonl"), "pairs": args.pairs,
                 "batch": args.batch, "steps": args.steps, "max_length": args.max_length, "dtype": args.dtype,
-                "device": args.device, "threads": args.threads, "shards": str(tmp / "shards")}
+                "device": args.device, "threads": args.threads, "shards": str(tmp / "shards"),
+                "gradient_checkpointing": args.gradient_checkpointing == "true"}
         results = {}
         for path in ("trl_ref_in_memory", "trl_precompute", "wspo_precompute", "wspo_train"):
             results[path] = run_child(dict(base, path=path, output_dir=str(tmp / f"out-{path}")))
@@ -245,7 +256,8 @@ def main() -> None:
     report = {
         "benchmark": "vs_trl", "trl_version": trl_pre["trl_version"], "preset": args.preset, "dtype": args.dtype,
         "device": args.device, "threads": args.threads or "default", "pairs_scored": args.pairs,
-        "batch_pairs": args.batch, "steps": args.steps, "max_length": args.max_length, "machine": machine(),
+        "batch_pairs": args.batch, "steps": args.steps, "max_length": args.max_length,
+        "gradient_checkpointing": args.gradient_checkpointing == "true", "machine": machine(),
         "seconds": {"trl_ref_in_memory_total": round(trl_in_memory["seconds"], 2),
                     "trl_precompute_total": round(trl_pre["seconds"], 2),
                     "trl_reference_pass": round(trl_pre["construction_seconds"], 2),
@@ -253,6 +265,8 @@ def main() -> None:
         "step_seconds_median": {"trl_ref_in_memory": round(step(trl_in_memory), 3), "trl_precompute": round(step(trl_pre), 3),
                                 "wspo_train": round(step(train), 3)},
         "peak_rss_mib": {k: round(r["peak_rss_bytes"] / 2**20, 1) for k, r in results.items()},
+        "rss_mib_at_train_begin": {k: round(r["rss_bytes_at_train_begin"] / 2**20, 1) for k, r in results.items()
+                                   if "rss_bytes_at_train_begin" in r},
         "ratios": {
             "wspo_precompute_over_trl_reference_pass": round(pre["seconds"] / trl_pre["construction_seconds"], 3),
             "wspo_step_over_trl_ref_in_memory_step": round(step(train) / step(trl_in_memory), 3),
