@@ -180,3 +180,16 @@ def test_import_wspo_stays_light():
     result = subprocess.run([sys.executable, "-c", "import sys, wspo; wspo.WspoError; print('torch' in sys.modules)"],
                             capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr[-2000:]
+
+
+def test_phase_imports_leave_optional_backends_out():
+    """A wspo-train or wspo-precompute process starts with what the Trainer and the scorers need
+    (a ~515 MB floor that `transformers.trainer`'s own imports set, TRL's the same) and no optional
+    backend: vLLM, Ray, s3fs, matplotlib, DeepSpeed, TRL each cost start-up time and memory and
+    are imported only by the run that uses them (docs/benchmarks.md, issue 18's memory breakdown)."""
+    code = ("import sys, wspo.train.cli, wspo.train.pipeline, wspo.precompute.cli, wspo.precompute.pipeline\n"
+            "print(sorted(m for m in ('vllm', 'ray', 's3fs', 'matplotlib', 'deepspeed', 'trl') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
