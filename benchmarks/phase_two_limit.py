@@ -104,7 +104,7 @@ def child(spec: dict) -> None:
     dtype = getattr(torch, spec["dtype"])
     before = Ceiling.measure(config, dtype, device, **measure)
     pipeline.WSPOTrainer = Recording  # the toolkit's own pipeline, recorded
-    pipeline.run(args, training_args, callbacks=[StepTimer()])
+    run_record = pipeline.run(args, training_args, callbacks=[StepTimer()])
     after = Ceiling.measure(config, dtype, device, **measure)
     ceiling = Ceiling.best_of(before, after)
 
@@ -124,7 +124,8 @@ def child(spec: dict) -> None:
     tokens = sum(n for step in timed for micro in step["micro"] for n in micro["sequences"])
     limit = ceiling.seconds(work)
     print(workloads.RESULT_PREFIX + json.dumps({
-        "loss": args.loss, "fine_tuning": "lora" if args.use_lora else "full", "packing": args.packing,
+        "loss": args.loss, "fine_tuning": "lora" if args.use_lora else "full", "packing": run_record["data"]["batches"] == "packed",
+        "torch_compile": training_args.torch_compile,
         "reference": "model forward" if reference_forward else "shards", "dtype": spec["dtype"],
         "timed_steps": len(timed), "seconds_per_step": round(seconds / max(1, len(timed)), 3),
         "seconds_per_example": round(seconds / max(1, len(timed) * spec["batch_pairs"]), 3),
@@ -158,6 +159,8 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", default=["wspo", "dpo"])
     parser.add_argument("--fine_tuning", nargs="+", default=["full", "lora"])
     parser.add_argument("--packing", nargs="+", default=["false", "true"])
+    parser.add_argument("--torch_compile", nargs="+", default=["false"], choices=["false", "true"],
+                        help="TrainingArguments.torch_compile, one run each")
     parser.add_argument("--ceiling_seconds", type=float, default=0.3, help="least seconds of repeats per GEMM kind")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -194,10 +197,10 @@ def main() -> None:
         results = []
         for loss in args.losses:
             for tuning in args.fine_tuning:
-                for packing in args.packing:
-                    name = f"{loss}-{tuning}-packing_{packing}"
+                for packing, compiled in [(p, c) for p in args.packing for c in args.torch_compile]:
+                    name = f"{loss}-{tuning}-packing_{packing}" + ("-compiled" if compiled == "true" else "")
                     keys = dict(train, output_dir=tmp / f"out-{name}", loss=loss, use_lora=str(tuning == "lora").lower(),
-                                packing=packing)
+                                packing=packing, torch_compile=compiled)
                     if loss == "dpo":
                         keys["allow_reference_mismatch"] = "true"
                     spec = {"name": name, "argv": [a for k, v in keys.items() for a in (f"--{k}", str(v))],
@@ -209,7 +212,7 @@ def main() -> None:
     checks = {}
     for loss in args.losses:
         for tuning in args.fine_tuning:
-            pair = [r for r in results if r["loss"] == loss and r["fine_tuning"] == tuning]
+            pair = [r for r in results if r["loss"] == loss and r["fine_tuning"] == tuning and not r["torch_compile"]]
             if len(pair) == 2:
                 diff = max(abs(a - b) for a, b in zip(pair[0]["losses"], pair[1]["losses"]))
                 checks[f"{loss}-{tuning}_packed_vs_padded_max_loss_diff"] = diff
