@@ -61,13 +61,15 @@ def child(spec: dict) -> None:
     config = AutoConfig.from_pretrained(args.model_name_or_path)
     record = {"losses": [], "steps": [], "micro": []}
 
-    def sequence_lengths(inputs) -> list[int]:
+    def sequence_lengths(inputs) -> list[tuple[int, int]]:
+        """(tokens, response tokens) of each sequence the micro-batch forwarded."""
+        targets = inputs["target_mask"].tolist()
         if inputs.get("attention_mask") is not None:
-            return inputs["attention_mask"].sum(1).tolist()
+            return list(zip(inputs["attention_mask"].sum(1).tolist(), inputs["target_mask"].sum(1).tolist()))
         lengths = []  # packed: position ids restart at 0 at every sequence; the pads' segment has no target
-        for row, target in zip(inputs["position_ids"].tolist(), inputs["target_mask"].tolist()):
+        for row, target in zip(inputs["position_ids"].tolist(), targets):
             starts = [i for i, p in enumerate(row) if p == 0] + [len(row)]
-            lengths += [b - a for a, b in zip(starts, starts[1:]) if any(target[a:b])]
+            lengths += [(b - a, sum(target[a:b])) for a, b in zip(starts, starts[1:]) if any(target[a:b])]
         return lengths
 
     class Recording(WSPOTrainer):
@@ -111,17 +113,12 @@ def child(spec: dict) -> None:
     timed = record["steps"][spec["warmup_steps"]:]
     work, seconds, positions = {}, 0.0, 0
     for step in timed:
-        sequences = [n for micro in step["micro"] for n in micro["sequences"]]
-        responses = sum(micro["responses"] for micro in step["micro"])
-        # response_lengths only enter as a sum (head rows): spread them over the sequences.
-        per = [0] * len(sequences)
-        for i in range(responses):
-            per[i % len(sequences)] += 1
-        work = add_work(work, phase_two_flops(config, sequences, per, lora_rank=lora_rank,
+        pairs = [pair for micro in step["micro"] for pair in micro["sequences"]]
+        work = add_work(work, phase_two_flops(config, [n for n, _ in pairs], [r for _, r in pairs], lora_rank=lora_rank,
                                               reference_forward=reference_forward))
         seconds += step["seconds"]
         positions += sum(micro["positions"] for micro in step["micro"])
-    tokens = sum(n for step in timed for micro in step["micro"] for n in micro["sequences"])
+    tokens = sum(n for step in timed for micro in step["micro"] for n, _ in micro["sequences"])
     limit = ceiling.seconds(work)
     print(workloads.RESULT_PREFIX + json.dumps({
         "loss": args.loss, "fine_tuning": "lora" if args.use_lora else "full", "packing": run_record["data"]["batches"] == "packed",

@@ -82,8 +82,8 @@ def default_batch_tokens(config, device: str, dtype: torch.dtype) -> int:
 # `compile="auto"` compiles where it was measured faster and the job is long enough to repay the
 # compile (docs/benchmarks.md, issue 18). On 2 CPU cores at the quick shape the compiled decoder
 # (RMSNorm, rotary, SiLU and residual adds fused: eager spends a quarter of its time in these
-# memory-bound ops) scored 1.47x faster than eager in float32 and 1.10x in bfloat16, after 30-110 s
-# of compiling per scorer. 2,048 rows (one part at the default rows_per_file) take tens of minutes
+# memory-bound ops) scored 1.22x faster than eager in float32 and 1.09x in bfloat16, after 15-100 s
+# of compiling per scorer (inductor's on-disk cache warm / cold). 2,048 rows (one part at the default rows_per_file) take tens of minutes
 # there. GPUs: not measured yet, so auto leaves them eager.
 COMPILE_MIN_ROWS = 2048
 

@@ -200,3 +200,22 @@ def test_cli_trains_packed_like_padded(train_setup, tmp_path):  # noqa: F811
         losses[packing] = [h["loss"] for h in record["log_history"] if "loss" in h]
     assert len(losses["true"]) == 2
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_trains_compiled_like_eager(train_setup, tmp_path):  # noqa: F811
+    """`--torch_compile true` (transformers' key): the Trainer compiles the policy and WSPOTrainer
+    the frozen reference's decoder; two WSPO steps log the eager run's losses."""
+    import json
+
+    from wspo.train.cli import main
+
+    losses = {}
+    for compiled in ("false", "true"):
+        out = tmp_path / compiled
+        assert main(train_argv(train_setup, out, max_steps=2, torch_compile=compiled)) == 0
+        record = json.loads((out / "wspo_run.json").read_text())
+        assert record["model"]["reference"] == "frozen copy"
+        losses[compiled] = [h["loss"] for h in record["log_history"] if "loss" in h]
+    assert len(losses["true"]) == 2
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)
