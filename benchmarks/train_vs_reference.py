@@ -270,9 +270,12 @@ def child(spec: dict) -> None:
     from wspo.args import parse_config
     from wspo.models import load_tokenizer, resolve_dtype, resolve_model_dir
     from wspo.train.config import WSPOArguments
-    from wspo.train.data import load_examples, open_shard_sets, strong_rule
     from wspo.train.pairs import PreferenceCollator
+    from wspo.train.shard_sets import open_shard_sets, strong_rule
     from wspo.train.trainer import WSPOTrainer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from eager_examples import load_examples  # the eager path the tests check the lazy rows against
 
     baseline = proc_status("VmRSS")  # after the imports, before any model or data
     path, device = spec["path"], spec["device"]

@@ -187,7 +187,8 @@ def test_show_and_info_cover_the_top_k_columns(compact_set, tmp_path, capsys):
 def student_batch(shards_dir, student_dir, tmp_path, packing: bool = False):
     from transformers import AutoTokenizer
 
-    from wspo.train.data import Collator, open_shard_sets, strong_rule
+    from wspo.train.batches import Collator
+    from wspo.train.shard_sets import open_shard_sets, strong_rule
     from wspo.train.distill import teacher_columns
     from wspo.train.rows import row_datasets
 

@@ -39,9 +39,11 @@ from wspo.shards.schema import logp_column
 from wspo.shards.store import ShardSet
 from wspo.shards.tokenization import ResponseTokenizer
 
-from .data import DataError, checked_prompt, reference_sets, sequence_batch, token_order_ids
+from .batches import sequence_batch, token_order_ids
+from .examples import checked_prompt
 from .row_cache import BUCKET_COLUMN
 from .rows import OpenRows, ReferenceJoin
+from .shard_sets import DataError, reference_sets
 
 PREFERENCE_SLOTS = {"dpo": ("chosen", "rejected"), "wrpo": ("chosen_source", "chosen_target", "rejected")}
 PREFERENCE_REFERENCE = "ref"  # phase one's name for the single DPO/WRPO reference (column logp_ref)
@@ -156,7 +158,7 @@ def pair_datasets(shard_sets: list[ShardSet], rule: ResponseTokenizer, loss: str
                   eval_fraction: float, cache_dir: Path, counts: Counter):
     """(train dataset, held-out dataset or None, complete tuples) of the shard sets' rows of the
     loss's slots, with `logp_ref` from `ref_sets`; held out by the hash of example_id
-    (data.is_eval_example). `counts` receives rows per slot and incomplete examples now, and
+    (examples.is_eval_example). `counts` receives rows per slot and incomplete examples now, and
     skipped tuples and cut responses as they are drawn (the run record's counts).
 
     Raises DataError naming the row when a row has no reference log-probs, and when no example
@@ -212,43 +214,37 @@ class PreferenceCollator:
         return batch
 
 
-def preference_datasets(args, shard_sets: list[ShardSet], rule: ResponseTokenizer, projected: bool, model_dir,
-                        cache_dir: Path, counts: Counter):
-    """Pipeline step 2 for dpo / wrpo: (train dataset, held-out dataset or None, complete tuples,
-    reference sets, record).
+def preference_datasets(shard_sets: list[ShardSet], rule: ResponseTokenizer, loss: str, project: bool, eval_fraction: float,
+                        cache_dir: Path, counts: Counter, reference_paths: list[str], model_dir: Path,
+                        allow_reference_mismatch: bool = False):
+    """Pipeline step 2 for dpo / wrpo, the twin of rows.row_datasets: (train dataset, held-out
+    dataset or None, complete tuples, reference sets, what wspo_run.json records of the reference).
 
-    The reference is checked to be the model training starts from (scorer fingerprint in the
-    shards' manifest == fingerprint of model_name_or_path), since that is what DPO's reference is
-    (the SFT model the policy starts from); `allow_reference_mismatch` lifts the check for a
-    deliberately different reference. wspo_run.json records the scorer either way.
+    The reference (`logp_ref` of the sets at `reference_paths`) is checked to be the model
+    training starts from (scorer fingerprint in the shards' manifest == fingerprint of
+    `model_dir`), since that is what DPO's reference is (the SFT model the policy starts from);
+    `allow_reference_mismatch` lifts the check for a deliberately different reference.
+    wspo_run.json records the scorer either way.
     """
     from wspo.models import model_fingerprint
 
-    if projected:
+    if project:
         raise DataError(
-            f"loss {args.loss} compares log-probs summed over the shards' tokens (logp_ref); train a model with the "
+            f"loss {loss} compares log-probs summed over the shards' tokens (logp_ref); train a model with the "
             "shards' tokenizer (reward_projection applies to wspo only)"
         )
-    paths = args.reference_shards or args.shards
-    ref_sets = reference_sets(paths, shard_sets, model_dir, rule, PREFERENCE_REFERENCE, args.allow_reference_mismatch)
-    train, held_out, n_tuples = pair_datasets(shard_sets, rule, args.loss, ref_sets, args.eval_fraction, cache_dir, counts)
+    ref_sets = reference_sets(reference_paths, shard_sets, model_dir, rule, PREFERENCE_REFERENCE, allow_reference_mismatch)
+    train, held_out, n_tuples = pair_datasets(shard_sets, rule, loss, ref_sets, eval_fraction, cache_dir, counts)
     scorers = [next(sc for sc in s.scorers if sc["name"] == PREFERENCE_REFERENCE) for s in ref_sets]
-    if args.allow_reference_mismatch:
+    if allow_reference_mismatch:
         weights = model_fingerprint(model_dir)
         same = all(sc["fingerprint"] == weights for sc in scorers)
     else:
         same = True  # checked by reference_sets
-    record = {
-        "loss": args.loss,
-        "slots": list(PREFERENCE_SLOTS[args.loss]),
-        "beta": args.beta,
-        "wrpo_alpha": args.wrpo_alpha if args.loss == "wrpo" else None,
-        "wrpo_alpha_schedule": args.wrpo_alpha_schedule if args.loss == "wrpo" else None,
-        "reference": {
-            "column": "logp_ref",
-            "scorers": [{k: sc[k] for k in ("model", "fingerprint")} for sc in scorers],
-            "same_weights_as_model": same,
-            "checked": not args.allow_reference_mismatch,
-        },
+    reference = {
+        "column": "logp_ref",
+        "scorers": [{k: sc[k] for k in ("model", "fingerprint")} for sc in scorers],
+        "same_weights_as_model": same,
+        "checked": not allow_reference_mismatch,
     }
-    return train, held_out, n_tuples, ref_sets, record
+    return train, held_out, n_tuples, ref_sets, reference
