@@ -12,7 +12,8 @@ import pytest
 from wspo.precompute.config import PrecomputeArguments
 from wspo.precompute.pipeline import run
 from wspo.shards.cli import main as shards_main
-from wspo.shards.store import ShardError, ShardSet, manifest_checksum
+from wspo.shards.manifest import manifest_checksum
+from wspo.shards.store import ShardError, ShardSet
 
 
 @pytest.fixture(scope="module")
