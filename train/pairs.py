@@ -8,8 +8,8 @@ are put back together, in the loss's slot order:
     wrpo   chosen_source (y_ws), chosen_target (y_wt), rejected (y_l)
 
 The rows stay in memory-mapped Arrow (rows.py's row cache, with the preference slots). Grouping
-is vectorised (`group_examples`): each complete tuple is a row of row positions, a few integers
-per shard row and no Python object per row. An example missing one of its slots is skipped and
+is vectorised (`group_examples`, with shards.pairing's rule, which wspo-eval shares): each
+complete tuple is a row of row positions, a few integers per shard row and no Python object per row. An example missing one of its slots is skipped and
 counted (`skipped_missing_<slot>`); an example with several rows of a slot (a dataset with a
 repeated example id) gives one tuple per complete set, paired in reading order, and the rest are
 counted as `unpaired_rows`.
@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from wspo.shards.pairing import rows_by_example
 from wspo.shards.schema import logp_column
 from wspo.shards.store import ShardSet
 from wspo.shards.tokenization import ResponseTokenizer
@@ -71,27 +72,15 @@ class PreferenceExample:
 
 
 def group_examples(table: pa.Table, slots: tuple[str, ...], counts: Counter) -> np.ndarray:
-    """[tuples, len(slots)]: the row positions of every complete tuple, in slot order; tuples in
-    the reading order of their examples' first rows, then of the rows of each slot. Counts the
-    incomplete examples and the rows left unpaired."""
-    k, n = len(slots), table.num_rows
-    if n == 0:
-        return np.zeros((0, k), dtype=np.int64)
-    example = pc.index_in(table["example_id"], value_set=pc.unique(table["example_id"])).to_numpy().astype(np.int64)
-    slot = pc.index_in(table["slot"].cast(pa.string()), value_set=pa.array(list(slots))).to_numpy().astype(np.int64)
-    per_slot = np.bincount(example * k + slot, minlength=(example.max() + 1) * k).reshape(-1, k)  # [examples, k]
-    complete = per_slot.min(axis=1)  # tuples of each example
+    """[tuples, len(slots)]: the row positions of every complete tuple, in slot order
+    (shards.pairing.rows_by_example). Counts the incomplete examples and the rows left unpaired."""
+    tuples, per_slot = rows_by_example(table, slots)
+    if not table.num_rows:
+        return tuples
     for j, name in enumerate(slots):
         counts[f"skipped_missing_{name}"] += int((per_slot[:, j] == 0).sum())
-    counts["unpaired_rows"] += int((per_slot.sum(axis=1) - k * complete).sum())
-    # Each row's rank among its example's rows of its slot, in reading order; tuple r takes rank r.
-    order = np.lexsort((np.arange(n), slot, example))
-    key = (example * k + slot)[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
-    kept = np.flatnonzero(rank < complete[example])
-    return kept[np.lexsort((slot[kept], rank[kept], example[kept]))].reshape(-1, k)
+    counts["unpaired_rows"] += int((per_slot.sum(axis=1) - len(slots) * per_slot.min(axis=1)).sum())
+    return tuples
 
 
 class PreferenceRowsDataset(torch.utils.data.Dataset):
