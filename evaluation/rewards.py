@@ -10,8 +10,9 @@ R(chosen) > R(rejected) strictly: a tie is not a win, so policy == reference sco
 
 Pairs come from a preference set (`load_rows` + `to_example`, every layout phase one reads) or
 from a shard set with `chosen` and `rejected` rows (paired by `example_id` with training's rule:
-shards/pairing.py). Both models are scored with the `hf` scorer (length-sorted batches, `response_logprobs`, inference mode), one
-after the other, so they never share memory; or the reference log-probs come from a shard column.
+shards/pairing.py). Both models are scored with the `hf` scorer (length-sorted batches,
+`response_logprobs`, inference mode), one after the other, so they never share memory; or the
+reference log-probs come from a shard column.
 """
 
 from __future__ import annotations
