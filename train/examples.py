@@ -2,6 +2,7 @@
 
     checked_prompt    the strong prompt ids of a row whose response, re-tokenized with the strong
                       tokenizer, gives its stored ids (else the error naming the row)
+    kept_tokens       how many response tokens fit under max_length (skipped and cut rows counted)
     token_example     one checked row cut to the training max_length (rewards too)
     project_row       with another strong tokenizer: rewards summed over chunks (DESIGN section 5)
     is_eval_example   held-out evaluation rows, chosen by a hash of example_id
@@ -45,6 +46,13 @@ class Example:
     topk_logps: np.ndarray | None = None
 
 
+def example_of(row: dict, prompt: list[int], response_ids: list[int], **values) -> Example:
+    """The example of a shard row: its ids, the prompt ids then the kept response ids, and `values`
+    (rewards, ...). Its index is set by the dataset that draws it."""
+    return Example(index=0, row_id=row["id"], example_id=row["example_id"], input_ids=prompt + response_ids,
+                   prompt_length=len(prompt), **values)
+
+
 def checked_prompt(row: dict, stored: list[int], rule: ResponseTokenizer, counts: Counter, root: Path) -> list[int] | None:
     """The strong prompt ids of a shard row whose response, re-tokenized with the strong
     tokenizer, gives its stored ids (else the error naming the row, `_check_retokenized`); None,
@@ -59,6 +67,18 @@ def checked_prompt(row: dict, stored: list[int], rule: ResponseTokenizer, counts
     return prompt
 
 
+def kept_tokens(n_tokens: int, room: int, counts: Counter) -> int:
+    """How many of a response's `n_tokens` train: those that fit in `room` (max_length less the
+    prompt, or less when the reference is shorter). None fitting (<= 0) is counted as skipped, a
+    response cut short as cut."""
+    keep = min(n_tokens, room)
+    if keep <= 0:
+        counts["skipped_prompt_too_long"] += 1
+    elif keep < n_tokens:
+        counts["cut_to_max_length"] += 1
+    return keep
+
+
 def token_example(row: dict, prompt: list[int], stored: list[int], reward: np.ndarray | None, ref: np.ndarray | None,
                   rule: ResponseTokenizer, counts: Counter, root: Path) -> Example | None:
     """One checked row (same tokenizer as the shards) cut to the training max_length; None (counted)
@@ -67,23 +87,16 @@ def token_example(row: dict, prompt: list[int], stored: list[int], reward: np.nd
         raise DataError(f"row {row['id']} of {root}: {len(reward)} rewards for {len(stored)} tokens")
     # Phase one may have cut the response (truncated); a shorter training max_length cuts
     # it further, and the rewards of the cut tokens go with it.
-    keep = min(len(stored), rule.max_length - len(prompt))
+    room = rule.max_length - len(prompt)
     if ref is not None:
-        keep = min(keep, len(ref))  # scored under a shorter max_length: cut like a truncation
+        room = min(room, len(ref))  # scored under a shorter max_length: cut like a truncation
+    keep = kept_tokens(len(stored), room, counts)
     if keep <= 0:
-        counts["skipped_prompt_too_long"] += 1
         return None
-    if keep < len(stored):
-        counts["cut_to_max_length"] += 1
-    return Example(
-        index=0,
-        row_id=row["id"],
-        example_id=row["example_id"],
-        input_ids=prompt + stored[:keep],
-        prompt_length=len(prompt),
-        rewards=None if reward is None else np.asarray(reward[:keep], dtype=np.float32),
-        ref_logps=None if ref is None else np.asarray(ref[:keep], dtype=np.float32),
-    )
+    return example_of(row, prompt, stored[:keep],
+                      rewards=None if reward is None else np.asarray(reward[:keep], dtype=np.float32),
+                      ref_logps=None if ref is None else np.asarray(ref[:keep], dtype=np.float32))
+
 
 def project_row(row: dict, rule: ResponseTokenizer, weak: dict, same_vocab: bool, counts: Counter) -> Example | None:
     """One shard row under another tokenizer: strong ids, chunk of each strong token, chunk rewards.
@@ -101,15 +114,11 @@ def project_row(row: dict, rule: ResponseTokenizer, weak: dict, same_vocab: bool
         counts[f"skipped_{skip.reason}"] += 1
         return None
     ids, starts, ends = rule.response_tokens(response)
-    keep = min(len(ids), rule.max_length - len(prompt))
+    keep = kept_tokens(len(ids), rule.max_length - len(prompt), counts)
     if keep <= 0:
-        counts["skipped_prompt_too_long"] += 1
         return None
-    if keep < len(ids):
-        counts["cut_to_max_length"] += 1
     if "reward" not in weak:  # sft: the strong ids are all it needs
-        return Example(index=0, row_id=row["id"], example_id=row["example_id"], input_ids=prompt + ids[:keep],
-                       prompt_length=len(prompt), rewards=None)
+        return example_of(row, prompt, ids[:keep], rewards=None)
     chunking = chunk_tokens(
         len(response), weak["token_start"], weak["token_end"], starts[:keep], ends[:keep],
         weak_has_end_of_turn=not row["truncated"], strong_has_end_of_turn=keep == len(ids),
@@ -120,15 +129,8 @@ def project_row(row: dict, rule: ResponseTokenizer, weak: dict, same_vocab: bool
     if chunking.num_chunks == 0 or included == 0:
         counts["skipped_no_chunk"] += 1
         return None
-    return Example(
-        index=0,
-        row_id=row["id"],
-        example_id=row["example_id"],
-        input_ids=prompt + ids[:included],
-        prompt_length=len(prompt),
-        rewards=chunk_rewards(chunking, weak["reward"]).astype(np.float32),
-        token_segments=chunking.strong_chunk[:included].astype(np.int64),
-    )
+    return example_of(row, prompt, ids[:included], rewards=chunk_rewards(chunking, weak["reward"]).astype(np.float32),
+                      token_segments=chunking.strong_chunk[:included].astype(np.int64))
 
 
 def _check_retokenized(row: dict, stored: list[int], full: list[int], root: Path) -> None:

@@ -41,7 +41,7 @@ from wspo.shards.store import ShardSet
 from wspo.shards.tokenization import ResponseTokenizer
 
 from .batches import sequence_batch, token_order_ids
-from .examples import checked_prompt
+from .examples import checked_prompt, kept_tokens
 from .row_cache import BUCKET_COLUMN
 from .rows import OpenRows, ReferenceJoin
 from .shard_sets import DataError, reference_sets
@@ -121,12 +121,9 @@ class PreferenceRowsDataset(torch.utils.data.Dataset):
         # Phase one may have cut the response; a shorter training max_length (or a reference
         # scored under a shorter one) cuts it further. Policy and reference sums then run
         # over the same kept tokens.
-        keep = min(len(stored), self.rule.max_length - len(prompt), len(ref))
+        keep = kept_tokens(len(stored), min(self.rule.max_length - len(prompt), len(ref)), self.counts)
         if keep <= 0:
-            self.counts["skipped_prompt_too_long"] += 1
             return None
-        if keep < len(stored):
-            self.counts["cut_to_max_length"] += 1
         return Response(row["id"], prompt + stored[:keep], len(prompt), ref[:keep])
 
     @property
