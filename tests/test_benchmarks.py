@@ -116,6 +116,16 @@ def test_phase_one_limit_runs_and_matches_full_logits():
 
 
 @pytest.mark.slow
+def test_scorer_compile_runs_and_compiled_equals_eager():
+    report = run_benchmark("scorer_compile.py", "--preset", "tiny", "--rows", "4", "--dtypes", "float32",
+                           "--repeats", "1", "--max_length", "512")
+    (run,) = report["runs"]
+    assert run["compiled"] and run["compile_seconds"] > 0 and run["sequences"] == 4
+    assert run["max_abs_diff"] < 1e-4  # the compiled decoder gives the eager log-probs
+    assert run["eager_over_compiled"] > 0
+
+
+@pytest.mark.slow
 def test_phase_two_limit_runs_and_packed_equals_padded():
     report = run_benchmark("phase_two_limit.py", "--preset", "tiny", "--steps", "1", "--batch_pairs", "2",
                            "--max_length", "384", "--losses", "wspo", "--fine_tuning", "lora", "--ceiling_seconds", "0.02")

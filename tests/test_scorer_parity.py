@@ -106,6 +106,62 @@ def test_hf_matches_naive(tiny_models, rows, naive):
     assert diff < TOL
 
 
+@pytest.mark.slow
+def test_compiled_hf_matches_naive_without_recompiling(tiny_models, rows, naive):
+    """torch.compile'd decoder (dynamic shapes, compiled on open from two 16-token warm-up batches):
+    the same log-probs, and rows of every length and batch size run without a further compile."""
+    from torch._dynamo.utils import counters
+
+    from wspo.precompute.scorers import HFScorer
+
+    scorer = HFScorer(tiny_models["weak_ref"], dtype="float32", batch_tokens=2048, device="cpu", compile=True)
+    try:
+        assert scorer.compiled and scorer.compile_seconds > 0
+        frames = counters["stats"]["unique_graphs"]
+        assert frames >= 1, "nothing was compiled"
+        sequences, prompt_lengths = rows
+        diff = max_abs_diff(scorer.score(sequences, prompt_lengths), naive)
+        one = scorer.score(sequences[:1], prompt_lengths[:1])  # a batch of one row
+        assert counters["stats"]["unique_graphs"] == frames, "scoring recompiled after the warm-up"
+    finally:
+        scorer.close()
+    print(f"compiled hf vs naive: max abs diff {diff:.3g}")
+    assert diff < TOL and max_abs_diff(one, naive[:1]) < TOL
+
+
+def test_failed_compile_falls_back_to_eager(tiny_models, rows, naive, monkeypatch, caplog):
+    """A compile error (here a backend that raises, as a missing C++ compiler does) leaves the
+    scorer on the eager forward, with a warning, and the same log-probs."""
+    import torch._dynamo.exc
+
+    from wspo.precompute.scorers import HFScorer
+
+    def broken_compile(fn, **_):
+        def run(*args, **kwargs):
+            raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("no C++ compiler"), None)
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with caplog.at_level("WARNING", logger="wspo.precompute.scorers"):
+        scorer = HFScorer(tiny_models["weak_ref"], dtype="float32", batch_tokens=2048, device="cpu", compile=True)
+    try:
+        assert not scorer.compiled
+        assert "torch.compile of Qwen2ForCausalLM failed, scoring with the eager forward" in caplog.text
+        assert "forward" not in vars(scorer.model.get_decoder())
+        assert max_abs_diff(scorer.score(*rows), naive) < TOL
+    finally:
+        scorer.close()
+
+
+def test_compile_auto_chooses_long_cpu_jobs_only():
+    from wspo.precompute.scorers import COMPILE_MIN_ROWS, resolve_compile
+
+    assert resolve_compile("auto", COMPILE_MIN_ROWS, device="cpu")
+    assert not resolve_compile("auto", COMPILE_MIN_ROWS - 1, device="cpu")
+    assert not resolve_compile("auto", 10**6, device="cuda")
+    assert resolve_compile("true", 1, device="cuda") and not resolve_compile("false", 10**6, device="cpu")
+
+
 @pytest.mark.vllm
 def test_vllm_matches_naive_and_hf(tiny_models, rows, naive, vllm_scorer, vllm_logps):
     from wspo.precompute.scorers import HFScorer

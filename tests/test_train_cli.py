@@ -81,13 +81,14 @@ def test_train_end_to_end_without_weak_models(train_setup, tmp_path, capsys):  #
 def test_gradient_accumulation_matches_one_big_batch(train_setup, tmp_path, capsys):  # noqa: F811
     """2 micro-batches of 2 with accumulation = 1 batch of 4: the same rows, the same per-sequence
     mean (the Trainer divides each micro-batch's mean by 2), so the same loss and weights
-    (tolerance 1e-6 on the loss, 1e-5 per weight: only the summation order differs)."""
+    (tolerance 1e-6 on the loss, 1e-5 per weight: only the summation order differs). Padded
+    batches: packed ones lay out 4 and 2 sequences differently, which is a second order of sums."""
     from safetensors.torch import load_file
 
     big, small = tmp_path / "big", tmp_path / "accumulated"
-    assert run_train(capsys, train_argv(train_setup, big, max_steps=2, per_device_train_batch_size=4))[0] == 0
+    assert run_train(capsys, train_argv(train_setup, big, max_steps=2, per_device_train_batch_size=4, packing="false"))[0] == 0
     assert run_train(capsys, train_argv(train_setup, small, max_steps=2, per_device_train_batch_size=2,
-                                        gradient_accumulation_steps=2))[0] == 0
+                                        gradient_accumulation_steps=2, packing="false"))[0] == 0
     losses = [[h["loss"] for h in json.loads((d / "wspo_run.json").read_text())["log_history"] if "loss" in h] for d in (big, small)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     a, b = load_file(str(big / "model.safetensors")), load_file(str(small / "model.safetensors"))

@@ -13,7 +13,8 @@ import torch
 from test_train_dpo_wrpo import dpo_shards, preference_batch, wrpo_shards  # noqa: F401  (fixtures)
 from test_train_helpers import TRAIN_MAX_LENGTH, train_argv, train_setup  # noqa: F401  (fixture)
 
-from wspo.train.packing import PackingError, check_packing_attention, pack_rows, pack_sequences
+from wspo.train.packing import (PackingError, check_packing_attention, pack_rows, pack_sequences,
+                                packed_attention_is_exact, resolve_packing)
 
 BATCH = 6
 PACK_LENGTH = 2 * TRAIN_MAX_LENGTH  # several sequences per row, and more than one row
@@ -68,6 +69,50 @@ def test_unsupported_attention_is_refused(train_setup):  # noqa: F811
     model.config._attn_implementation = "paged|sdpa"
     with pytest.raises(PackingError, match="'paged\\|sdpa'"):
         check_packing_attention(model)
+
+
+class IgnoresPositionIds(torch.nn.Module):
+    """A causal LM whose own code drops position_ids (as some remote-code models do): packed
+    sequences then attend to each other under any attention implementation."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, input_ids, position_ids=None, **kwargs):
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+def test_packing_auto_packs_where_exact_and_pads_where_not(train_setup):  # noqa: F811
+    model = load(train_setup["strong_sft"]).train()
+    assert packed_attention_is_exact(model) and model.training  # the check leaves the mode as it was
+    assert resolve_packing("auto", model) and resolve_packing("true", model)
+    assert not resolve_packing("false", model)
+    assert not resolve_packing("auto", model, zero3=True)  # partitioned weights: no check, so pad
+    leaking = IgnoresPositionIds(model)
+    assert not packed_attention_is_exact(leaking)
+    assert not resolve_packing("auto", leaking)
+    with pytest.raises(PackingError, match="packing true: the model's logits for two sequences packed into one row differ"):
+        resolve_packing("true", leaking)
+    model.config._attn_implementation = "paged|sdpa"
+    assert not resolve_packing("auto", model)
+    with pytest.raises(PackingError, match="'paged\\|sdpa'"):
+        resolve_packing("true", model)
+
+
+def test_packing_key_accepts_auto_true_false_and_bools():
+    from wspo.train.config import WSPOArguments
+
+    def packing(value, **keys):
+        return WSPOArguments(model_name_or_path="m", shards=["s"], packing=value, **keys).packing
+
+    assert packing("auto") == "auto" and packing(True) == "true" and packing(False) == "false"
+    assert WSPOArguments(model_name_or_path="m", shards=["s"]).packing == "auto"
+    with pytest.raises(ValueError, match="packing: 'yes'; choose from auto, true, false"):
+        packing("yes")
+    with pytest.raises(ValueError, match="packing_row_length is set but packing is false"):
+        packing("false", packing_row_length=64)
+    assert packing("auto", packing_row_length=64) == "auto"
 
 
 def loss_and_grads(trainer, batch):
@@ -154,6 +199,26 @@ def test_cli_trains_packed_like_padded(train_setup, tmp_path):  # noqa: F811
             argv += ["--packing_row_length", str(TRAIN_MAX_LENGTH)]
         assert main(argv) == 0
         record = json.loads((out / "wspo_run.json").read_text())
+        assert record["data"]["batches"] == ("packed" if packing == "true" else "padded")
         losses[packing] = [h["loss"] for h in record["log_history"] if "loss" in h]
+    assert len(losses["true"]) == 2
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_trains_compiled_like_eager(train_setup, tmp_path):  # noqa: F811
+    """`--torch_compile true` (transformers' key): the Trainer compiles the policy and WSPOTrainer
+    the frozen reference's decoder; two WSPO steps log the eager run's losses."""
+    import json
+
+    from wspo.train.cli import main
+
+    losses = {}
+    for compiled in ("false", "true"):
+        out = tmp_path / compiled
+        assert main(train_argv(train_setup, out, max_steps=2, torch_compile=compiled)) == 0
+        record = json.loads((out / "wspo_run.json").read_text())
+        assert record["model"]["reference"] == "frozen copy"
+        losses[compiled] = [h["loss"] for h in record["log_history"] if "loss" in h]
     assert len(losses["true"]) == 2
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)

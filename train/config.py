@@ -13,6 +13,7 @@ ALPHA_SCHEDULES = ("linear", "fixed")
 REWARD_PROJECTIONS = ("none", "chunks")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 REFERENCE_SOURCES = ("model", "shards")
+PACKING_CHOICES = ("auto", "true", "false")
 
 
 @dataclass
@@ -84,12 +85,14 @@ class WSPOArguments:
         metadata={"help": "dpo, wrpo: train although logp_ref was scored with other weights than model_name_or_path (the "
                   "reference is then not the policy's starting point; the scorer is recorded in wspo_run.json)."},
     )
-    packing: bool = field(
-        default=False,
+    packing: str = field(
+        default="auto",
         metadata={"help": "Pack each micro-batch's sequences, in order, into rows of up to max_length tokens with position ids "
-                  "restarting per sequence and no padding inside rows (attention stays inside each sequence; needs attention "
-                  "sdpa, eager, flex_attention or flash_attention_2/3). per_device_train_batch_size still counts sequences "
-                  "(dpo/wrpo: examples); losses equal the padded batch's. Every loss (wspo, sft, dpo, wrpo, projection) packs."},
+                  "restarting per sequence and no padding inside rows (attention stays inside each sequence). "
+                  "per_device_train_batch_size still counts sequences (dpo/wrpo: examples); losses equal the padded batch's. "
+                  "Every loss packs. auto (default): pack when the model's attention implementation is sdpa, eager, "
+                  "flex_attention or flash_attention_2/3, a start-up check on two short sequences finds packed = separate "
+                  "logits, and DeepSpeed ZeRO-3 is off; else pad. true: pack or fail naming the reason. false: pad."},
     )
     packing_row_length: int | None = field(
         default=None,
@@ -171,8 +174,12 @@ class WSPOArguments:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
         if self.packing_row_length is not None and self.packing_row_length < 2:
             raise ValueError(f"packing_row_length must be at least 2, got {self.packing_row_length}")
-        if self.packing_row_length is not None and not self.packing:
-            raise ValueError("packing_row_length is set but packing is false: set --packing true to use it")
+        if isinstance(self.packing, bool):  # the Python API's packing=True / False
+            self.packing = "true" if self.packing else "false"
+        if self.packing not in PACKING_CHOICES:
+            raise ValueError(f"packing: {self.packing!r}; choose from {', '.join(PACKING_CHOICES)}")
+        if self.packing_row_length is not None and self.packing == "false":
+            raise ValueError("packing_row_length is set but packing is false: set --packing true (or auto) to use it")
         if not 0.0 <= self.kd_alpha <= 1.0:
             raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
         if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):

@@ -16,10 +16,15 @@ index (`losses.segment_sums`), so it is the padded batch's loss up to float summ
 packing changes only how they are laid out.
 
 Only attention implementations that honour packed position ids are accepted
-(`PACKING_ATTENTION`); any other would let a sequence attend to the one before it.
+(`PACKING_ATTENTION`); any other would let a sequence attend to the one before it. `--packing
+auto` (the default) also runs the model once on two short sequences, packed and apart, and packs
+only when the logits agree (`packed_attention_is_exact`): a model whose own code ignores packed
+position ids (remote code, an unusual mask) is padded instead of silently leaking attention.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -28,6 +33,9 @@ from wspo.errors import WspoError
 # transformers' attention implementations that build the block-diagonal mask from position_ids
 # (sdpa, eager, flex_attention: masking_utils; flash_attention_*: cumulative sequence lengths).
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+logger = logging.getLogger(__name__)
 
 
 class PackingError(WspoError, ValueError):
@@ -47,6 +55,57 @@ def check_packing_attention(model: torch.nn.Module) -> str:
             f"{', '.join(PACKING_ATTENTION)} (attn_implementation) or packing false"
         )
     return implementation
+
+
+def packed_attention_is_exact(model: torch.nn.Module) -> bool:
+    """One no-grad forward of two short sequences packed into a row (position ids restarting)
+    against each alone: True when every logit agrees, i.e. attention stayed inside each sequence.
+    A leak moves the second sequence's logits by a large fraction of their size; kernels differ
+    by rounding only, so the tolerance is 1% of the largest logit."""
+    from wspo.logprobs import unwrap_model
+
+    vocab = unwrap_model(model).config.vocab_size
+    device = next(model.parameters()).device
+    first = torch.arange(3, 11, device=device) % vocab
+    second = torch.arange(40, 47, device=device) % vocab
+    row = torch.cat([first, second])[None]
+    positions = torch.cat([torch.arange(len(first)), torch.arange(len(second))]).to(device)[None]
+    was_training = model.training
+    model.eval()  # no dropout
+    try:
+        with torch.no_grad():
+            apart = torch.cat([model(input_ids=s[None], use_cache=False).logits[0] for s in (first, second)]).float()
+            packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0].float()
+    finally:
+        model.train(was_training)
+    tolerance = 1e-4 + 0.01 * float(apart.abs().max())
+    return bool((packed - apart).abs().max() <= tolerance)
+
+
+def resolve_packing(choice: str, model: torch.nn.Module, zero3: bool = False) -> bool:
+    """`--packing` (auto / true / false) as a yes/no for this model. true refuses (PackingError,
+    naming the reason) what auto quietly pads: an attention implementation that ignores packed
+    position ids, a failed start-up check. Under ZeRO-3 the weights are partitioned until the
+    Trainer wraps the model, so the check cannot run: auto pads there, true packs on the
+    implementation's word alone."""
+    if choice == "false":
+        return False
+    if choice == "true":
+        check_packing_attention(model)
+        if not zero3 and not packed_attention_is_exact(model):
+            raise PackingError("packing true: the model's logits for two sequences packed into one row differ from "
+                               "each alone (its attention crosses packed sequences); set packing false")
+        return True
+    from wspo.logprobs import unwrap_model
+
+    implementation = getattr(unwrap_model(model).config, "_attn_implementation", None) or "eager"
+    if zero3 or implementation not in PACKING_ATTENTION:
+        logger.info("packing auto: padded batches (%s)", "DeepSpeed ZeRO-3" if zero3 else f"attention {implementation}")
+        return False
+    if not packed_attention_is_exact(model):
+        logger.warning("packing auto: the model's packed logits differ from unpacked ones; training on padded batches")
+        return False
+    return True
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 import wspo
 from wspo.shards.schema import logp_column
@@ -34,7 +35,7 @@ from wspo.models import check_weights, load_tokenizer, read_config, resolve_mode
 from .config import PREFERENCE_LOSSES, WSPOArguments
 from .batches import Collator
 from .distill import teacher_columns
-from .packing import check_packing_attention
+from .packing import resolve_packing
 from .pairs import PREFERENCE_SLOTS, PreferenceCollator, preference_datasets
 from .checkpoints import publish_final, resolve_resume
 from .guards import NonFiniteGuard
@@ -201,8 +202,8 @@ def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list 
     _init_deepspeed_comm(training_args)
     set_seed(training_args.seed)  # LoRA initialisation
     policy, reference_model = load_models(args, training_args, model_dir)
-    if args.packing:  # refuse, naming it, an attention implementation that would attend across packed sequences
-        check_packing_attention(policy)
+    # auto: pack where exact (checked on the model); true: pack or refuse, naming the reason
+    packing = resolve_packing(args.packing, policy, zero3=is_deepspeed_zero3_enabled())
 
     # 4. training
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else rule.end_of_turn_id
@@ -218,7 +219,7 @@ def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list 
         beta=args.beta,
         wrpo_alpha=args.wrpo_alpha,
         wrpo_alpha_schedule=args.wrpo_alpha_schedule,
-        data_collator=(PreferenceCollator if preference else Collator)(pad_id, max_length if args.packing else None,
+        data_collator=(PreferenceCollator if preference else Collator)(pad_id, max_length if packing else None,
                                                                      args.packing_row_length),
         train_dataset=train_set,
         eval_dataset=eval_set,
@@ -262,6 +263,7 @@ def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list 
                                                  "kd_alpha": args.kd_alpha, "kd_temperature": args.kd_temperature},
         "data": {
             "max_length": max_length,
+            "batches": "packed" if packing else "padded",  # what --packing resolved to
             "reward_projection": "chunks" if projected else "none (same tokenizer: rewards token for token)",
             "train_rows": len(train_set),
             "train_response_tokens": train_set.num_tokens,
