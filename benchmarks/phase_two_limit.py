@@ -29,7 +29,6 @@ first-step losses must agree (to 1e-4 in float32); the report carries the larges
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -76,8 +75,7 @@ def child(spec: dict) -> None:
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if model.training:
-                loss = out[0] if return_outputs else out
-                record["losses"].append(float(loss.detach()))
+                record["losses"].append(workloads.training_loss(out, return_outputs))
                 record["micro"].append({"sequences": sequence_lengths(inputs),
                                         "responses": int(inputs["target_mask"].sum()),
                                         "positions": int(inputs["input_ids"].numel())})
@@ -138,17 +136,10 @@ def child(spec: dict) -> None:
     }))
 
 
-def run_child(spec: dict) -> dict:
-    return workloads.run_child(__file__, spec, f"child {spec['name']}")
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="preset quick, 1 warm-up + 2 timed steps of 2 pairs")
+    parser = workloads.benchmark_parser(__doc__, "preset quick, 1 warm-up + 2 timed steps of 2 pairs")
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--batch_pairs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup_steps", type=int, default=1)
@@ -159,11 +150,9 @@ def main() -> None:
     parser.add_argument("--torch_compile", nargs="+", default=["false"], choices=["false", "true"],
                         help="TrainingArguments.torch_compile, one run each")
     parser.add_argument("--ceiling_seconds", type=float, default=0.3, help="least seconds of repeats per GEMM kind")
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args._child:
-        return child(json.loads(args._child))
+    if workloads.ran_as_child(args, child):
+        return
     if args.quick:
         args.preset, args.steps, args.batch_pairs = "quick", 2, 2
 
@@ -205,7 +194,7 @@ def main() -> None:
                             "warmup_steps": args.warmup_steps, "batch_pairs": args.batch_pairs,
                             "ceiling_tokens": min(4096, args.batch_pairs * 2 * 400), "attention_length": 400,
                             "ceiling_seconds": args.ceiling_seconds}
-                    results.append(run_child(spec))
+                    results.append(workloads.run_child(__file__, spec, f"child {spec['name']}"))
     checks = {}
     for loss in args.losses:
         for tuning in args.fine_tuning:

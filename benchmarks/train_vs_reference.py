@@ -178,13 +178,13 @@ def make_trainers():
 def recording(trainer_class, record: dict):
     """A subclass recording each training step's loss and the chosen row ids of the first batch;
     saving the model is skipped (nothing of the benchmark needs it, and it is slow for big models)."""
+    from workloads import training_loss  # benchmarks/ is on sys.path in the child
 
     class Recording(trainer_class):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if model.training:
-                loss = out[0] if return_outputs else out
-                record["losses"].append(float(loss.detach()))
+                record["losses"].append(training_loss(out, return_outputs))
 
                 def drawn():
                     return [self.train_dataset[i] for i in inputs["row_index"].tolist()]  # a list or a lazy dataset
@@ -270,9 +270,12 @@ def child(spec: dict) -> None:
     from wspo.args import parse_config
     from wspo.models import load_tokenizer, resolve_dtype, resolve_model_dir
     from wspo.train.config import WSPOArguments
-    from wspo.train.data import load_examples, open_shard_sets, strong_rule
     from wspo.train.pairs import PreferenceCollator
+    from wspo.train.shard_sets import open_shard_sets, strong_rule
     from wspo.train.trainer import WSPOTrainer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from eager_examples import load_examples  # the eager path the tests check the lazy rows against
 
     baseline = proc_status("VmRSS")  # after the imports, before any model or data
     path, device = spec["path"], spec["device"]

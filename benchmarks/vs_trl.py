@@ -34,7 +34,6 @@ once + three trainings, the training measured once) / three TRL runs (<= 0.7), p
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -203,23 +202,19 @@ def build(root: Path, preset: str, dtype: str) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 pairs, 4 steps")
+    parser = workloads.benchmark_parser(__doc__, "32 pairs, 4 steps", threads=1,
+                                        threads_help="torch threads of every path (0: torch's default)")
     parser.add_argument("--preset", default="qwen2-26m")
     parser.add_argument("--pairs", type=int, default=400, help="pairs of the bundled sample TRL's reference pass and phase one score")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of every path (0: torch's default)")
     parser.add_argument("--gradient_checkpointing", default="true", choices=["true", "false"],
                         help="in every training path (default true: TRL's DPOConfig default)")
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args._child:
-        return child(json.loads(args._child))
+    if workloads.ran_as_child(args, child):
+        return
     if args.quick:
         args.pairs, args.steps = 32, 4
     if args.batch * args.steps > args.pairs:

@@ -13,6 +13,7 @@ to the drawn length, so the text is ordinary English the real vocabulary tokeniz
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -38,6 +39,31 @@ def run_child(script: str, spec: dict, name: str, env: dict | None = None) -> di
     if proc.returncode or not lines:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
     return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def benchmark_parser(doc: str, quick: str, threads: int = 0,
+                     threads_help: str = "torch threads (0: torch's default)") -> argparse.ArgumentParser:
+    """The options every benchmark with measured children has: --quick (`quick` says what it
+    sets), --device, --threads, --workdir, and the hidden --_child (a child's spec, run_child)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=threads, help=threads_help)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def ran_as_child(args: argparse.Namespace, child) -> bool:
+    """With --_child this process is a measured child: run `child(spec)` and say so."""
+    if args._child:
+        child(json.loads(args._child))
+    return bool(args._child)
+
+
+def training_loss(out, return_outputs: bool) -> float:
+    """The loss a Trainer's `compute_loss` returned: alone, or first beside the model's outputs."""
+    return float((out[0] if return_outputs else out).detach())
 
 
 def clock(device: str):

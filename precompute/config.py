@@ -16,15 +16,17 @@ DEFAULT_MAX_LENGTH = 4096  # unset max_length: this, or the smallest scorer's po
 LAUNCHERS = ("none", "ray")
 
 
-@dataclass
-class PrecomputeArguments:
-    output_dir: str = field(metadata={"help": "Directory of the shard set to write (created; a rerun resumes it), or an "
-                                              "fsspec URL such as s3://bucket/prefix (docs/cluster.md)."})
-    dataset: str = field(
-        default="embedded",
-        metadata={"help": "Hub dataset name, a local JSON/JSONL/Parquet file or folder, or 'embedded' (the bundled sample)."},
-    )
-    dataset_split: str = field(default="train_prefs", metadata={"help": "Split to read (H4: train_prefs, test_prefs)."})
+@dataclass(kw_only=True)
+class DatasetKeys:
+    """The keys naming a preference dataset, its split and layout, and how much of it to read:
+    shared by wspo-precompute and wspo-eval (rewards, generate), first in each command's --help.
+    Each command declares `dataset` again (its default and meaning differ; the field keeps its
+    place here), and wspo-precompute its split's default, train_prefs."""
+
+    dataset: str | None = field(default=None, metadata={"help": "Preference dataset: hub name, local file or folder, or 'embedded'."})
+    dataset_split: str | None = field(default=None, metadata={
+        "help": "Split to read from a hub dataset or a folder of split files (default test_prefs). A single file has no "
+                "splits: it is read whole, and giving a split with it is refused."})
     dataset_format: str = field(
         default="auto",
         metadata={"help": f"Row layout: {', '.join(DATASET_FORMATS)}. 'auto' detects h4, llamafactory and wrpo."},
@@ -36,6 +38,26 @@ class PrecomputeArguments:
             "(prompt/system strings; chosen/rejected strings or message lists)."
         },
     )
+    max_samples: int | None = field(default=None, metadata={
+        "help": "Read only the first N dataset rows (wspo-eval: rows, shard pairs or prompts)."})
+
+    def _check_dataset_keys(self) -> None:
+        if self.max_samples is not None and self.max_samples <= 0:
+            raise ValueError(f"max_samples must be a positive number of rows (got {self.max_samples})")
+        if self.dataset_format not in DATASET_FORMATS:
+            raise ValueError(f"dataset_format: {self.dataset_format!r}; choose from {', '.join(DATASET_FORMATS)}")
+
+
+@dataclass
+class PrecomputeArguments(DatasetKeys):
+    output_dir: str = field(metadata={"help": "Directory of the shard set to write (created; a rerun resumes it), or an "
+                                              "fsspec URL such as s3://bucket/prefix (docs/cluster.md)."})
+    dataset: str = field(
+        default="embedded", kw_only=True,
+        metadata={"help": "Hub dataset name, a local JSON/JSONL/Parquet file or folder, or 'embedded' (the bundled sample)."},
+    )
+    dataset_split: str = field(default="train_prefs", kw_only=True,  # DatasetKeys' key, this command's default
+                               metadata={"help": "Split to read (H4: train_prefs, test_prefs)."})
     slots: str = field(default="chosen", metadata={"help": f"Comma-separated slots to score, of {', '.join(SLOTS)}."})
     weak_ref: str | None = field(default=None, metadata={"help": "Weak model before alignment (weak SFT): directory or hub name."})
     weak_aligned: str | None = field(default=None, metadata={"help": "Weak model after alignment (weak DPO): directory or hub name."})
@@ -68,7 +90,6 @@ class PrecomputeArguments:
                 "auto: on for a CPU with at least 2048 rows to score (measured 1.22x faster in float32, 1.09x in "
                 "bfloat16), else off (GPUs: not measured yet). true / false. A failed compile falls back to eager."})
     rows_per_file: int = field(default=2048, metadata={"help": "Rows per Parquet part file (the unit of resuming)."})
-    max_samples: int | None = field(default=None, metadata={"help": "Read only the first N dataset rows."})
     # Strings on the command line ("auto" reads the scheduler's variables); ints after __post_init__.
     num_workers: str = field(default="1", metadata={
         "help": "Number of workers writing parts of one shard set, or 'auto' (SLURM job arrays: SLURM_ARRAY_TASK_COUNT)."})
@@ -106,8 +127,7 @@ class PrecomputeArguments:
         bad = [s for s in self.slot_list if s not in SLOTS]
         if bad or not self.slot_list:
             raise ValueError(f"slots: {self.slots!r} has unknown slot(s) {bad}; choose from {', '.join(SLOTS)}")
-        if self.dataset_format not in DATASET_FORMATS:
-            raise ValueError(f"dataset_format: {self.dataset_format!r}; choose from {', '.join(DATASET_FORMATS)}")
+        self._check_dataset_keys()  # max_samples, dataset_format
         if self.dataset_format == "columns" and not self.column_map:
             raise ValueError("dataset_format=columns needs column_map, e.g. 'prompt=question,chosen=good,rejected=bad'")
         if self.backend not in BACKENDS:
@@ -130,8 +150,6 @@ class PrecomputeArguments:
         # Only an explicit contradiction is an error; unset lengths are settled by resolve_lengths.
         if self.max_length is not None and self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
-        if self.max_samples is not None and self.max_samples <= 0:
-            raise ValueError(f"max_samples must be a positive number of rows (got {self.max_samples})")
         self._check_topk()
 
     def _check_topk(self) -> None:

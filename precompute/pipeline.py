@@ -9,7 +9,7 @@
       3. for each scorer in turn (one model in memory at a time), score the parts that lack its
          log-probs and keep them in `_work-<worker>/` (atomic files, so a kill loses one part);
       4. assemble each part's rows (log-probs, reward = aligned - ref) into its Parquet file;
-      5. write the worker's manifest last, then drop the work folder.
+      5. build the worker's manifest (shards/manifest.py), write it last, then drop the work folder.
 
 A rerun of the same command skips what is already on disk and ends with byte-identical files:
 scoring batches never cross parts, so a part's numbers do not depend on what ran before it.
@@ -18,7 +18,6 @@ Peak memory is set by the models and `rows_per_file`, never by the number of row
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import sys
@@ -26,7 +25,6 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -34,27 +32,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-import wspo
 from wspo.errors import NonFiniteError, WspoError
 from wspo.models import (
     check_weights, default_device, load_tokenizer, model_fingerprint, read_config, resolve_dtype, resolve_model_dir,
 )
-from wspo.shards.schema import (
-    FORMAT_NAME,
-    PLAIN_FORMAT_VERSION,
-    canonical_json,
-    has_reward,
-    logp_column,
-    row_id,
-    row_schema,
-)
-from wspo.shards.store import (
-    RewardStatistics, ShardSet, file_record, list_arrays, manifest_name, part_name, write_json, write_manifest,
-    write_parquet,
-)
+from wspo.shards.schema import canonical_json, has_reward, logp_column, row_id, row_schema
 from wspo.shards.card import write_card
+from wspo.shards.manifest import build_manifest, manifest_name, run_fingerprint
+from wspo.shards.store import (
+    RewardStatistics, ShardSet, file_record, list_arrays, part_name, write_json, write_manifest, write_parquet,
+)
 from wspo.shards.lock import OutputLock
-from wspo.shards.topk import TOPK_FORMAT_VERSION, encode_topk, ids_column, logps_column, manifest_record, topk_fields
+from wspo.shards.topk import encode_topk, ids_column, logps_column, manifest_record, topk_fields
 from wspo.shards.storage import AnyPath, parquet_file, read_parquet, read_parquet_schema, remove_tree, shard_path
 from wspo.shards.tokenization import ResponseTokenizer, Skip
 
@@ -349,7 +338,7 @@ def _check_other_workers(out: AnyPath, args: PrecomputeArguments, identity: dict
         manifest = _read_json(manifest_path)
         recorded = manifest.get("run_fingerprint") or _read_json(run_path).get("run_fingerprint")
         mate = {**identity, "workers": {"num_workers": n, "worker_index": i}}
-        if recorded is None or recorded == hashlib.sha256(canonical_json(mate).encode()).hexdigest():
+        if recorded is None or recorded == run_fingerprint(mate):
             continue
         differ = [k for k in ("run_settings", "tokenizer", "scorers") if manifest and manifest.get(k) != identity[k]]
         what = {"run_settings": "dataset or options", "tokenizer": "tokenizer", "scorers": "scorer models"}
@@ -419,14 +408,9 @@ def check_weak_pair(args: PrecomputeArguments, scorers: list[dict], scorer_dirs:
     warnings.warn(message, IdenticalScorersWarning, stacklevel=2)
 
 
-def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
-    """Run phase one for this worker; returns its manifest.
-
-    `lock_owner` names the launch this worker belongs to (the Ray launcher's run id): a retried task
-    of the same launch takes over the lock its dead predecessor left, wherever that ran.
-    """
-    started = time.perf_counter()
-    out = shard_path(args.output_dir)  # a local folder or a URL (shards/storage.py)
+def check_scorers(args: PrecomputeArguments) -> tuple[dict[str, Path], ResponseTokenizer, dict]:
+    """Before step 1: the scorers' model folders, checked (whole weights, max_length within their
+    positions, one tokenizer for all), the tokenization rule, and the lengths it runs under."""
     scorer_paths = args.scorer_paths()
     scorer_dirs = {name: resolve_model_dir(path, option=name) for name, path in scorer_paths.items()}
     tokenizer_source = args.tokenizer or str(scorer_dirs[next(iter(scorer_dirs))])
@@ -444,11 +428,14 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
             tokenize.check_model(model_dir)
         except ValueError as e:
             raise PrecomputeError(f"{name}: {e}; every scorer must score the same token ids") from None
+    return scorer_dirs, tokenize, lengths
 
-    source = open_source(args.dataset, args.dataset_split, args.max_samples)
-    layout = detect_format(source.head()) if args.dataset_format == "auto" else args.dataset_format
-    block = worker_block(source.num_rows, args.num_workers, args.worker_index)
 
+def identity_builder(args: PrecomputeArguments, source: Source, layout: str, scorer_dirs: dict[str, Path]):
+    """What this worker's output is, as a function of the tokenizer record (`_tokenizer_record`
+    picks that one): run settings, tokenizer, scorers (their fingerprints), workers, top-k. The
+    manifest holds it; its `run_fingerprint` decides what a rerun resumes."""
+    scorer_paths = args.scorer_paths()
     scorers = [
         {"name": name, "model": scorer_paths[name], "fingerprint": model_fingerprint(model_dir),
          "backend": args.backend, "dtype": str(resolve_dtype(args.dtype, default_device())).removeprefix("torch.")}
@@ -471,13 +458,50 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
         identity = {"run_settings": run_settings, "tokenizer": tokenizer_record, "scorers": scorers, "workers": workers}
         return identity | ({"topk": topk} if topk else {})  # sets without top-k keep their fingerprint
 
-    def identity_fp(tokenizer_record: dict) -> str:
-        return hashlib.sha256(canonical_json(identity_of(tokenizer_record)).encode()).hexdigest()
+    return identity_of
+
+
+def assemble_parts(args: PrecomputeArguments, out: AnyPath, work: AnyPath, num_parts: int, names: list[str],
+                   topk: dict | None, run_fp: str, assembled: set[int]) -> tuple[list[dict], dict | None]:
+    """Step 4: every part's shard rows written (`part_table`) unless an interrupted run already
+    did; returns the manifest's file records and reward summary."""
+    files, stats = [], RewardStatistics()
+    for k in range(num_parts):
+        path = out / part_name(args.worker_index, k)
+        if k in assembled:
+            table = read_parquet(path)  # assembled before an interruption
+        else:
+            sequences = read_parquet(work / f"seq-{k:05d}.parquet")
+            scored = {name: read_parquet(work / f"{name}-{k:05d}.parquet") for name in names}
+            logps = {name: scored[name][logp_column(name)] for name in names}
+            extra = {c: scored[name][c] for name in (topk or {}).get("scorers", []) for c in (ids_column(name), logps_column(name))}
+            table = part_table(sequences, names, logps, topk, extra)
+            write_parquet(table, path, {"wspo.run_fingerprint": run_fp})
+        stats.add(table)
+        files.append(file_record(path, tokens=int(pc.sum(table["n_tokens"]).as_py()), root=out))
+        del table
+    return files, stats.result()
+
+
+def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
+    """Run phase one for this worker; returns its manifest.
+
+    `lock_owner` names the launch this worker belongs to (the Ray launcher's run id): a retried task
+    of the same launch takes over the lock its dead predecessor left, wherever that ran.
+    """
+    started = time.perf_counter()
+    out = shard_path(args.output_dir)  # a local folder or a URL (shards/storage.py)
+    scorer_dirs, tokenize, lengths = check_scorers(args)
+    source = open_source(args.dataset, args.dataset_split, args.max_samples)
+    layout = detect_format(source.head()) if args.dataset_format == "auto" else args.dataset_format
+    block = worker_block(source.num_rows, args.num_workers, args.worker_index)
+    identity_of = identity_builder(args, source, layout, scorer_dirs)
 
     out.mkdir(parents=True, exist_ok=True)
     work = out / f"_work-{args.worker_index:05d}"
-    tokenizer_record = _tokenizer_record(tokenize, out, work, identity_fp)
-    identity, run_fp = identity_of(tokenizer_record), identity_fp(tokenizer_record)
+    tokenizer_record = _tokenizer_record(tokenize, out, work, lambda record: run_fingerprint(identity_of(record)))
+    identity = identity_of(tokenizer_record)
+    run_fp = run_fingerprint(identity)
     manifest_path = out / manifest_name(args.num_workers, args.worker_index)
     with OutputLock(out, args.worker_index, owner=lock_owner):
         _check_other_workers(out, args, identity)
@@ -488,56 +512,34 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
         write_json({"run_fingerprint": run_fp, "fingerprint_version": tokenizer_record.get("fingerprint_version", 1)},
                    work / "run.json")
 
-        built, assembled = build_parts(args, source, block, layout, tokenize, out, work, run_fp)
+        built, assembled = build_parts(args, source, block, layout, tokenize, out, work, run_fp)  # steps 1 and 2
         if not built.num_parts:
             raise PrecomputeError(f"no rows to score in {args.dataset} split {args.dataset_split} "
                                   f"(skipped: {dict(built.skipped) or 'none'})")
-
         names = list(scorer_dirs)
-        for name in names:
+        for name in names:  # step 3
             score_parts(args, name, scorer_dirs[name], built.num_parts, work, run_fp, assembled)
+        files, reward = assemble_parts(args, out, work, built.num_parts, names, identity.get("topk"), run_fp, assembled)
 
-        files, stats = [], RewardStatistics()
-        for k in range(built.num_parts):
-            path = out / part_name(args.worker_index, k)
-            if k in assembled:
-                table = read_parquet(path)  # assembled before an interruption
-            else:
-                sequences = read_parquet(work / f"seq-{k:05d}.parquet")
-                scored = {name: read_parquet(work / f"{name}-{k:05d}.parquet") for name in names}
-                logps = {name: scored[name][logp_column(name)] for name in names}
-                extra = {c: scored[name][c] for name in (topk or {}).get("scorers", []) for c in (ids_column(name), logps_column(name))}
-                table = part_table(sequences, names, logps, topk, extra)
-                write_parquet(table, path, {"wspo.run_fingerprint": run_fp})
-            stats.add(table)
-            files.append(file_record(path, tokens=int(pc.sum(table["n_tokens"]).as_py()), root=out))
-            del table
-
-        seconds = time.perf_counter() - started
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": TOPK_FORMAT_VERSION if topk else PLAIN_FORMAT_VERSION,
-            "toolkit_version": wspo.__version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "run_fingerprint": run_fp,
-            "command": " ".join(["wspo-precompute", *map(shlex.quote, sys.argv[1:])]),
-            **identity,
-            "counts": {
-                "rows_in_split": source.num_rows,
-                "rows_read": len(block),
-                "sequences_requested": len(block) * len(args.slot_list),
-                "rows_written": built.rows_written,
-                "response_tokens": built.response_tokens,
-                "truncated": built.truncated,
-                "skipped": dict(sorted(built.skipped.items())),
-            },
-            "files": files,
-            "lengths": lengths,
-            "reward": stats.result(),
-            "timing": {"seconds": round(seconds, 3), "sequence_tokens": built.sequence_tokens,
-                       "tokens_per_second": round(built.sequence_tokens * len(names) / seconds, 1)},
-        }
+        seconds = time.perf_counter() - started  # step 5
+        command = " ".join(["wspo-precompute", *map(shlex.quote, sys.argv[1:])])
+        manifest = build_manifest(identity, command, worker_counts(args, source, block, built), files, lengths, reward, {
+            "seconds": round(seconds, 3), "sequence_tokens": built.sequence_tokens,
+            "tokens_per_second": round(built.sequence_tokens * len(names) / seconds, 1)})
         write_manifest(manifest, manifest_path)
         write_card(out)
         remove_tree(work)
         return manifest
+
+
+def worker_counts(args: PrecomputeArguments, source: Source, block: range, built: BuildSummary) -> dict:
+    """The manifest's counts: rows in the split and read, sequences asked for and written, tokens."""
+    return {
+        "rows_in_split": source.num_rows,
+        "rows_read": len(block),
+        "sequences_requested": len(block) * len(args.slot_list),
+        "rows_written": built.rows_written,
+        "response_tokens": built.response_tokens,
+        "truncated": built.truncated,
+        "skipped": dict(sorted(built.skipped.items())),
+    }

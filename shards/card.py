@@ -8,9 +8,10 @@ a finished set describes every worker (`wspo-shards card DIR` rewrites it by han
 
 from __future__ import annotations
 
-import json
-
+from .manifest import load_manifest, manifest_paths
 from .schema import COLUMNS, PLAIN_FORMAT_VERSION
+from .storage import shard_path
+from .store import write_text
 
 HEADER = """---
 configs:
@@ -66,18 +67,15 @@ def render_card(manifests: list[dict], total_workers: int) -> str:
 
 
 def write_card(root) -> None:
-    from .storage import shard_path
-    from .store import _load_manifest, write_text
-
     root = shard_path(root)
     while True:
-        paths = sorted(root.glob("manifest-*-of-*.json")) or [root / "manifest.json"]
-        manifests = [_load_manifest(p) for p in paths if p.exists()]
+        paths = manifest_paths(root)
+        manifests = [load_manifest(p) for p in paths if p.exists()]
         if not manifests:
             return
         write_text(render_card(manifests, manifests[0]["workers"]["num_workers"]), root / "README.md")
         # Workers finishing together: one may rename its card after another's that saw more
         # manifests. Each writes its manifest before its card, so rendering again until no
         # manifest appeared meanwhile leaves the last card with every manifest.
-        if (sorted(root.glob("manifest-*-of-*.json")) or [root / "manifest.json"]) == paths:
+        if manifest_paths(root) == paths:
             return

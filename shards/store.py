@@ -5,7 +5,8 @@ A shard set is a directory of Parquet part files plus one manifest per worker:
 Every file is written under a temporary name and renamed into place, the manifest last, so a file
 with a final name is complete, and a directory with a manifest is a finished set. The directory
 may be a local folder or any fsspec URL (`s3://...`): storage.py makes both look alike, and on
-an object store a file appears under its final key only once its upload is complete.
+an object store a file appears under its final key only once its upload is complete. What a
+manifest holds, and how it is named, built and read, is manifest.py's.
 """
 
 from __future__ import annotations
@@ -19,20 +20,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import FORMAT_NAME, FORMAT_VERSION, byte_stream_split_columns, list_arrays
+from .manifest import manifest_checksum, read_manifests
+from .schema import byte_stream_split_columns, list_arrays
 from .storage import AnyPath, ShardError, is_url, parquet_file, publish, read_parquet, shard_path
-from .tokenization import FINGERPRINT_VERSION
 
 ROWS_PER_ROW_GROUP = 4096
 
 
 # -- names --------------------------------------------------------------------------------------
-
-
-def manifest_name(num_workers: int, worker_index: int) -> str:
-    if num_workers == 1:
-        return "manifest.json"
-    return f"manifest-{worker_index:05d}-of-{num_workers:05d}.json"
 
 
 DATA_DIR = "data"  # format version 2: Parquet parts under data/, as a Hugging Face dataset folder
@@ -84,12 +79,6 @@ def write_text(text: str, path: AnyPath) -> None:
 
 def write_json(obj: dict, path: AnyPath) -> None:
     write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", path)
-
-
-def manifest_checksum(manifest: dict) -> str:
-    """sha256 of the manifest's canonical JSON without its own checksum: an edit after writing shows."""
-    body = {k: v for k, v in manifest.items() if k != "checksum"}
-    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def write_manifest(manifest: dict, path: AnyPath) -> None:
@@ -190,40 +179,6 @@ def reward_statistics(tables) -> dict | None:
 # -- reading ------------------------------------------------------------------------------------
 
 
-def _load_manifest(path: AnyPath) -> dict:
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: manifest is not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT_NAME:
-        raise ShardError(f"{path}: not a wspo shard manifest (format={manifest.get('format')!r})")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ShardError(
-            f"{path}: shard format version {version!r} is newer than this toolkit reads "
-            f"(version {FORMAT_VERSION}); upgrade wspo"
-        )
-    fingerprint_version = manifest.get("tokenizer", {}).get("fingerprint_version", 1)
-    if not isinstance(fingerprint_version, int) or fingerprint_version > FINGERPRINT_VERSION:
-        raise ShardError(
-            f"{path}: tokenizer fingerprint version {fingerprint_version!r} is newer than this toolkit reads "
-            f"(version {FINGERPRINT_VERSION}); upgrade wspo"
-        )
-    if "checksum" in manifest and manifest["checksum"] != manifest_checksum(manifest):  # older sets have none
-        raise ShardError(f"{path}: the manifest was edited after it was written (its checksum does not match its content)")
-    files, counts = manifest.get("files", []), manifest.get("counts", {})
-    for key, column in (("rows_written", "rows"), ("response_tokens", "tokens")):
-        listed = sum(f.get(column, 0) for f in files)
-        if key in counts and counts[key] != listed:
-            raise ShardError(f"{path}: counts.{key} is {counts[key]} but its files add up to {listed} "
-                             "(a file entry was removed or a count edited)")
-    return manifest
-
-
-# Manifest entries that every worker of one set must agree on.
-_SHARED_KEYS = ("run_settings", "tokenizer", "scorers", "topk")
-
-
 @dataclass
 class ShardSet:
     root: AnyPath  # a local folder, or a URL (storage.UrlPath)
@@ -233,37 +188,7 @@ class ShardSet:
     def open(cls, root: str | os.PathLike) -> "ShardSet":
         """Load the manifest(s) and check that every worker's part is present and consistent."""
         root = shard_path(root)
-        if not root.is_dir():
-            raise ShardError(f"{root}: no such shard directory")
-        single = root / "manifest.json"
-        paths = sorted(root.glob("manifest-*-of-*.json"))
-        if single.exists() and paths:
-            raise ShardError(
-                f"{root}: holds both manifest.json (one worker) and worker manifests ({paths[0].name}, ...): two runs "
-                "with different num_workers wrote here; rerun phase one with --overwrite true, or use another directory"
-            )
-        if single.exists():
-            return cls(root, [_load_manifest(single)])
-        if not paths:
-            raise ShardError(
-                f"{root}: no manifest.json or worker manifests: not a shard set, or phase one has "
-                "not finished (rerun the same wspo-precompute command to resume)"
-            )
-        manifests = [_load_manifest(p) for p in paths]
-        total = manifests[0]["workers"]["num_workers"]
-        have = {m["workers"]["worker_index"]: p for m, p in zip(manifests, paths)}
-        missing = sorted(set(range(total)) - set(have))
-        if missing:
-            names = ", ".join(manifest_name(total, i) for i in missing)
-            raise ShardError(f"{root}: worker manifests missing ({len(missing)} of {total}): {names}")
-        for m, p in zip(manifests, paths):
-            if m["workers"]["num_workers"] != total:
-                raise ShardError(f"{p}: num_workers {m['workers']['num_workers']} differs from {paths[0].name} ({total})")
-            for key in _SHARED_KEYS:
-                if m.get(key) != manifests[0].get(key):
-                    raise ShardError(f"{p}: '{key}' differs from {paths[0].name}: the workers ran different settings")
-        manifests.sort(key=lambda m: m["workers"]["worker_index"])
-        return cls(root, manifests)
+        return cls(root, read_manifests(root))
 
     # -- what the set is --
 

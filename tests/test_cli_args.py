@@ -29,30 +29,30 @@ def _train(argv):
     return parse_config([WSPOArguments, TrainingArguments], argv)
 
 
+def usage_error(main, argv, capsys) -> str:
+    """The stderr of `main(argv)`, which must stop with argparse's usage error (exit code 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", sorted(EVERY_COMMAND))
 def test_unknown_key_is_a_usage_error_in_every_command(command, capsys):
     main, argv = EVERY_COMMAND[command]
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv + ["--no_such_key", "1"])
-    assert exit_info.value.code == 2
-    assert "--no_such_key" in capsys.readouterr().err
+    assert "--no_such_key" in usage_error(main, argv + ["--no_such_key", "1"], capsys)
 
 
 @pytest.mark.parametrize("command", ["wspo-train", "wspo-extrapolate", "wspo-export"])
 def test_prefix_of_a_key_is_not_accepted(command, capsys):
     main, argv = EVERY_COMMAND[command]
     abbreviated = {"wspo-train": ["--gamm", "0.5"], "wspo-extrapolate": ["--overwr"], "wspo-export": ["--dtyp", "auto"]}
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv + abbreviated[command])
-    assert exit_info.value.code == 2
-    assert abbreviated[command][0] in capsys.readouterr().err
+    assert abbreviated[command][0] in usage_error(main, argv + abbreviated[command], capsys)
 
 
 def test_gamm_is_not_gamma(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        _train(["--model_name_or_path", "m", "--shards", "s", "--gamm", "0.5"])
-    assert exit_info.value.code == 2
-    assert "unrecognized arguments: --gamm 0.5" in capsys.readouterr().err
+    err = usage_error(_train, ["--model_name_or_path", "m", "--shards", "s", "--gamm", "0.5"], capsys)
+    assert "unrecognized arguments: --gamm 0.5" in err
 
 
 def test_recipe_values_are_typed_and_command_line_wins(tmp_path):
@@ -66,10 +66,7 @@ def test_recipe_values_are_typed_and_command_line_wins(tmp_path):
 def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys):
     recipe = tmp_path / "broken.yaml"
     recipe.write_text("model_name_or_path: m\nshards: s\ngamma: [0.5\nmax_steps: 3\n")
-    with pytest.raises(SystemExit) as exit_info:
-        _train([str(recipe)])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2
+    err = usage_error(_train, [str(recipe)], capsys)
     assert f"config file {recipe} line " in err
     assert "Traceback" not in err and len(err.strip().splitlines()[-1]) < 300
 
@@ -80,8 +77,5 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys):
 def test_wrong_type_in_recipe_names_file_and_key(tmp_path, capsys, line, key):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model_name_or_path: m\nshards: s\n{line}\n")
-    with pytest.raises(SystemExit) as exit_info:
-        _train([str(recipe)])
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_info.value.code == 2
+    last = usage_error(_train, [str(recipe)], capsys).strip().splitlines()[-1]
     assert f"config file {recipe}: key {key}:" in last

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from test_cli_args import usage_error
 
 from wspo.precompute.cli import main as precompute_main
 
@@ -86,10 +87,8 @@ COMMANDS = [
 def test_unknown_key_suggests_the_nearest(module, args, hint, expected, capsys):
     import importlib
 
-    with pytest.raises(SystemExit) as exit_info:
-        importlib.import_module(module).main(args)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "unrecognized arguments: " in err
+    err = usage_error(importlib.import_module(module).main, args, capsys)
+    assert "unrecognized arguments: " in err
     assert (hint in err) == expected, err  # precompute has no gamma: no suggestion then
 
 
@@ -98,8 +97,5 @@ def test_unknown_recipe_key_suggests_the_nearest(tmp_path, capsys):
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model_name_or_path: m\nshards: [s]\noutput_dir: o\ngama: 0.1\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(recipe)])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2
+    err = usage_error(main, [str(recipe)], capsys)
     assert f"config file {recipe}: unknown key(s) gama (gama: did you mean gamma?)" in err

@@ -133,7 +133,7 @@ def test_phase_one_stores_the_teachers_top_k(exact_set, compact_set, teacher):
 
 def test_sets_without_top_k_stay_version_2_and_newer_versions_are_refused(exact_set, tiny_models, tmp_path, monkeypatch):
     from wspo.precompute.cli import main
-    from wspo.shards import store
+    from wspo.shards import manifest
     from wspo.shards.store import ShardError, ShardSet
 
     plain = tmp_path / "plain"
@@ -141,7 +141,7 @@ def test_sets_without_top_k_stay_version_2_and_newer_versions_are_refused(exact_
                  "--max_length", "256", "--max_prompt_length", "192"]) == 0
     assert json.loads((plain / "manifest.json").read_text())["format_version"] == 2
     # a reader of version 2 (the toolkit before top-k columns) refuses a version-3 set, naming it
-    monkeypatch.setattr(store, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(manifest, "FORMAT_VERSION", 2)
     with pytest.raises(ShardError, match=r"manifest.json: shard format version 3 is newer than this toolkit reads \(version 2\); upgrade wspo"):
         ShardSet.open(exact_set)
     ShardSet.open(plain)  # version 2 stays readable
@@ -187,7 +187,8 @@ def test_show_and_info_cover_the_top_k_columns(compact_set, tmp_path, capsys):
 def student_batch(shards_dir, student_dir, tmp_path, packing: bool = False):
     from transformers import AutoTokenizer
 
-    from wspo.train.data import Collator, open_shard_sets, strong_rule
+    from wspo.train.batches import Collator
+    from wspo.train.shard_sets import open_shard_sets, strong_rule
     from wspo.train.distill import teacher_columns
     from wspo.train.rows import row_datasets
 

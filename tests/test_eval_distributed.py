@@ -27,7 +27,7 @@ def held_out_expected(setup, cache_dir) -> tuple[int, float, float]:
     """(held-out examples, eval_loss, eval_reward_mean) before any training step: the policy is
     the reference, so each example's WSPO term is the mean of its squared rewards."""
     from wspo.models import load_tokenizer
-    from wspo.train.data import open_shard_sets, strong_rule
+    from wspo.train.shard_sets import open_shard_sets, strong_rule
     from wspo.train.rows import row_datasets
 
     sets = open_shard_sets([str(setup["shards"])], "wspo")

@@ -160,3 +160,23 @@ def test_no_import_circles_counting_function_level_imports():
     graph = import_graph(True)
     found = circles(graph)
     assert found == [], " | ".join(_describe(graph, c) for c in found)
+
+
+# The format's name and the versions a manifest is written with and checked against.
+MANIFEST_FORMAT = ("FORMAT_NAME", "FORMAT_VERSION", "TOPK_FORMAT_VERSION")
+
+
+def test_the_manifest_is_built_and_read_in_shards_manifest_only():
+    """DESIGN section 2: the manifest is the contract's. Only wspo.shards.manifest uses the format's
+    name and versions (imports them, reads them), so no other module builds a manifest's header
+    or checks a manifest's version; schema.py and topk.py only define them."""
+    users = set()
+    for name, path in package_modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and any(alias.name in MANIFEST_FORMAT for alias in node.names):
+                users.add(name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id in MANIFEST_FORMAT:
+                users.add(name)
+            elif isinstance(node, ast.Attribute) and node.attr in MANIFEST_FORMAT:
+                users.add(name)
+    assert users == {"wspo.shards.manifest"}, f"modules using {', '.join(MANIFEST_FORMAT)}: {sorted(users)}"

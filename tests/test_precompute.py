@@ -15,7 +15,8 @@ from wspo.precompute.cli import main as precompute_main
 from wspo.precompute.config import PrecomputeArguments
 from wspo.precompute.pipeline import PrecomputeError, run
 from wspo.shards.schema import FORMAT_VERSION, row_id, row_schema
-from wspo.shards.store import ShardError, ShardSet, list_arrays, manifest_checksum
+from wspo.shards.manifest import manifest_checksum
+from wspo.shards.store import ShardError, ShardSet, list_arrays
 from wspo.shards.tokenization import ResponseTokenizer
 
 

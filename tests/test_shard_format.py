@@ -12,7 +12,8 @@ import pytest
 from wspo.precompute.config import PrecomputeArguments
 from wspo.precompute.pipeline import run
 from wspo.shards.cli import main as shards_main
-from wspo.shards.store import ShardError, ShardSet, manifest_checksum
+from wspo.shards.manifest import manifest_checksum
+from wspo.shards.store import ShardError, ShardSet
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_version_1_sets_stay_readable(shard_dir, tmp_path, tiny_models):
     tokenizer to be the strong model's (rewards token for token), alone or beside a new set."""
     from wspo.models import load_tokenizer
     from wspo.shards.tokenization import ResponseTokenizer
-    from wspo.train.data import open_shard_sets, strong_rule
+    from wspo.train.shard_sets import open_shard_sets, strong_rule
 
     copy = tmp_path / "v1"
     copy.mkdir()
@@ -117,7 +118,7 @@ def test_version_1_sets_stay_readable(shard_dir, tmp_path, tiny_models):
     # the fingerprints cannot be compared, what does not depend on the definition can.
     manifest["tokenizer"]["chat_template_hash"] = "0" * 64
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    from wspo.train.data import DataError
+    from wspo.train.shard_sets import DataError
 
     with pytest.raises(DataError, match="tokenized with different tokenizers"):
         open_shard_sets([str(copy), str(shard_dir)], "wspo")

@@ -99,7 +99,8 @@ def test_gradient_accumulation_matches_one_big_batch(train_setup, tmp_path, caps
 def test_held_out_split_is_by_example():
     import numpy as np
 
-    from wspo.train.data import Example, split_examples
+    from wspo.train.examples import Example
+    from eager_examples import split_examples
 
     # Two responses per example (as from two shard sets): both always land on the same side.
     examples = [Example(0, f"row{i}-{k}", f"ex{i}", [1, 2], 1, np.zeros(1, np.float32)) for i in range(400) for k in range(2)]
@@ -193,7 +194,7 @@ def test_shards_that_do_not_verify(train_setup, tmp_path, capsys):  # noqa: F811
     rc, err = run_train(capsys, train_argv(train_setup, tmp_path / "out", shards=tmp_path / "missing"))
     assert rc == 1 and "no such shard directory" in error_line(err)
 
-    from wspo.train.data import DataError, open_shard_sets
+    from wspo.train.shard_sets import DataError, open_shard_sets
 
     with pytest.raises(DataError, match="given more than once"):
         open_shard_sets([str(train_setup["shards"]), str(train_setup["shards"]) + "/"], "wspo")

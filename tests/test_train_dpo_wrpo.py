@@ -159,7 +159,7 @@ def direct_loss(loss: str, groups: list[list[dict]], tokenizer, reference, polic
 def preference_examples(setup, paths: list[str], loss: str, cache_dir: Path):
     """Every example of the shard sets (drawn from the Arrow-backed dataset), its counts, the rule."""
     from wspo.models import load_tokenizer
-    from wspo.train.data import open_shard_sets, reference_sets, strong_rule
+    from wspo.train.shard_sets import open_shard_sets, reference_sets, strong_rule
     from wspo.train.pairs import pair_datasets
 
     sets = open_shard_sets(paths, loss)
@@ -410,7 +410,8 @@ def test_pairs_stay_in_arrow(train_setup, dpo_shards, tmp_path):  # noqa: F811
 
     from wspo.models import load_tokenizer
     from wspo.shards.store import ShardSet
-    from wspo.train.data import is_eval_example, open_shard_sets, reference_sets, strong_rule
+    from wspo.train.examples import is_eval_example
+    from wspo.train.shard_sets import open_shard_sets, reference_sets, strong_rule
     from wspo.train.pairs import pair_datasets
 
     sets = open_shard_sets([str(dpo_shards)], "dpo")

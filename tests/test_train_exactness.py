@@ -112,7 +112,9 @@ def trainer_batch_loss(trainer, batch):
 
 def shard_batch(setup):
     from wspo.models import load_tokenizer
-    from wspo.train.data import Collator, load_examples, open_shard_sets, split_examples, strong_rule
+    from wspo.train.batches import Collator
+    from wspo.train.shard_sets import open_shard_sets, strong_rule
+    from eager_examples import load_examples, split_examples
 
     sets = open_shard_sets([str(setup["shards"])], "wspo")
     tokenizer = load_tokenizer(setup["strong_sft"])

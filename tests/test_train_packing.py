@@ -39,7 +39,8 @@ def test_pack_rows_first_fit_decreasing():
 @torch.no_grad()
 def test_packed_logprobs_equal_padded(train_setup, attention):  # noqa: F811
     from wspo.logprobs import response_logprobs, right_pad
-    from wspo.train.data import load_examples, open_shard_sets, strong_rule
+    from wspo.train.shard_sets import open_shard_sets, strong_rule
+    from eager_examples import load_examples
     from wspo.models import load_tokenizer
 
     sets = open_shard_sets([str(train_setup["shards"])], "wspo")
@@ -146,7 +147,9 @@ def wspo_trainer(setup, tmp_path, loss):
 @pytest.mark.parametrize("loss,project", [("wspo", False), ("sft", False), ("wspo", True)])
 def test_wspo_sft_loss_and_grads_packed_equal_padded(train_setup, tmp_path, loss, project):  # noqa: F811
     from wspo.models import load_tokenizer
-    from wspo.train.data import Collator, load_examples, open_shard_sets, strong_rule
+    from wspo.train.batches import Collator
+    from wspo.train.shard_sets import open_shard_sets, strong_rule
+    from eager_examples import load_examples
 
     sets = open_shard_sets([str(train_setup["shards"])], "wspo")
     tokenizer = load_tokenizer(train_setup["strong_sft"])

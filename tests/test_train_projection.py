@@ -15,7 +15,9 @@ GAMMA = 0.1
 def batches(setup):
     """The same rows as a token-level batch and as a (forced) projected batch."""
     from wspo.models import load_tokenizer
-    from wspo.train.data import Collator, load_examples, open_shard_sets, strong_rule
+    from wspo.train.batches import Collator
+    from wspo.train.shard_sets import open_shard_sets, strong_rule
+    from eager_examples import load_examples
 
     sets = open_shard_sets([str(setup["shards"])], "wspo")
     tokenizer = load_tokenizer(setup["strong_sft"])

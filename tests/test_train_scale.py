@@ -1,5 +1,5 @@
 """Phase two at scale (train/rows.py, DESIGN section 8): rows in memory-mapped Arrow, examples
-built and checked when drawn, equal to the eager path's; length-grouped sampling."""
+built and checked when drawn, equal to the eager path's (tests/eager_examples.py); length-grouped sampling."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from eager_examples import load_examples, split_examples
 from test_train_helpers import TRAIN_MAX_LENGTH, train_setup  # noqa: F401  (fixture)
 
-from wspo.train.data import load_examples, open_shard_sets, split_examples, strong_rule
 from wspo.train.rows import ShardRowsDataset, row_datasets
+from wspo.train.shard_sets import open_shard_sets, strong_rule
 
 
 def rule_of(setup, max_length=TRAIN_MAX_LENGTH):
@@ -57,7 +58,8 @@ def test_reference_join_equals_eager(train_setup, tmp_path):  # noqa: F811
     """logp_strong_ref joined on id (vectorised) gives each row the eager dict's log-probs."""
     from test_train_helpers import precompute
 
-    from wspo.train.data import reference_logps, reference_sets
+    from wspo.train.shard_sets import reference_sets
+    from eager_examples import reference_logps
 
     ref_shards = precompute(tmp_path / "ref", None, None, strong_ref=train_setup["strong_sft"])
     sets, rule = rule_of(train_setup)

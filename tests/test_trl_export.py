@@ -66,7 +66,7 @@ def wspo_loss_and_grads(plain, tmp_path):
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from wspo.models import load_tokenizer
-    from wspo.train.data import open_shard_sets, reference_sets, strong_rule
+    from wspo.train.shard_sets import open_shard_sets, reference_sets, strong_rule
     from wspo.train.pairs import PreferenceCollator, pair_datasets
     from wspo.train.trainer import WSPOTrainer
 

@@ -1,7 +1,10 @@
 """Phase two: shards + strong model -> trained model (DESIGN sections 1 and 6).
 
     config.py    the keys of wspo-train (besides transformers.TrainingArguments)
-    data.py      shard rows -> checked, re-tokenized examples -> padded (or packed) batches
+    shard_sets.py  shard sets opened, verified and checked against the loss, the strong tokenizer
+                 and the reference; what the run record says of them
+    examples.py  one shard row -> one checked, re-tokenized example (projected with another tokenizer)
+    batches.py   examples -> padded (or packed) batches
     rows.py      wspo / sft rows in memory-mapped Arrow, each example built and checked when drawn
     row_cache.py the Arrow file of a shard set's rows, written once by a helper process
     packing.py   padding-free packed batches (position ids restarting per sequence)

@@ -16,7 +16,7 @@ import numpy as np
 from wspo.shards.store import ShardSet
 from wspo.shards.topk import decode_topk, ids_column, logps_column
 
-from .data import DataError
+from .shard_sets import DataError
 
 
 @dataclass(frozen=True)

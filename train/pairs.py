@@ -8,8 +8,8 @@ are put back together, in the loss's slot order:
     wrpo   chosen_source (y_ws), chosen_target (y_wt), rejected (y_l)
 
 The rows stay in memory-mapped Arrow (rows.py's row cache, with the preference slots). Grouping
-is vectorised (`group_examples`): each complete tuple is a row of row positions, a few integers
-per shard row and no Python object per row. An example missing one of its slots is skipped and
+is vectorised (`group_examples`, with shards.pairing's rule, which wspo-eval shares): each
+complete tuple is a row of row positions, a few integers per shard row and no Python object per row. An example missing one of its slots is skipped and
 counted (`skipped_missing_<slot>`); an example with several rows of a slot (a dataset with a
 repeated example id) gives one tuple per complete set, paired in reading order, and the rest are
 counted as `unpaired_rows`.
@@ -35,13 +35,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from wspo.shards.pairing import rows_by_example
 from wspo.shards.schema import logp_column
 from wspo.shards.store import ShardSet
 from wspo.shards.tokenization import ResponseTokenizer
 
-from .data import DataError, checked_prompt, reference_sets, sequence_batch, token_order_ids
+from .batches import sequence_batch, token_order_ids
+from .examples import checked_prompt, kept_tokens
 from .row_cache import BUCKET_COLUMN
 from .rows import OpenRows, ReferenceJoin
+from .shard_sets import DataError, reference_sets
 
 PREFERENCE_SLOTS = {"dpo": ("chosen", "rejected"), "wrpo": ("chosen_source", "chosen_target", "rejected")}
 PREFERENCE_REFERENCE = "ref"  # phase one's name for the single DPO/WRPO reference (column logp_ref)
@@ -69,27 +72,15 @@ class PreferenceExample:
 
 
 def group_examples(table: pa.Table, slots: tuple[str, ...], counts: Counter) -> np.ndarray:
-    """[tuples, len(slots)]: the row positions of every complete tuple, in slot order; tuples in
-    the reading order of their examples' first rows, then of the rows of each slot. Counts the
-    incomplete examples and the rows left unpaired."""
-    k, n = len(slots), table.num_rows
-    if n == 0:
-        return np.zeros((0, k), dtype=np.int64)
-    example = pc.index_in(table["example_id"], value_set=pc.unique(table["example_id"])).to_numpy().astype(np.int64)
-    slot = pc.index_in(table["slot"].cast(pa.string()), value_set=pa.array(list(slots))).to_numpy().astype(np.int64)
-    per_slot = np.bincount(example * k + slot, minlength=(example.max() + 1) * k).reshape(-1, k)  # [examples, k]
-    complete = per_slot.min(axis=1)  # tuples of each example
+    """[tuples, len(slots)]: the row positions of every complete tuple, in slot order
+    (shards.pairing.rows_by_example). Counts the incomplete examples and the rows left unpaired."""
+    tuples, per_slot = rows_by_example(table, slots)
+    if not table.num_rows:
+        return tuples
     for j, name in enumerate(slots):
         counts[f"skipped_missing_{name}"] += int((per_slot[:, j] == 0).sum())
-    counts["unpaired_rows"] += int((per_slot.sum(axis=1) - k * complete).sum())
-    # Each row's rank among its example's rows of its slot, in reading order; tuple r takes rank r.
-    order = np.lexsort((np.arange(n), slot, example))
-    key = (example * k + slot)[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
-    kept = np.flatnonzero(rank < complete[example])
-    return kept[np.lexsort((slot[kept], rank[kept], example[kept]))].reshape(-1, k)
+    counts["unpaired_rows"] += int((per_slot.sum(axis=1) - len(slots) * per_slot.min(axis=1)).sum())
+    return tuples
 
 
 class PreferenceRowsDataset(torch.utils.data.Dataset):
@@ -130,12 +121,9 @@ class PreferenceRowsDataset(torch.utils.data.Dataset):
         # Phase one may have cut the response; a shorter training max_length (or a reference
         # scored under a shorter one) cuts it further. Policy and reference sums then run
         # over the same kept tokens.
-        keep = min(len(stored), self.rule.max_length - len(prompt), len(ref))
+        keep = kept_tokens(len(stored), min(self.rule.max_length - len(prompt), len(ref)), self.counts)
         if keep <= 0:
-            self.counts["skipped_prompt_too_long"] += 1
             return None
-        if keep < len(stored):
-            self.counts["cut_to_max_length"] += 1
         return Response(row["id"], prompt + stored[:keep], len(prompt), ref[:keep])
 
     @property
@@ -156,7 +144,7 @@ def pair_datasets(shard_sets: list[ShardSet], rule: ResponseTokenizer, loss: str
                   eval_fraction: float, cache_dir: Path, counts: Counter):
     """(train dataset, held-out dataset or None, complete tuples) of the shard sets' rows of the
     loss's slots, with `logp_ref` from `ref_sets`; held out by the hash of example_id
-    (data.is_eval_example). `counts` receives rows per slot and incomplete examples now, and
+    (examples.is_eval_example). `counts` receives rows per slot and incomplete examples now, and
     skipped tuples and cut responses as they are drawn (the run record's counts).
 
     Raises DataError naming the row when a row has no reference log-probs, and when no example
@@ -212,43 +200,37 @@ class PreferenceCollator:
         return batch
 
 
-def preference_datasets(args, shard_sets: list[ShardSet], rule: ResponseTokenizer, projected: bool, model_dir,
-                        cache_dir: Path, counts: Counter):
-    """Pipeline step 2 for dpo / wrpo: (train dataset, held-out dataset or None, complete tuples,
-    reference sets, record).
+def preference_datasets(shard_sets: list[ShardSet], rule: ResponseTokenizer, loss: str, project: bool, eval_fraction: float,
+                        cache_dir: Path, counts: Counter, reference_paths: list[str], model_dir: Path,
+                        allow_reference_mismatch: bool = False):
+    """Pipeline step 2 for dpo / wrpo, the twin of rows.row_datasets: (train dataset, held-out
+    dataset or None, complete tuples, reference sets, what wspo_run.json records of the reference).
 
-    The reference is checked to be the model training starts from (scorer fingerprint in the
-    shards' manifest == fingerprint of model_name_or_path), since that is what DPO's reference is
-    (the SFT model the policy starts from); `allow_reference_mismatch` lifts the check for a
-    deliberately different reference. wspo_run.json records the scorer either way.
+    The reference (`logp_ref` of the sets at `reference_paths`) is checked to be the model
+    training starts from (scorer fingerprint in the shards' manifest == fingerprint of
+    `model_dir`), since that is what DPO's reference is (the SFT model the policy starts from);
+    `allow_reference_mismatch` lifts the check for a deliberately different reference.
+    wspo_run.json records the scorer either way.
     """
     from wspo.models import model_fingerprint
 
-    if projected:
+    if project:
         raise DataError(
-            f"loss {args.loss} compares log-probs summed over the shards' tokens (logp_ref); train a model with the "
+            f"loss {loss} compares log-probs summed over the shards' tokens (logp_ref); train a model with the "
             "shards' tokenizer (reward_projection applies to wspo only)"
         )
-    paths = args.reference_shards or args.shards
-    ref_sets = reference_sets(paths, shard_sets, model_dir, rule, PREFERENCE_REFERENCE, args.allow_reference_mismatch)
-    train, held_out, n_tuples = pair_datasets(shard_sets, rule, args.loss, ref_sets, args.eval_fraction, cache_dir, counts)
+    ref_sets = reference_sets(reference_paths, shard_sets, model_dir, rule, PREFERENCE_REFERENCE, allow_reference_mismatch)
+    train, held_out, n_tuples = pair_datasets(shard_sets, rule, loss, ref_sets, eval_fraction, cache_dir, counts)
     scorers = [next(sc for sc in s.scorers if sc["name"] == PREFERENCE_REFERENCE) for s in ref_sets]
-    if args.allow_reference_mismatch:
+    if allow_reference_mismatch:
         weights = model_fingerprint(model_dir)
         same = all(sc["fingerprint"] == weights for sc in scorers)
     else:
         same = True  # checked by reference_sets
-    record = {
-        "loss": args.loss,
-        "slots": list(PREFERENCE_SLOTS[args.loss]),
-        "beta": args.beta,
-        "wrpo_alpha": args.wrpo_alpha if args.loss == "wrpo" else None,
-        "wrpo_alpha_schedule": args.wrpo_alpha_schedule if args.loss == "wrpo" else None,
-        "reference": {
-            "column": "logp_ref",
-            "scorers": [{k: sc[k] for k in ("model", "fingerprint")} for sc in scorers],
-            "same_weights_as_model": same,
-            "checked": not args.allow_reference_mismatch,
-        },
+    reference = {
+        "column": "logp_ref",
+        "scorers": [{k: sc[k] for k in ("model", "fingerprint")} for sc in scorers],
+        "same_weights_as_model": same,
+        "checked": not allow_reference_mismatch,
     }
-    return train, held_out, n_tuples, ref_sets, record
+    return train, held_out, n_tuples, ref_sets, reference

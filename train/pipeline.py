@@ -1,9 +1,9 @@
 """Phase two: shards + strong model -> trained model (DESIGN sections 1, 6, 7).
 
     run(args, training_args)
-      1. open and verify the shard sets; check they hold what the loss needs (data.py);
+      1. open and verify the shard sets; check they hold what the loss needs (shard_sets.py);
       2. load the strong tokenizer, check it is the shards' tokenizer, re-tokenize the chosen rows
-         and split off the held-out examples (data.py);
+         and split off the held-out examples (shard_sets.py, rows.py / pairs.py);
       3. load the policy (LoRA adapters on the strong model, or the whole model) and, for full
          fine-tuning with WSPO, a frozen reference copy (none when the reference log-probs come
          from the shards: `reference_logps shards`);
@@ -33,11 +33,10 @@ from wspo.shards.store import write_json
 from wspo.models import check_weights, load_tokenizer, read_config, resolve_model_dir
 
 from .config import PREFERENCE_LOSSES, WSPOArguments
-from .data import REFERENCE_SCORER, Collator, DataError, describe_shards, open_shard_sets, strong_rule
+from .batches import Collator
 from .distill import teacher_columns
-from .data import reference_sets as reference_sets_of
 from .packing import resolve_packing
-from .pairs import PreferenceCollator, preference_datasets
+from .pairs import PREFERENCE_SLOTS, PreferenceCollator, preference_datasets
 from .checkpoints import publish_final, resolve_resume
 from .guards import NonFiniteGuard
 from .identity import (
@@ -45,6 +44,8 @@ from .identity import (
     hold_output_dir, run_identity,
 )
 from .rows import row_datasets
+from .shard_sets import REFERENCE_SCORER, DataError, describe_shards, open_shard_sets, strong_rule
+from .shard_sets import reference_sets as reference_sets_of
 from .trainer import WSPOTrainer
 
 
@@ -102,6 +103,18 @@ def _finite_or_null(obj):
     return obj
 
 
+def preference_record(args: WSPOArguments, reference: dict) -> dict:
+    """What wspo_run.json records of dpo / wrpo: the slots, the loss's keys and the reference."""
+    return {
+        "loss": args.loss,
+        "slots": list(PREFERENCE_SLOTS[args.loss]),
+        "beta": args.beta,
+        "wrpo_alpha": args.wrpo_alpha if args.loss == "wrpo" else None,
+        "wrpo_alpha_schedule": args.wrpo_alpha_schedule if args.loss == "wrpo" else None,
+        "reference": reference,
+    }
+
+
 def _init_deepspeed_comm(training_args: TrainingArguments) -> None:
     """accelerate starts DeepSpeed's communication layer only on accelerators. On CPU
     (`--use_cpu true`, gloo) ZeRO-3's partitioned loading would otherwise see a world of one."""
@@ -148,8 +161,10 @@ def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list 
         guard_output_dir(Path(training_args.output_dir), args.overwrite, training_args.resume_from_checkpoint)
     with training_args.main_process_first(local=True, desc="shard row cache"):
         if args.loss in PREFERENCE_LOSSES:
-            train_set, eval_set, n_rows, reference_sets, preference = preference_datasets(
-                args, shard_sets, rule, projected, model_dir, cache_dir, counts)
+            train_set, eval_set, n_rows, reference_sets, reference_record = preference_datasets(
+                shard_sets, rule, args.loss, projected, args.eval_fraction, cache_dir, counts,
+                args.reference_shards or args.shards, model_dir, args.allow_reference_mismatch)
+            preference = preference_record(args, reference_record)
         else:
             reference = None
             if args.loss == "wspo" and args.reference_logps == "shards":

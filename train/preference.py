@@ -29,11 +29,6 @@ from .config import PREFERENCE_LOSSES
 from .losses import implicit_rewards, segment_sums
 from .pairs import PREFERENCE_SLOTS
 
-# Batch values whose precision matters: under DeepSpeed the stock `_prepare_inputs` casts every
-# floating-point tensor to the engine's dtype (bf16 would round a log-prob of -7.6 by 0.03 and a
-# summed reference of a long response by whole units). These keep float32 and only move device.
-EXACT_FLOAT_KEYS = ("ref_logps", "rewards")  # WSPO rewards, reference log-probs from shards
-
 
 class PreferenceMixin:
     def _init_preference(self, loss: str, beta: float, wrpo_alpha: float, wrpo_alpha_schedule: str) -> None:
@@ -53,14 +48,6 @@ class PreferenceMixin:
     def current_wrpo_alpha(self) -> float:
         """The alpha of the optimizer step now running (see `losses.wrpo_alpha`)."""
         return losses.wrpo_alpha(self.state.global_step, self.state.max_steps, self.wrpo_alpha_max, self.wrpo_alpha_schedule)
-
-    def _prepare_inputs(self, inputs):
-        # The stock Trainer casts every float batch tensor to the DeepSpeed dtype; in bf16 that
-        # would round rewards and shard log-probs to ~3 significant digits. They stay float32.
-        exact = {k: inputs[k] for k in EXACT_FLOAT_KEYS if k in inputs}
-        prepared = super()._prepare_inputs({k: v for k, v in inputs.items() if k not in exact})
-        prepared.update({k: v.to(self.args.device) for k, v in exact.items()})
-        return prepared
 
     def preference_loss(self, model, inputs, mode: str) -> torch.Tensor:
         ids, target, seq_ids = inputs["input_ids"], inputs["target_mask"], inputs["seq_ids"]

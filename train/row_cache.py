@@ -3,7 +3,7 @@
 Parquet parts are compressed, so they cannot be memory-mapped as arrays. Once per shard set (and
 set of columns) its rows of the wanted slots are decompressed into `<cache_dir>/rows-<fp>-<key>.arrow`,
 named by the set's fingerprint (the sha256 of its files), with one more column: the held-out
-bucket of each row's `example_id` (`data.is_eval_example`). Training maps that file (rows.py).
+bucket of each row's `example_id` (`examples.is_eval_example`). Training maps that file (rows.py).
 
 The file is written by a short-lived helper process (`python -m wspo.train.row_cache`; it imports
 pyarrow and the shard store only): the allocators keep decompression buffers for reuse, and in the training process
@@ -48,7 +48,7 @@ from wspo.shards.storage import local_copy, publish, read_parquet, read_parquet_
 from wspo.shards.store import ShardError, ShardSet, write_text
 
 CACHE_VERSION = 1  # bump when the cached layout changes
-BUCKET_COLUMN = "eval_bucket"  # uint32: the first 4 bytes of sha256(example_id), see data.is_eval_example
+BUCKET_COLUMN = "eval_bucket"  # uint32: the first 4 bytes of sha256(example_id), see examples.is_eval_example
 READ_BATCH_ROWS = 1024  # rows decompressed at a time while the cache is written
 
 

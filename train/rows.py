@@ -33,8 +33,9 @@ import torch
 from wspo.shards.store import ShardSet
 from wspo.shards.tokenization import ResponseTokenizer
 
-from .data import TRAIN_SLOTS, DataError, checked_prompt, project_row, token_example
+from .examples import TRAIN_SLOTS, checked_prompt, project_row, token_example
 from .row_cache import BUCKET_COLUMN, row_cache
+from .shard_sets import DataError
 
 
 def open_cache(path: Path) -> tuple[pa.Table, dict]:
@@ -95,7 +96,7 @@ class OpenRows:
         return self.roots[int(np.searchsorted(self.set_ends, position, side="right"))]
 
     def split(self, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-        """Positions of the training and held-out rows, by the hash of example_id (data.is_eval_example)."""
+        """Positions of the training and held-out rows, by the hash of example_id (examples.is_eval_example)."""
         if self.table.num_rows == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         buckets = self.table[BUCKET_COLUMN].to_numpy() / 2**32

@@ -31,12 +31,13 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from wspo.errors import ConfigError
 from wspo.logprobs import response_logprobs
 
+from .guards import ExactFloatInputs
 from .held_out import HeldOutLedger
 from .losses import kd_loss, kd_token_losses, pearson_from_sums, pearson_sums_by, segment_sums, sft_loss, wspo_sequence_losses
 from .preference import PreferenceMixin
 
 
-class WSPOTrainer(PreferenceMixin, Trainer):
+class WSPOTrainer(ExactFloatInputs, PreferenceMixin, Trainer):
     # compute_loss returns the mean over one micro-batch; the Trainer divides by the number of
     # gradient-accumulation steps, so the step's loss is the mean over its micro-batches.
     loss_is_scaled_for_ga = False
