@@ -1,6 +1,6 @@
 """The hf scorer eager vs torch.compile'd, on the same model and rows in one process. JSON.
 
-    python benchmarks/scorer_compile.py [--preset quick] [--rows 24] [--dtypes float32 bfloat16] [--device cpu]
+    python benchmarks/scorer_compile.py [--quick] [--preset quick] [--rows 24] [--dtypes float32 bfloat16] [--device cpu]
 
 One random-weight Qwen2 scorer of a preset shape (benchmarks/limits.py) with Qwen2's real
 tokenizer scores the chosen responses of `--rows` UltraFeedback-like rows (benchmarks/workloads.py)
@@ -13,7 +13,6 @@ the compile's seconds and the max |difference| of the log-probs (float32: roundi
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -33,6 +32,8 @@ def child(spec: dict) -> None:
     from wspo.precompute.scorers import HFScorer
     from wspo.shards.tokenization import ResponseTokenizer
 
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     rule = ResponseTokenizer(load_tokenizer(spec["model"]), spec["max_length"], spec["max_length"] // 4)
     sequences, prompt_lengths = [], []
     for line in Path(spec["rows"]).read_text().splitlines():
@@ -66,27 +67,27 @@ def child(spec: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = workloads.benchmark_parser(__doc__, "8 rows, float32 only")
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--rows", type=int, default=24)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max_length", type=int, default=2048)
-    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args._child:
-        return child(json.loads(args._child))
+    if workloads.ran_as_child(args, child):
+        return
+    if args.quick:
+        args.rows, args.dtypes = 8, ["float32"]
 
     from limits import machine
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         tokenizer = workloads.qwen2_tokenizer()
         lengths = workloads.write_rows(tmp / "rows.jsonl", tokenizer, args.rows)
         model = workloads.save_models(tmp, args.preset, ["weak_ref"], tokenizer)["weak_ref"]
         runs = [workloads.run_child(__file__, {"model": str(model), "rows": str(tmp / "rows.jsonl"), "dtype": dtype,
-                                               "device": args.device, "repeats": args.repeats,
+                                               "device": args.device, "threads": args.threads, "repeats": args.repeats,
                                                "max_length": args.max_length}, f"child {dtype}")
                 for dtype in args.dtypes]
     print(json.dumps({"benchmark": "scorer_compile", "preset": args.preset, "rows": args.rows, "lengths": lengths,

@@ -121,5 +121,14 @@ def load_causal_lm(name_or_path: str | os.PathLike, dtype: torch.dtype, device: 
     return model.to(device or default_device()).eval()
 
 
+def compile_decoder(model: torch.nn.Module, backend: str = "inductor", mode: str | None = None) -> torch.nn.Module:
+    """`torch.compile(dynamic=True)` of the decoder's forward, set on the instance (`del
+    decoder.forward` undoes it): the module's call, and so the hidden-state hook of
+    wspo.logprobs, stays eager, and the output head stays outside the graph. Returns the decoder."""
+    decoder = model.get_decoder()
+    decoder.forward = torch.compile(decoder.forward, dynamic=True, backend=backend, mode=mode)
+    return decoder
+
+
 def read_config(model_dir: Path) -> dict:
     return json.loads((model_dir / "config.json").read_text())

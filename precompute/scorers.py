@@ -24,7 +24,7 @@ import torch
 
 from wspo.errors import ConfigError
 from wspo.logprobs import response_logprobs, right_pad
-from wspo.models import default_device, load_causal_lm, resolve_dtype
+from wspo.models import compile_decoder, default_device, load_causal_lm, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ def default_batch_tokens(config, device: str, dtype: torch.dtype) -> int:
 # compile (docs/benchmarks.md, issue 18). On 2 CPU cores at the quick shape the compiled decoder
 # (RMSNorm, rotary, SiLU and residual adds fused: eager spends a quarter of its time in these
 # memory-bound ops) scored 1.22x faster than eager in float32 and 1.09x in bfloat16, after 15-100 s
-# of compiling per scorer (inductor's on-disk cache warm / cold). 2,048 rows (one part at the default rows_per_file) take tens of minutes
-# there. GPUs: not measured yet, so auto leaves them eager.
+# of compiling per scorer (inductor's on-disk cache warm / cold). 2,048 rows (one part at the
+# default rows_per_file) take tens of minutes there. GPUs: not measured yet, so auto leaves them eager.
 COMPILE_MIN_ROWS = 2048
 
 
@@ -120,9 +120,7 @@ class HFScorer:
             self._compile()
 
     def _compile(self) -> None:
-        decoder = self.model.get_decoder()
-        # The instance's forward, not the module's call: the capture hook of wspo.logprobs stays eager.
-        decoder.forward = torch.compile(decoder.forward, dynamic=True)
+        decoder = compile_decoder(self.model)
         start = time.perf_counter()
         try:
             for rows in (1, 2):

@@ -84,26 +84,21 @@ def packed_attention_is_exact(model: torch.nn.Module) -> bool:
 
 def resolve_packing(choice: str, model: torch.nn.Module, zero3: bool = False) -> bool:
     """`--packing` (auto / true / false) as a yes/no for this model. true refuses (PackingError,
-    naming the reason) what auto quietly pads: an attention implementation that ignores packed
+    naming the reason) what auto pads with a warning: an attention implementation that ignores packed
     position ids, a failed start-up check. Under ZeRO-3 the weights are partitioned until the
     Trainer wraps the model, so the check cannot run: auto pads there, true packs on the
     implementation's word alone."""
-    if choice == "false":
+    if choice == "false" or (choice == "auto" and zero3):
         return False
-    if choice == "true":
+    try:
         check_packing_attention(model)
         if not zero3 and not packed_attention_is_exact(model):
             raise PackingError("packing true: the model's logits for two sequences packed into one row differ from "
                                "each alone (its attention crosses packed sequences); set packing false")
-        return True
-    from wspo.logprobs import unwrap_model
-
-    implementation = getattr(unwrap_model(model).config, "_attn_implementation", None) or "eager"
-    if zero3 or implementation not in PACKING_ATTENTION:
-        logger.info("packing auto: padded batches (%s)", "DeepSpeed ZeRO-3" if zero3 else f"attention {implementation}")
-        return False
-    if not packed_attention_is_exact(model):
-        logger.warning("packing auto: the model's packed logits differ from unpacked ones; training on padded batches")
+    except PackingError as reason:
+        if choice == "true":
+            raise
+        logger.warning("packing auto: training on padded batches: %s", str(reason).removeprefix("packing true: "))
         return False
     return True
 

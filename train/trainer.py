@@ -30,6 +30,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from wspo.errors import ConfigError
 from wspo.logprobs import response_logprobs
+from wspo.models import compile_decoder
 
 from .guards import ExactFloatInputs
 from .held_out import HeldOutLedger
@@ -82,9 +83,8 @@ class WSPOTrainer(ExactFloatInputs, PreferenceMixin, Trainer):
         ref_model.requires_grad_(False)
         if not self.is_deepspeed_enabled:
             if self.args.torch_compile:  # the Trainer compiles the policy; compile the frozen copy's forward alike
-                decoder = ref_model.get_decoder()
-                decoder.forward = torch.compile(decoder.forward, dynamic=True, mode=self.args.torch_compile_mode,
-                                                backend=self.args.torch_compile_backend or "inductor")
+                compile_decoder(ref_model, backend=self.args.torch_compile_backend or "inductor",
+                                mode=self.args.torch_compile_mode)
             return ref_model.to(self.args.device)
         # Under DeepSpeed the frozen copy gets its own inference engine from the policy's config:
         # ZeRO-3 partitions its weights across ranks like the policy's; ZeRO-1/2 only partition
