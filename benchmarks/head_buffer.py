@@ -1,13 +1,22 @@
-"""The output head without gradients: one reused logits buffer vs a fresh tensor per chunk. JSON.
+"""The output head's paths in wspo.logprobs, on one random head and the same states. JSON.
 
-    python benchmarks/head_buffer.py [--rows 1024] [--hidden 512] [--dtype float32] [--device cpu]
+    python benchmarks/head_buffer.py [--rows 1024] [--hidden 512] [--dtype float32] [--device cpu] [--compile] [--train]
 
-Both paths of `wspo.logprobs` on the same random head (Qwen2's 151,936-row vocabulary) and
-states, interleaved `--repeats` times in one process: `_head_logprobs_autograd` (what every call
-did before: F.linear, .float(), logsumexp, a new [chunk, vocab] tensor per chunk and per
-temporary) and `_head_logprobs_inplace` (torch.mm into one buffer kept per head, the
-log-sum-exp in place in float32). Reports the best seconds of each, minor page faults, and the
-max |difference| (0 expected: the same operations in the same order).
+Without gradients (the default): `_head_logprobs_autograd` (F.linear, .float(), logsumexp: a new
+[chunk, vocab] tensor per chunk and per temporary) against `_head_logprobs_inplace` (torch.mm into
+one buffer kept per head, the log-sum-exp in place in float32); `--compile` adds the in-place path
+with the log-sum-exp compiled into one fused reduction (what `--compile` scorers use). Reports each
+path's best seconds, the head matmul's own seconds (the floor), minor page faults and the max
+|difference| from the first path.
+
+`--train`: forward and backward (a random weighting of the log-probs as the loss) through
+`_head_logprobs_autograd` (autograd keeps every chunk's float32 logits) against
+`_RecomputedHeadLogprobs` (keeps each position's log-sum-exp, recomputes the chunk's logits in the
+backward). Reports best seconds, the bytes each keeps for its backward, page faults, and the max
+|difference| of the log-probs and of the gradients.
+
+Paths alternate `--repeats` times in one process, so they see the same load. Qwen2's 151,936-row
+vocabulary by default.
 """
 
 from __future__ import annotations
@@ -31,12 +40,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="no-grad: add the compiled log-sum-exp path")
+    parser.add_argument("--train", action="store_true", help="forward + backward: autograd vs recompute")
     args = parser.parse_args()
 
     import torch
 
     from limits import machine
-    from wspo.logprobs import HEAD_CHUNK_BYTES, _head_logprobs_autograd, _head_logprobs_inplace
+    from wspo.logprobs import (HEAD_CHUNK_BYTES, _FUSED_NORMALISERS, _RecomputedHeadLogprobs, _head_logprobs_autograd,
+                               _head_logprobs_inplace, fuse_head_normaliser)
 
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
@@ -46,30 +58,104 @@ def main() -> None:
     head = head.to(device=args.device, dtype=dtype)
     states = torch.randn(args.rows, args.hidden, generator=gen).to(device=args.device, dtype=dtype)
     targets = torch.randint(0, args.vocab, (args.rows,), generator=gen).to(args.device)
+    loss_weights = torch.randn(args.rows, generator=gen).to(args.device)
     chunk = max(1, HEAD_CHUNK_BYTES // (4 * args.vocab))
     config = SimpleNamespace(final_logit_softcapping=None)
-    paths = {"fresh_per_chunk": _head_logprobs_autograd, "one_buffer": _head_logprobs_inplace}
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def no_grad_path(fused: bool):
+        def run():
+            if fused:
+                fuse_head_normaliser(head)
+            try:
+                with torch.inference_mode():
+                    return _head_logprobs_inplace(head, states, targets, chunk, config), None
+            finally:
+                _FUSED_NORMALISERS.pop(head, None)
+        return run
+
+    def train_path(recompute: bool):
+        def run():
+            x = states.detach().requires_grad_()
+            head.zero_grad(set_to_none=True)
+            saved = {}  # storage -> bytes: the weight, saved once per chunk, counts once
+
+            def pack(t):
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                if recompute:
+                    logps = _RecomputedHeadLogprobs.apply(x, head.weight, head.bias, targets, chunk, head)
+                else:
+                    logps = _head_logprobs_autograd(head, x, targets, chunk, config)
+            (logps * loss_weights).sum().backward()
+            return logps.detach(), (x.grad, head.weight.grad, sum(saved.values()))
+        return run
+
+    logits = torch.empty(min(chunk, args.rows), args.vocab, dtype=dtype, device=args.device)
+
+    def matmul_only():
+        with torch.inference_mode():
+            for start in range(0, args.rows, chunk):
+                x = states[start : start + chunk]
+                torch.mm(x, head.weight.t(), out=logits[: x.shape[0]])
+        return None, None
+
+    if args.train:
+        paths = {"autograd_keeps_logits": train_path(False), "recompute_in_backward": train_path(True)}
+    else:
+        paths = {
+            "fresh_per_chunk": lambda: (_no_grad(_head_logprobs_autograd, head, states, targets, chunk, config), None),
+            "one_buffer": no_grad_path(False),
+        }
+        if args.compile:
+            paths["one_buffer_fused_compiled"] = no_grad_path(True)
+            paths["one_buffer_fused_compiled"]()  # the compile, outside the timing
+        paths["head_matmul_only"] = matmul_only
     best = {name: float("inf") for name in paths}
     faults = {name: 0 for name in paths}
     out = {}
-    with torch.inference_mode():
-        for _ in range(args.repeats):
-            for name, fn in paths.items():
-                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                start = time.perf_counter()
-                out[name] = fn(head, states, targets, chunk, config)
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                best[name] = min(best[name], time.perf_counter() - start)
-                faults[name] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before  # the last repeat's
-    print(json.dumps({
-        "benchmark": "head_buffer", "rows": args.rows, "hidden": args.hidden, "vocab": args.vocab, "dtype": args.dtype,
-        "chunk_rows": chunk, "seconds_best": {k: round(v, 3) for k, v in best.items()},
-        "speedup": round(best["fresh_per_chunk"] / best["one_buffer"], 3),
+    for _ in range(args.repeats):
+        for name, fn in paths.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            out[name] = fn()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+            faults[name] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before  # the last repeat's
+    first = next(iter(paths))
+    result = {
+        "benchmark": "head_buffer", "mode": "train" if args.train else "no_grad", "rows": args.rows,
+        "hidden": args.hidden, "vocab": args.vocab, "dtype": args.dtype, "chunk_rows": chunk,
+        "seconds_best": {k: round(v, 3) for k, v in best.items()},
         "minor_faults_last_repeat": faults,
-        "max_abs_diff": float((out["one_buffer"] - out["fresh_per_chunk"]).abs().max()),
-        "machine": machine(),
-    }, indent=2))
+        "max_abs_diff_logprobs": {k: float((v[0] - out[first][0]).abs().max()) for k, v in out.items()
+                                  if k != first and v[0] is not None},
+    }
+    if args.train:
+        (_, (gx_a, gw_a, saved_a)), (_, (gx_r, gw_r, saved_r)) = out.values()
+        result["speedup"] = round(best["autograd_keeps_logits"] / best["recompute_in_backward"], 3)
+        result["saved_for_backward_mib"] = {"autograd_keeps_logits": round(saved_a / 2**20, 3),
+                                            "recompute_in_backward": round(saved_r / 2**20, 3)}
+        result["max_abs_diff_grad"] = {"states": float((gx_a - gx_r).abs().max()),
+                                       "weight": float((gw_a - gw_r).abs().max())}
+    else:
+        result["speedup"] = round(best["fresh_per_chunk"] / best["one_buffer"], 3)
+        result["over_matmul"] = {k: round(v / best["head_matmul_only"], 3) for k, v in best.items()
+                                 if k != "head_matmul_only"}
+    result["machine"] = machine()
+    print(json.dumps(result, indent=2))
+
+
+def _no_grad(fn, *args):
+    import torch
+
+    with torch.inference_mode():
+        return fn(*args)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def child(spec: dict) -> None:
     import torch
 
     from limits import machine
-    from wspo.models import load_tokenizer
+    from wspo.logprobs import _FUSED_NORMALISERS
+    from wspo.models import load_tokenizer, uncompile_decoder
     from wspo.precompute.scorers import HFScorer
     from wspo.shards.tokenization import ResponseTokenizer
 
@@ -42,17 +43,18 @@ def child(spec: dict) -> None:
         sequences.append(tok.prompt_ids + tok.token_ids)
         prompt_lengths.append(len(tok.prompt_ids))
     scorer = HFScorer(spec["model"], dtype=spec["dtype"], device=spec["device"], compile=True)
-    decoder = scorer.model.get_decoder()
+    decoder, head = scorer.model.get_decoder(), scorer.model.get_output_embeddings()
     compiled_forward = decoder.forward  # the instance attribute HFScorer set
+    fused_normaliser = _FUSED_NORMALISERS.get(head)  # the head's compiled log-sum-exp
     now = workloads.clock(spec["device"])
     best = {"eager": float("inf"), "compiled": float("inf")}
     logps = {}
     for _ in range(spec["repeats"]):
         for mode in ("eager", "compiled"):
             if mode == "eager":
-                del decoder.forward  # the class's forward
+                uncompile_decoder(scorer.model)  # the class's forward, the eager log-sum-exp
             else:
-                decoder.forward = compiled_forward
+                decoder.forward, _FUSED_NORMALISERS[head] = compiled_forward, fused_normaliser
             start = now()
             logps[mode] = np.concatenate(scorer.score(sequences, prompt_lengths))
             best[mode] = min(best[mode], now() - start)

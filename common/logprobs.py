@@ -135,12 +135,25 @@ def response_logprobs(
     if topk or gather_ids is not None:  # distillation: the top-k or the gathered ids from the same chunks
         return _head_logprobs_distill(head, states, targets, chunk_rows, inner.config, topk, gather_ids)
     if torch.is_grad_enabled() and states.requires_grad:
+        if _plain_linear(head, states) and not getattr(inner.config, "final_logit_softcapping", None):
+            return _RecomputedHeadLogprobs.apply(states, head.weight, head.bias, targets, chunk_rows, head)
         return _head_logprobs_autograd(head, states, targets, chunk_rows, inner.config)
     return _head_logprobs_inplace(head, states, targets, chunk_rows, inner.config)
 
 
+def _plain_linear(head: torch.nn.Module, states: torch.Tensor) -> bool:
+    """A bare nn.Linear holding its whole weight as a plain tensor: not a PEFT wrapper, not a
+    ZeRO-3 partition (an empty local weight), not a DTensor shard; the fast paths multiply by
+    `head.weight` themselves, the others call `head(x)`."""
+    weight = getattr(head, "weight", None)
+    return (type(head) is torch.nn.Linear and weight is not None and type(weight.data) is torch.Tensor
+            and weight.dim() == 2 and weight.shape[1] == states.shape[1])
+
+
 def _head_logprobs_autograd(head, states, targets, chunk_rows: int, config) -> torch.Tensor:
-    """Training: fresh tensors per chunk, as autograd needs them."""
+    """Training through a head we cannot multiply by ourselves (PEFT modules_to_save, ZeRO-3,
+    soft-capped logits): the head's own forward per chunk, and autograd keeps every chunk's
+    float32 logits for the backward pass."""
     pieces = []
     for start in range(0, states.shape[0], chunk_rows):
         logits = _softcap(head(states[start : start + chunk_rows]), config).float()
@@ -149,6 +162,88 @@ def _head_logprobs_autograd(head, states, targets, chunk_rows: int, config) -> t
     if not pieces:
         return states.new_zeros(0, dtype=torch.float32)
     return torch.cat(pieces)
+
+
+class _RecomputedHeadLogprobs(torch.autograd.Function):
+    """Training through a plain linear head without keeping logits: the forward keeps only each
+    position's log-sum-exp, and the backward recomputes each chunk's logits from the saved hidden
+    states. Autograd would keep every chunk's float32 logits until the backward (rows x vocabulary
+    x 4 bytes: ~1 GB for 2,000 response tokens of a 152k vocabulary); this keeps one chunk at a
+    time, in the head's reused buffer, and is no slower: the recomputed matmul costs about what
+    autograd's fresh [chunk, vocabulary] temporaries cost (benchmarks/head_buffer.py --train).
+
+    d log p(target) / d logits = onehot(target) - softmax(logits), so with g the incoming gradient
+    of each position: d logits = g * (onehot - exp(logits - lse)), then the two matmuls of a linear.
+    Autocast is honoured as F.linear would: the matmuls run in the autocast dtype, the softmax in
+    float32, and the weight's gradient is summed over chunks in the weight's own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, states, weight, bias, targets, chunk_rows: int, head):
+        device = states.device
+        compute = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
+        total = states.shape[0]
+        out = torch.empty(total, dtype=torch.float32, device=device)
+        lse = torch.empty(total, dtype=torch.float32, device=device)
+        rows = max(1, min(chunk_rows, total))
+        with torch.autocast(device.type, enabled=False):
+            x_all, w, b = states.to(compute), weight.to(compute), None if bias is None else bias.to(compute)
+            for start in range(0, total, rows):
+                n = min(rows, total - start)
+                logits = _chunk_logits(head, x_all[start : start + n], w, b, rows, compute)
+                picked = logits.gather(1, targets[start : start + n, None]).squeeze(1)
+                peak = logits.amax(dim=1, keepdim=True)
+                peak.masked_fill_(torch.isinf(peak), 0.0)  # torch.logsumexp's guard
+                norm = logits.sub_(peak).exp_().sum(dim=1).log_().add_(peak.squeeze(1))
+                lse[start : start + n] = norm
+                out[start : start + n] = picked - norm
+        ctx.save_for_backward(states, weight, bias, targets, lse)
+        ctx.rows, ctx.head, ctx.compute = rows, head, compute
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        states, weight, bias, targets, lse = ctx.saved_tensors
+        rows, compute = ctx.rows, ctx.compute
+        want_states, want_weight, want_bias = ctx.needs_input_grad[:3]
+        grad_states = torch.empty_like(states) if want_states else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        grad_bias = torch.zeros_like(bias) if want_bias else None
+        grad_out = grad_out.float()
+        with torch.autocast(states.device.type, enabled=False):
+            x_all, w, b = states.to(compute), weight.to(compute), None if bias is None else bias.to(compute)
+            for start in range(0, states.shape[0], rows):
+                n = min(rows, states.shape[0] - start)
+                x, g = x_all[start : start + n], grad_out[start : start + n, None]
+                d = _chunk_logits(ctx.head, x, w, b, rows, compute)  # float32, recomputed
+                d.sub_(lse[start : start + n, None]).exp_().mul_(g.neg())  # -g * softmax
+                d.scatter_add_(1, targets[start : start + n, None], g)  # + g at the target
+                if compute != torch.float32:
+                    d = _buffer(ctx.head, rows, d.shape[1], compute, d.device)[:n].copy_(d)
+                if want_states:
+                    grad_states[start : start + n] = d @ w
+                if want_weight:
+                    if grad_weight.dtype == d.dtype:
+                        grad_weight.addmm_(d.t(), x)
+                    else:
+                        grad_weight += (d.t() @ x).to(grad_weight.dtype)
+                if want_bias:
+                    grad_bias += d.sum(dim=0).to(grad_bias.dtype)
+        return grad_states, grad_weight, grad_bias, None, None, None
+
+
+def _chunk_logits(head, x, weight, bias, rows: int, compute: torch.dtype) -> torch.Tensor:
+    """x @ weight.T (+ bias) as float32 [n, vocabulary], in the head's reused buffers: the matmul
+    in `compute`, cast to float32 when that is narrower."""
+    vocab = weight.shape[0]
+    raw = _buffer(head, rows, vocab, compute, x.device)[: x.shape[0]]
+    if bias is None:
+        torch.mm(x, weight.t(), out=raw)
+    else:
+        torch.addmm(bias, x, weight.t(), out=raw)
+    if compute == torch.float32:
+        return raw
+    return _buffer(head, rows, vocab, torch.float32, x.device)[: x.shape[0]].copy_(raw)
 
 
 def _head_logprobs_distill(head, states, targets, chunk_rows: int, config, topk: int, gather_ids):
@@ -190,6 +285,28 @@ def _buffer(head: torch.nn.Module, rows: int, vocab: int, dtype: torch.dtype, de
     return buf[:rows]
 
 
+# Output heads whose float32 log-sum-exp runs as one compiled kernel (set by
+# wspo.models.compile_decoder). Eager, log-softmax at the picked ids is five passes over the
+# [chunk, vocabulary] logits (a float32 copy of bf16 ones, max, subtract, exp, sum); inductor fuses
+# them into one reduction that reads the head's own output once: bf16 scoring's head went from 1.6x
+# to 1.1x the time of its matmul (benchmarks/head_buffer.py --compile).
+_FUSED_NORMALISERS: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+def _picked_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)
+
+
+def fuse_head_normaliser(head: torch.nn.Module, backend: str = "inductor") -> None:
+    """Compile the no-grad path's log-sum-exp for this output head (undo: unfuse_head_normaliser)."""
+    _FUSED_NORMALISERS[head] = torch.compile(_picked_logprobs, dynamic=True, backend=backend)
+
+
+def unfuse_head_normaliser(head: torch.nn.Module) -> None:
+    _FUSED_NORMALISERS.pop(head, None)
+
+
 def _head_logprobs_inplace(head, states, targets, chunk_rows: int, config) -> torch.Tensor:
     """No gradients (scoring, evaluation): the head's logits go into one reused buffer, in the
     head's dtype (bf16 matmuls stay bf16), and the log-sum-exp runs in float32 in place: the same
@@ -199,11 +316,11 @@ def _head_logprobs_inplace(head, states, targets, chunk_rows: int, config) -> to
         return states.new_zeros(0, dtype=torch.float32)
     rows = min(chunk_rows, total)
     weight = getattr(head, "weight", None)
-    plain = (type(head) is torch.nn.Linear and weight is not None and weight.dim() == 2
-             and weight.shape[1] == states.shape[1] and states.dtype == weight.dtype
+    plain = (_plain_linear(head, states) and states.dtype == weight.dtype
              and not torch.is_autocast_enabled(states.device.type))  # autocast casts head(x), not mm(out=)
     vocab = weight.shape[0] if plain else None
     cap = getattr(config, "final_logit_softcapping", None)
+    fused = _FUSED_NORMALISERS.get(head)
     out = torch.empty(total, dtype=torch.float32, device=states.device)
     for start in range(0, total, rows):
         n = min(rows, total - start)
@@ -219,6 +336,9 @@ def _head_logprobs_inplace(head, states, targets, chunk_rows: int, config) -> to
             vocab = raw.shape[1]
         if cap:  # as _softcap, in place, in the head's dtype
             raw.div_(cap).tanh_().mul_(cap)
+        if fused is not None:
+            out[start : start + n] = fused(raw, targets[start : start + n])
+            continue
         if raw.dtype == torch.float32:
             logits = raw
         else:  # bf16/fp16 matmul, float32 log-sum-exp

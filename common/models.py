@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from wspo.errors import ConfigError, InputError, InputPathError
+from wspo.logprobs import fuse_head_normaliser, unfuse_head_normaliser
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -122,12 +123,25 @@ def load_causal_lm(name_or_path: str | os.PathLike, dtype: torch.dtype, device: 
 
 
 def compile_decoder(model: torch.nn.Module, backend: str = "inductor", mode: str | None = None) -> torch.nn.Module:
-    """`torch.compile(dynamic=True)` of the decoder's forward, set on the instance (`del
-    decoder.forward` undoes it): the module's call, and so the hidden-state hook of
-    wspo.logprobs, stays eager, and the output head stays outside the graph. Returns the decoder."""
+    """`torch.compile(dynamic=True)` of the decoder's forward, set on the instance (undo:
+    `uncompile_decoder`): the module's call, and so the hidden-state hook of wspo.logprobs, stays
+    eager, and the output head's matmul stays outside the graph (it writes into a reused buffer);
+    the no-grad path's log-sum-exp over the head's logits is compiled apart, as one fused
+    reduction (wspo.logprobs.fuse_head_normaliser). Returns the decoder."""
     decoder = model.get_decoder()
     decoder.forward = torch.compile(decoder.forward, dynamic=True, backend=backend, mode=mode)
+    head = model.get_output_embeddings()
+    if head is not None:
+        fuse_head_normaliser(head, backend=backend)
     return decoder
+
+
+def uncompile_decoder(model: torch.nn.Module) -> None:
+    """Back to the eager forward and log-sum-exp (after a compile that failed)."""
+    model.get_decoder().__dict__.pop("forward", None)  # the class's forward again
+    head = model.get_output_embeddings()
+    if head is not None:
+        unfuse_head_normaliser(head)
 
 
 def read_config(model_dir: Path) -> dict:

@@ -24,7 +24,7 @@ import torch
 
 from wspo.errors import ConfigError
 from wspo.logprobs import response_logprobs, right_pad
-from wspo.models import compile_decoder, default_device, load_causal_lm, resolve_dtype
+from wspo.models import compile_decoder, default_device, load_causal_lm, resolve_dtype, uncompile_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,9 @@ def resolve_compile(choice: str, rows: int, device: str | None = None) -> bool:
 class HFScorer:
     """Batched transformers forward in inference mode, log-softmax only at response positions.
 
-    compile: wrap the decoder's forward in `torch.compile(dynamic=True)` (the output head and its
-    log-sum-exp stay eager, in one reused buffer: wspo.logprobs). The compile happens on open, on
+    compile: wrap the decoder's forward in `torch.compile(dynamic=True)`, and compile the head's
+    log-sum-exp as one fused reduction (the head's matmul stays eager, in one reused buffer:
+    wspo.logprobs). The compile happens on open, on
     two small warm-up batches (one row, two rows: PyTorch specialises size 1), so `score` times
     scoring only and `compile_seconds` says what the compile cost. A compile that fails (no C++
     compiler, an unsupported model) falls back to the eager forward with a warning.
@@ -120,14 +121,16 @@ class HFScorer:
             self._compile()
 
     def _compile(self) -> None:
-        decoder = compile_decoder(self.model)
+        compile_decoder(self.model)
         start = time.perf_counter()
         try:
-            for rows in (1, 2):
+            # One row with one response position, then two rows with eight each: PyTorch
+            # specialises size 1, so both graphs exist before the first real batch.
+            for rows, prompt in ((1, 15), (2, 8)):
                 warm = [[1 + (i % 7) for i in range(16)]] * rows
-                self.score(warm, [8] * rows)
+                self.score(warm, [prompt] * rows)
         except torch._dynamo.exc.TorchDynamoException as e:  # BackendCompilerFailed, InductorError, ...
-            del decoder.forward  # back to the class's eager forward
+            uncompile_decoder(self.model)
             logger.warning("torch.compile of %s failed, scoring with the eager forward: %s",
                            type(self.model).__name__, " ".join(str(e).splitlines()[:2]) or type(e).__name__)
             return

@@ -142,3 +142,15 @@ def test_vs_trl_runs_with_the_same_batches_and_losses():
     assert report["exactness"]["trained_sequences_with_equal_token_ids"] == "8/8"
     assert report["exactness"]["max_loss_diff_vs_trl_ref_in_memory"] < 1e-4
     assert len(report["losses"]["wspo_train"]) == len(report["losses"]["trl_precompute"]) == 2
+
+
+@pytest.mark.slow
+def test_head_buffer_runs_and_its_paths_agree():
+    train = run_benchmark("head_buffer.py", "--rows", "40", "--hidden", "32", "--vocab", "3000", "--repeats", "1", "--train")
+    assert train["mode"] == "train" and train["max_abs_diff_logprobs"]["recompute_in_backward"] < 1e-5
+    assert train["max_abs_diff_grad"]["states"] < 1e-5 and train["max_abs_diff_grad"]["weight"] < 1e-5
+    kept = train["saved_for_backward_mib"]  # autograd keeps the 40 x 3000 float32 logits; the recompute does not
+    assert kept["autograd_keeps_logits"] - kept["recompute_in_backward"] >= 40 * 3000 * 4 / 2**20 - 0.002
+    no_grad = run_benchmark("head_buffer.py", "--rows", "40", "--hidden", "32", "--vocab", "3000", "--repeats", "1")
+    assert no_grad["mode"] == "no_grad" and no_grad["max_abs_diff_logprobs"]["one_buffer"] == 0.0
+    assert set(no_grad["over_matmul"]) == {"fresh_per_chunk", "one_buffer"}

@@ -92,3 +92,63 @@ def test_inference_head_in_one_reused_buffer_equals_the_autograd_path(dtype, sof
     assert torch.equal(first, expected) and torch.equal(second, expected_second)
     assert {key: buf.data_ptr() for key, buf in _LOGIT_BUFFERS[head].items()} == buffers  # reused, not reallocated
     assert len(buffers) == (1 if dtype == torch.float32 else 2)  # bf16 logits + their float32 copy
+
+
+def _saved_bytes(fn):
+    """Bytes autograd keeps for the backward pass while `fn` runs (parameters counted too)."""
+    seen = []
+
+    def pack(t):
+        seen.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen)
+
+
+@pytest.mark.parametrize("case", ["fp32", "bias", "frozen_head", "bf16_autocast"])
+def test_training_head_recomputes_logits_and_equals_autograd(case):
+    """Training through a plain linear head keeps only each position's log-sum-exp and recomputes
+    the chunk's logits in the backward: the same log-probs and gradients as autograd through
+    head(x) per chunk, without keeping [chunk, vocabulary] logits alive until the backward."""
+    from types import SimpleNamespace
+
+    from wspo.logprobs import _RecomputedHeadLogprobs, _head_logprobs_autograd
+
+    gen = torch.Generator().manual_seed(1)
+    vocab, hidden, positions, chunk = 3000, 24, 29, 8  # 4 chunks, the last one short
+    head = torch.nn.Linear(hidden, vocab, bias=case == "bias")
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, hidden, generator=gen))
+    head.weight.requires_grad_(case != "frozen_head")
+    targets = torch.randint(0, vocab, (positions,), generator=gen)
+    weights = torch.randn(positions, generator=gen)  # an arbitrary downstream loss
+    config = SimpleNamespace(final_logit_softcapping=None)
+    results = {}
+    for path in ("autograd", "recompute"):
+        states = torch.randn(positions, hidden, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        head.zero_grad()
+
+        def run():
+            if path == "autograd":
+                return _head_logprobs_autograd(head, states, targets, chunk, config)
+            return _RecomputedHeadLogprobs.apply(states, head.weight, head.bias, targets, chunk, head)
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16_autocast"):
+            logps, saved = _saved_bytes(run)
+        (logps * weights).sum().backward()
+        grads = [states.grad] + [p.grad for p in head.parameters() if p.requires_grad]
+        results[path] = (logps.detach(), [g.clone() for g in grads], saved)
+    (lp_a, grads_a, saved_a), (lp_r, grads_r, saved_r) = results["autograd"], results["recompute"]
+    assert lp_r.dtype == torch.float32 and len(grads_a) == len(grads_r) == {"frozen_head": 1, "bias": 3}.get(case, 2)
+    tolerance = 2e-2 if case == "bf16_autocast" else 1e-5  # bf16 matmuls, summed in another order
+    assert (lp_r - lp_a).abs().max() <= tolerance * max(1.0, float(lp_a.abs().max()))
+    for ours, theirs in zip(grads_r, grads_a):
+        assert ours.dtype == theirs.dtype
+        assert (ours - theirs).abs().max() <= tolerance * float(theirs.abs().max())
+    # autograd keeps every chunk's float32 logits (29 x 3000 x 4 bytes at least); the recompute
+    # keeps the inputs it was given (states, weight, bias, targets) and 29 log-sum-exps.
+    assert saved_a >= positions * vocab * 4
+    inputs = sum(t.numel() * t.element_size() for t in (head.weight, targets)) + positions * hidden * 4
+    assert saved_r <= inputs + (vocab * 4 if case == "bias" else 0) + positions * 4

@@ -108,25 +108,30 @@ def test_hf_matches_naive(tiny_models, rows, naive):
 
 @pytest.mark.slow
 def test_compiled_hf_matches_naive_without_recompiling(tiny_models, rows, naive):
-    """torch.compile'd decoder (dynamic shapes, compiled on open from two 16-token warm-up batches):
-    the same log-probs, and rows of every length and batch size run without a further compile."""
+    """torch.compile'd decoder and head log-sum-exp (dynamic shapes, compiled on open from two
+    16-token warm-up batches): the same log-probs, and rows of every length and batch size, and
+    head chunks of one position, run without a further compile."""
     from torch._dynamo.utils import counters
 
+    from wspo.logprobs import _FUSED_NORMALISERS
     from wspo.precompute.scorers import HFScorer
 
     scorer = HFScorer(tiny_models["weak_ref"], dtype="float32", batch_tokens=2048, device="cpu", compile=True)
     try:
         assert scorer.compiled and scorer.compile_seconds > 0
+        assert scorer.model.get_output_embeddings() in _FUSED_NORMALISERS
         frames = counters["stats"]["unique_graphs"]
         assert frames >= 1, "nothing was compiled"
         sequences, prompt_lengths = rows
         diff = max_abs_diff(scorer.score(sequences, prompt_lengths), naive)
         one = scorer.score(sequences[:1], prompt_lengths[:1])  # a batch of one row
+        last = scorer.score(sequences[:1], [len(sequences[0]) - 1])  # one response position
         assert counters["stats"]["unique_graphs"] == frames, "scoring recompiled after the warm-up"
     finally:
         scorer.close()
     print(f"compiled hf vs naive: max abs diff {diff:.3g}")
     assert diff < TOL and max_abs_diff(one, naive[:1]) < TOL
+    assert abs(float(last[0][0]) - float(naive[0][-1])) < TOL
 
 
 def test_failed_compile_falls_back_to_eager(tiny_models, rows, naive, monkeypatch, caplog):
@@ -134,6 +139,7 @@ def test_failed_compile_falls_back_to_eager(tiny_models, rows, naive, monkeypatc
     scorer on the eager forward, with a warning, and the same log-probs."""
     import torch._dynamo.exc
 
+    from wspo.logprobs import _FUSED_NORMALISERS
     from wspo.precompute.scorers import HFScorer
 
     def broken_compile(fn, **_):
@@ -148,6 +154,7 @@ def test_failed_compile_falls_back_to_eager(tiny_models, rows, naive, monkeypatc
         assert not scorer.compiled
         assert "torch.compile of Qwen2ForCausalLM failed, scoring with the eager forward" in caplog.text
         assert "forward" not in vars(scorer.model.get_decoder())
+        assert scorer.model.get_output_embeddings() not in _FUSED_NORMALISERS
         assert max_abs_diff(scorer.score(*rows), naive) < TOL
     finally:
         scorer.close()
