@@ -20,7 +20,9 @@ SequentialSampler), and the chat template renders an assistant turn as `content<
 nothing after it, so TRL's completion ids (prompt+completion minus prompt) equal the toolkit's
 response ids (content + end-of-turn token); the benchmark checks that the token ids of every
 trained pair are equal, and the per-step losses then agree to 1e-4 (asserted, float32). AdamW
-(adamw_torch), constant learning rate, no warm-up, beta 0.1, sigmoid loss, max_grad_norm 1 in all;
+(`--optim`, default adamw_torch_fused: transformers' default from torch 2.8, so what users of both
+get; adamw_torch is the for-each kernel, whose temporaries raise the optimizer's peak), constant
+learning rate, no warm-up, beta 0.1, sigmoid loss, max_grad_norm 1 in all;
 gradient checkpointing the same in all (`--gradient_checkpointing`, default true: TRL's DPOConfig
 default, which recomputes each layer's activations in the backward pass instead of keeping them).
 
@@ -60,6 +62,30 @@ def proc_status_bytes(key: str) -> int:
     return 0
 
 
+class PhasePeaks:
+    """Peak RSS per phase of the run, sampled every 10 ms by a thread: `setup` (loading, the
+    reference pass, trainer construction), `forward_backward` (step begin to the optimizer) and
+    `optimizer` (the optimizer's step to the step's end). Says where each path's peak comes from."""
+
+    def __init__(self):
+        import threading
+
+        self.phase, self.peaks = "setup", {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            rss = proc_status_bytes("VmRSS")
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {k: round(v / 2**20, 1) for k, v in self.peaks.items()}
+
+
 def trl_rows(rows_path: str, n: int):
     from datasets import Dataset
 
@@ -79,20 +105,27 @@ def child(spec: dict) -> None:
 
     now = workloads.clock(device)
 
+    peaks = PhasePeaks()
+
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             record["rss_bytes_at_train_begin"] = proc_status_bytes("VmRSS")
 
         def on_step_begin(self, args, state, control, **kwargs):
+            peaks.phase = "forward_backward"
             record["begin"] = now()
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            peaks.phase = "optimizer"
 
         def on_step_end(self, args, state, control, **kwargs):
             record["step_seconds"].append(now() - record["begin"])
+            peaks.phase = "between_steps"
 
     common = dict(per_device_train_batch_size=spec["batch"], learning_rate=1e-5, lr_scheduler_type="constant",
                   max_steps=spec["steps"], logging_steps=spec["steps"], save_strategy="no", report_to="none",
                   dataloader_pin_memory=False, disable_tqdm=True, seed=0, use_cpu=device == "cpu",
-                  optim="adamw_torch", max_grad_norm=1.0, warmup_steps=0, weight_decay=0.0,
+                  optim=spec["optim"], max_grad_norm=1.0, warmup_steps=0, weight_decay=0.0,
                   gradient_checkpointing=spec["gradient_checkpointing"])
     start = time.perf_counter()
     result = {"path": path}
@@ -173,7 +206,8 @@ def child(spec: dict) -> None:
         rejected = [t for s, t in zip(slots, ids) if s == "rejected"]
         for k in range(0, spec["batch"] * spec["steps"], spec["batch"]):
             record["ids"] += chosen[k:k + spec["batch"]] + rejected[k:k + spec["batch"]]
-    result.update(seconds=time.perf_counter() - start, peak_rss_bytes=proc_status_bytes("VmHWM"), **record)
+    result.update(seconds=time.perf_counter() - start, peak_rss_bytes=proc_status_bytes("VmHWM"),
+                  peak_rss_mib_by_phase=peaks.stop(), **record)
     print(workloads.RESULT_PREFIX + json.dumps(result))
 
 
@@ -210,6 +244,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--optim", default="adamw_torch_fused", choices=["adamw_torch_fused", "adamw_torch"])
     parser.add_argument("--gradient_checkpointing", default="true", choices=["true", "false"],
                         help="in every training path (default true: TRL's DPOConfig default)")
     args = parser.parse_args()
@@ -229,7 +264,7 @@ def main() -> None:
         base = {"model": str(model), "rows": str(SAMPLE_DIR / "train_prefs.jsonl"), "pairs": args.pairs,
                 "batch": args.batch, "steps": args.steps, "max_length": args.max_length, "dtype": args.dtype,
                 "device": args.device, "threads": args.threads, "shards": str(tmp / "shards"),
-                "gradient_checkpointing": args.gradient_checkpointing == "true"}
+                "gradient_checkpointing": args.gradient_checkpointing == "true", "optim": args.optim}
         results = {}
         for path in ("trl_ref_in_memory", "trl_precompute", "wspo_precompute", "wspo_train"):
             results[path] = run_child(dict(base, path=path, output_dir=str(tmp / f"out-{path}")))
@@ -252,7 +287,7 @@ def main() -> None:
         "benchmark": "vs_trl", "trl_version": trl_pre["trl_version"], "preset": args.preset, "dtype": args.dtype,
         "device": args.device, "threads": args.threads or "default", "pairs_scored": args.pairs,
         "batch_pairs": args.batch, "steps": args.steps, "max_length": args.max_length,
-        "gradient_checkpointing": args.gradient_checkpointing == "true", "machine": machine(),
+        "gradient_checkpointing": args.gradient_checkpointing == "true", "optim": args.optim, "machine": machine(),
         "seconds": {"trl_ref_in_memory_total": round(trl_in_memory["seconds"], 2),
                     "trl_precompute_total": round(trl_pre["seconds"], 2),
                     "trl_reference_pass": round(trl_pre["construction_seconds"], 2),
@@ -262,6 +297,7 @@ def main() -> None:
         "peak_rss_mib": {k: round(r["peak_rss_bytes"] / 2**20, 1) for k, r in results.items()},
         "rss_mib_at_train_begin": {k: round(r["rss_bytes_at_train_begin"] / 2**20, 1) for k, r in results.items()
                                    if "rss_bytes_at_train_begin" in r},
+        "peak_rss_mib_by_phase": {k: r["peak_rss_mib_by_phase"] for k, r in results.items()},
         "ratios": {
             "wspo_precompute_over_trl_reference_pass": round(pre["seconds"] / trl_pre["construction_seconds"], 3),
             "wspo_step_over_trl_ref_in_memory_step": round(step(train) / step(trl_in_memory), 3),

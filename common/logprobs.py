@@ -136,7 +136,7 @@ def response_logprobs(
         return _head_logprobs_distill(head, states, targets, chunk_rows, inner.config, topk, gather_ids)
     if torch.is_grad_enabled() and states.requires_grad:
         if _plain_linear(head, states) and not getattr(inner.config, "final_logit_softcapping", None):
-            return _RecomputedHeadLogprobs.apply(states, head.weight, head.bias, targets, chunk_rows, head)
+            return _RecomputedHeadLogprobs.apply(states, head.weight, head.bias, targets, chunk_rows)
         return _head_logprobs_autograd(head, states, targets, chunk_rows, inner.config)
     return _head_logprobs_inplace(head, states, targets, chunk_rows, inner.config)
 
@@ -168,9 +168,11 @@ class _RecomputedHeadLogprobs(torch.autograd.Function):
     """Training through a plain linear head without keeping logits: the forward keeps only each
     position's log-sum-exp, and the backward recomputes each chunk's logits from the saved hidden
     states. Autograd would keep every chunk's float32 logits until the backward (rows x vocabulary
-    x 4 bytes: ~1 GB for 2,000 response tokens of a 152k vocabulary); this keeps one chunk at a
-    time, in the head's reused buffer, and is no slower: the recomputed matmul costs about what
-    autograd's fresh [chunk, vocabulary] temporaries cost (benchmarks/head_buffer.py --train).
+    x 4 bytes: ~1.1 GB for 1,800 response tokens of a 152k vocabulary); this holds one chunk's
+    buffer while the forward or the backward of the head runs, and frees it before the decoder's
+    backward (where a step's memory peaks: every gradient is alive there). No slower: the
+    recomputed matmul costs about what autograd's fresh [chunk, vocabulary] temporaries cost
+    (benchmarks/head_buffer.py --train).
 
     d log p(target) / d logits = onehot(target) - softmax(logits), so with g the incoming gradient
     of each position: d logits = g * (onehot - exp(logits - lse)), then the two matmuls of a linear.
@@ -179,18 +181,19 @@ class _RecomputedHeadLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, states, weight, bias, targets, chunk_rows: int, head):
+    def forward(ctx, states, weight, bias, targets, chunk_rows: int):
         device = states.device
         compute = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
         total = states.shape[0]
         out = torch.empty(total, dtype=torch.float32, device=device)
         lse = torch.empty(total, dtype=torch.float32, device=device)
         rows = max(1, min(chunk_rows, total))
+        scratch: dict = {}  # this call's chunk buffers, freed on return
         with torch.autocast(device.type, enabled=False):
             x_all, w, b = states.to(compute), weight.to(compute), None if bias is None else bias.to(compute)
             for start in range(0, total, rows):
                 n = min(rows, total - start)
-                logits = _chunk_logits(head, x_all[start : start + n], w, b, rows, compute)
+                logits = _chunk_logits(scratch, x_all[start : start + n], w, b, rows, compute)
                 picked = logits.gather(1, targets[start : start + n, None]).squeeze(1)
                 peak = logits.amax(dim=1, keepdim=True)
                 peak.masked_fill_(torch.isinf(peak), 0.0)  # torch.logsumexp's guard
@@ -198,7 +201,7 @@ class _RecomputedHeadLogprobs(torch.autograd.Function):
                 lse[start : start + n] = norm
                 out[start : start + n] = picked - norm
         ctx.save_for_backward(states, weight, bias, targets, lse)
-        ctx.rows, ctx.head, ctx.compute = rows, head, compute
+        ctx.rows, ctx.compute = rows, compute
         return out
 
     @staticmethod
@@ -210,16 +213,17 @@ class _RecomputedHeadLogprobs(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if want_weight else None
         grad_bias = torch.zeros_like(bias) if want_bias else None
         grad_out = grad_out.float()
+        scratch: dict = {}
         with torch.autocast(states.device.type, enabled=False):
             x_all, w, b = states.to(compute), weight.to(compute), None if bias is None else bias.to(compute)
             for start in range(0, states.shape[0], rows):
                 n = min(rows, states.shape[0] - start)
                 x, g = x_all[start : start + n], grad_out[start : start + n, None]
-                d = _chunk_logits(ctx.head, x, w, b, rows, compute)  # float32, recomputed
+                d = _chunk_logits(scratch, x, w, b, rows, compute)  # float32, recomputed
                 d.sub_(lse[start : start + n, None]).exp_().mul_(g.neg())  # -g * softmax
                 d.scatter_add_(1, targets[start : start + n, None], g)  # + g at the target
                 if compute != torch.float32:
-                    d = _buffer(ctx.head, rows, d.shape[1], compute, d.device)[:n].copy_(d)
+                    d = _scratch(scratch, rows, d.shape[1], compute, d.device)[:n].copy_(d)
                 if want_states:
                     grad_states[start : start + n] = d @ w
                 if want_weight:
@@ -229,21 +233,27 @@ class _RecomputedHeadLogprobs(torch.autograd.Function):
                         grad_weight += (d.t() @ x).to(grad_weight.dtype)
                 if want_bias:
                     grad_bias += d.sum(dim=0).to(grad_bias.dtype)
-        return grad_states, grad_weight, grad_bias, None, None, None
+        return grad_states, grad_weight, grad_bias, None, None
 
 
-def _chunk_logits(head, x, weight, bias, rows: int, compute: torch.dtype) -> torch.Tensor:
-    """x @ weight.T (+ bias) as float32 [n, vocabulary], in the head's reused buffers: the matmul
-    in `compute`, cast to float32 when that is narrower."""
+def _chunk_logits(scratch: dict, x, weight, bias, rows: int, compute: torch.dtype) -> torch.Tensor:
+    """x @ weight.T (+ bias) as float32 [n, vocabulary], in `scratch`'s buffers: the matmul in
+    `compute`, cast to float32 when that is narrower."""
     vocab = weight.shape[0]
-    raw = _buffer(head, rows, vocab, compute, x.device)[: x.shape[0]]
+    raw = _scratch(scratch, rows, vocab, compute, x.device)[: x.shape[0]]
     if bias is None:
         torch.mm(x, weight.t(), out=raw)
     else:
         torch.addmm(bias, x, weight.t(), out=raw)
     if compute == torch.float32:
         return raw
-    return _buffer(head, rows, vocab, torch.float32, x.device)[: x.shape[0]].copy_(raw)
+    return _scratch(scratch, rows, vocab, torch.float32, x.device)[: x.shape[0]].copy_(raw)
+
+
+def _scratch(buffers: dict, rows: int, vocab: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if dtype not in buffers:
+        buffers[dtype] = torch.empty((rows, vocab), dtype=dtype, device=device)
+    return buffers[dtype]
 
 
 def _head_logprobs_distill(head, states, targets, chunk_rows: int, config, topk: int, gather_ids):

@@ -133,7 +133,7 @@ def test_training_head_recomputes_logits_and_equals_autograd(case):
         def run():
             if path == "autograd":
                 return _head_logprobs_autograd(head, states, targets, chunk, config)
-            return _RecomputedHeadLogprobs.apply(states, head.weight, head.bias, targets, chunk, head)
+            return _RecomputedHeadLogprobs.apply(states, head.weight, head.bias, targets, chunk)
 
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16_autocast"):
             logps, saved = _saved_bytes(run)
