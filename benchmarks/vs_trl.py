@@ -77,8 +77,8 @@ class PhasePeaks:
 
     def _sample(self):
         while not self._stop.wait(0.01):
-            rss = proc_status_bytes("VmRSS")
-            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+            phase, rss = self.phase, proc_status_bytes("VmRSS")  # read the phase once: the main thread moves it
+            self.peaks[phase] = max(self.peaks.get(phase, 0), rss)
 
     def stop(self) -> dict:
         self._stop.set()

@@ -134,7 +134,8 @@ def response_logprobs(
         chunk_rows = max(1, chunk_bytes // (4 * vocab))
     if topk or gather_ids is not None:  # distillation: the top-k or the gathered ids from the same chunks
         return _head_logprobs_distill(head, states, targets, chunk_rows, inner.config, topk, gather_ids)
-    if torch.is_grad_enabled() and states.requires_grad:
+    trains = states.requires_grad or any(p.requires_grad for p in head.parameters())
+    if torch.is_grad_enabled() and trains:
         if _plain_linear(head, states) and not getattr(inner.config, "final_logit_softcapping", None):
             return _RecomputedHeadLogprobs.apply(states, head.weight, head.bias, targets, chunk_rows)
         return _head_logprobs_autograd(head, states, targets, chunk_rows, inner.config)
@@ -143,11 +144,12 @@ def response_logprobs(
 
 def _plain_linear(head: torch.nn.Module, states: torch.Tensor) -> bool:
     """A bare nn.Linear holding its whole weight as a plain tensor: not a PEFT wrapper, not a
-    ZeRO-3 partition (an empty local weight), not a DTensor shard; the fast paths multiply by
-    `head.weight` themselves, the others call `head(x)`."""
+    DeepSpeed parameter (ZeRO-3 gathers and frees it around the module's own call, and may keep
+    it gathered between calls, so its shape says nothing), not a DTensor shard; the fast paths
+    multiply by `head.weight` themselves, the others call `head(x)`."""
     weight = getattr(head, "weight", None)
     return (type(head) is torch.nn.Linear and weight is not None and type(weight.data) is torch.Tensor
-            and weight.dim() == 2 and weight.shape[1] == states.shape[1])
+            and not hasattr(weight, "ds_id") and weight.dim() == 2 and weight.shape[1] == states.shape[1])
 
 
 def _head_logprobs_autograd(head, states, targets, chunk_rows: int, config) -> torch.Tensor:
@@ -205,6 +207,7 @@ class _RecomputedHeadLogprobs(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         states, weight, bias, targets, lse = ctx.saved_tensors
         rows, compute = ctx.rows, ctx.compute
@@ -309,7 +312,9 @@ def _picked_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 
 def fuse_head_normaliser(head: torch.nn.Module, backend: str = "inductor") -> None:
-    """Compile the no-grad path's log-sum-exp for this output head (undo: unfuse_head_normaliser)."""
+    """Compile the no-grad path's log-sum-exp for this output head (undo: unfuse_head_normaliser).
+    Every head shares `_picked_logprobs`'s compiled entries (one per dtype, grad mode and backend,
+    dynamic in sizes), so a process scoring with several models compiles each kind once."""
     _FUSED_NORMALISERS[head] = torch.compile(_picked_logprobs, dynamic=True, backend=backend)
 
 

@@ -152,3 +152,36 @@ def test_training_head_recomputes_logits_and_equals_autograd(case):
     assert saved_a >= positions * vocab * 4
     inputs = sum(t.numel() * t.element_size() for t in (head.weight, targets)) + positions * hidden * 4
     assert saved_r <= inputs + (vocab * 4 if case == "bias" else 0) + positions * 4
+
+
+def test_a_trained_head_over_a_frozen_body_gets_its_gradient(tiny_models):
+    """Only the output head trains (the hidden states carry no gradient): the training path still
+    runs, and the head's gradient equals the one through full logits."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["weak_ref"], dtype=torch.float32)
+    model.config.tie_word_embeddings = False
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())  # untied from the input embeddings
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head.weight.requires_grad_(True)
+    ids, mask, target = batch()
+    response_logprobs(model, ids, mask, target).sum().backward()
+    ours, head.weight.grad = head.weight.grad, None
+    full = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+    rows, cols = target.nonzero(as_tuple=True)
+    full[rows, cols - 1].gather(1, ids[rows, cols][:, None]).sum().backward()
+    assert ours is not None and ours.abs().sum() > 0
+    assert (ours - head.weight.grad).abs().max() < 1e-5
+
+
+def test_deepspeed_and_wrapped_heads_take_the_heads_own_forward():
+    """The fast paths multiply by head.weight themselves; a ZeRO-3 parameter (gathered and freed by
+    hooks around the module's call, `ds_id`) or a wrapper must go through head(x)."""
+    from wspo.logprobs import _plain_linear
+
+    states = torch.zeros(3, 8)
+    head = torch.nn.Linear(8, 50, bias=False)
+    assert _plain_linear(head, states)
+    head.weight.ds_id = 7
+    assert not _plain_linear(head, states)
+    assert not _plain_linear(torch.nn.Sequential(torch.nn.Linear(8, 50)), states)
