@@ -48,8 +48,8 @@ def main() -> None:
     import torch
 
     from limits import machine
-    from wspo.logprobs import (HEAD_CHUNK_BYTES, _FUSED_NORMALISERS, _RecomputedHeadLogprobs, _head_logprobs_autograd,
-                               _head_logprobs_inplace, fuse_head_normaliser)
+    from wspo.logprobs import (HEAD_CHUNK_BYTES, _RecomputedHeadLogprobs, _head_logprobs_autograd, _head_logprobs_inplace,
+                               fuse_head_normaliser, unfuse_head_normaliser)
 
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
@@ -67,15 +67,15 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def no_grad_path(fused: bool):
+    def no_grad_path(head_logprobs, fused: bool = False):
         def run():
             if fused:
                 fuse_head_normaliser(head)
             try:
                 with torch.inference_mode():
-                    return _head_logprobs_inplace(head, states, targets, chunk, config), None
+                    return head_logprobs(head, states, targets, chunk, config), None
             finally:
-                _FUSED_NORMALISERS.pop(head, None)
+                unfuse_head_normaliser(head)
         return run
 
     def train_path(recompute: bool):
@@ -109,12 +109,9 @@ def main() -> None:
     if args.train:
         paths = {"autograd_keeps_logits": train_path(False), "recompute_in_backward": train_path(True)}
     else:
-        paths = {
-            "fresh_per_chunk": lambda: (_no_grad(_head_logprobs_autograd, head, states, targets, chunk, config), None),
-            "one_buffer": no_grad_path(False),
-        }
+        paths = {"fresh_per_chunk": no_grad_path(_head_logprobs_autograd), "one_buffer": no_grad_path(_head_logprobs_inplace)}
         if args.compile:
-            paths["one_buffer_fused_compiled"] = no_grad_path(True)
+            paths["one_buffer_fused_compiled"] = no_grad_path(_head_logprobs_inplace, fused=True)
             paths["one_buffer_fused_compiled"]()  # the compile, outside the timing
         paths["head_matmul_only"] = matmul_only
     best = {name: float("inf") for name in paths}
@@ -151,13 +148,6 @@ def main() -> None:
                                  if k != "head_matmul_only"}
     result["machine"] = machine()
     print(json.dumps(result, indent=2))
-
-
-def _no_grad(fn, *args):
-    import torch
-
-    with torch.inference_mode():
-        return fn(*args)
 
 
 if __name__ == "__main__":
