@@ -166,7 +166,6 @@ class TimedScorer:
 
 
 def phase_one_child(spec: dict) -> None:
-    import torch
     from transformers import AutoConfig
 
     import limits

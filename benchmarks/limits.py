@@ -325,6 +325,29 @@ class Ceiling:
                 "best_gflops_per_s": {k: round(v / 1e9, 2) for k, v in sorted(self.best_rates.items())}}
 
 
+def proc_status(key: str) -> int:
+    """A memory figure of this process from /proc/self/status, in bytes: VmHWM (peak RSS), VmRSS
+    (now), RssAnon / RssFile (heap and mapped files, such as safetensors weights). 0 off Linux."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Start VmHWM afresh from the current RSS (Linux >= 4.0), so a peak read later is that of
+    the work in between, not of the set-up before it (a ceiling's matrices). False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def machine() -> dict:
     """What every figure is recorded with: CPU model, cores, load average (`uptime`), torch build."""
     import os

@@ -8,14 +8,16 @@
 Two random-weight Qwen2 scorers (weak_ref, weak_aligned) of a preset shape (benchmarks/limits.py;
 "quick": hidden 512, 8 layers; "qwen2-0.5b": hidden 896, 24 layers, 14/2 heads) with Qwen2's real
 151,936-row vocabulary and tokenizer score the chosen responses of `--rows` UltraFeedback-like rows
-(benchmarks/workloads.py: response tokens log-normal, median 300). Each (backend, dtype) runs in
+(benchmarks/workloads.py: response tokens log-normal, median 300), saved in each run's dtype
+(--checkpoint_dtype same: released checkpoints are scored so). Each (backend, dtype) runs in
 its own process: it measures the matmul ceiling at the model's own GEMM shapes, dtype, device and
 threads (limits.Ceiling), runs phase one in-process (`wspo.precompute.pipeline.run`, the command's
 own code, default settings unless given), measures the ceiling again, and reports
 
     fraction_of_limit      seconds of the useful FLOPs at the ceiling / seconds of the whole run
     fraction_scoring       the same over the scorers' `score` calls only (no loading, tokenizing, writing)
-    seconds_per_example, peak_rss_mib (and above one model's weights), minor page faults per part
+    seconds_per_example, peak_rss_mib: phase one's own (VmHWM restarted before it), and above one
+                           model's weights in the scored dtype; rss_at_start_mib; minor page faults per part
     max_abs_diff_vs_naive  a few rows' log-probs against one full-logits float32 log_softmax (exactness)
 
 The ceiling is the faster of two measurements (before and after the run) per GEMM kind, each the
@@ -41,10 +43,10 @@ def child(spec: dict) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from limits import Ceiling, add_work, machine, phase_one_flops
+    from limits import Ceiling, add_work, machine, phase_one_flops, proc_status, reset_peak_rss
     from workloads import rule_lengths
 
-    from wspo.models import load_tokenizer
+    from wspo.models import load_tokenizer, release_freed_memory
     from wspo.precompute import pipeline
     from wspo.precompute.config import PrecomputeArguments
 
@@ -102,12 +104,18 @@ def child(spec: dict) -> None:
         return scorer
 
     pipeline.open_scorer = timed_open_scorer
+    # The peak of phase one alone: the ceiling's matrices and the length count's tokenizer above
+    # are freed (and handed back, as a fresh wspo-precompute process would not have them), but
+    # the high-water mark keeps them unless it starts afresh here.
+    release_freed_memory()
+    peak_of_run_only = reset_peak_rss()
+    rss_at_start = proc_status("VmRSS")
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     manifest = pipeline.run(args)
     seconds = time.perf_counter() - start
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_rss = proc_status("VmHWM") if peak_of_run_only else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     after = Ceiling.measure(config, dtype, device, **measure)
     ceiling = Ceiling.best_of(before, after)
 
@@ -129,8 +137,8 @@ def child(spec: dict) -> None:
             logps = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0, :-1].gather(1, ids[0, 1:, None])[:, 0]
             naive = logps[len(tok.prompt_ids) - 1:].cpu().numpy()
             worst = max(worst, float(np.abs(naive - np.asarray(stored)).max()))
+    weights = sum(p.numel() * dtype.itemsize for p in model.parameters())  # one scorer's, in the scored dtype
     del model
-    weights = sum(p.stat().st_size for p in models["weak_ref"].glob("*.safetensors")) * dtype.itemsize // 4
     limit = ceiling.seconds(work)
     rows_done = manifest["counts"]["rows_written"]
     print(workloads.RESULT_PREFIX + json.dumps({
@@ -150,6 +158,8 @@ def child(spec: dict) -> None:
         "ceiling_drift_after_vs_before": round(after.rate(work) / before.rate(work), 3),
         "peak_rss_mib": round(peak_rss / 2**20, 1), "weights_mib_one_model": round(weights / 2**20, 1),
         "peak_rss_above_weights_mib": round((peak_rss - weights) / 2**20, 1),
+        "peak_rss_of_run_only": peak_of_run_only, "rss_at_start_mib": round(rss_at_start / 2**20, 1),
+        "checkpoint_dtype": spec["checkpoint_dtype"],
         "minor_faults_total": faults, "minor_faults_per_part": timing["minor_faults_per_part"],
         "major_faults_scoring": timing["major_faults"],
         "max_abs_diff_vs_naive": worst, "checked_rows": len(table),
@@ -169,6 +179,9 @@ def main() -> None:
     parser.add_argument("--batch_tokens", type=int, default=None, help="default: wspo-precompute's own default")
     parser.add_argument("--compile", nargs="+", default=["auto"], choices=["auto", "true", "false"],
                         help="wspo-precompute --compile, one run each (auto: its default)")
+    parser.add_argument("--checkpoint_dtype", default="same", choices=["same", "float32", "bfloat16"],
+                        help="dtype of the saved weights; same: each run's scoring dtype, as released checkpoints "
+                             "are scored (Qwen2 ships bf16); float32 makes a bf16 run convert on load")
     parser.add_argument("--check_rows", type=int, default=2)
     parser.add_argument("--ceiling_seconds", type=float, default=0.3, help="least seconds of repeats per GEMM kind")
     args = parser.parse_args()
@@ -184,11 +197,17 @@ def main() -> None:
         tmp = Path(tmp)
         tokenizer = qwen2_tokenizer()
         lengths = write_rows(tmp / "rows.jsonl", tokenizer, args.rows)
-        models = save_models(tmp, args.preset, ["weak_ref", "weak_aligned"], tokenizer)
+        checkpoints = {}  # checkpoint dtype -> the two scorers' folders
+        for dtype in args.dtypes:
+            saved = dtype if args.checkpoint_dtype == "same" else args.checkpoint_dtype
+            if saved not in checkpoints:
+                checkpoints[saved] = save_models(tmp / saved, args.preset, ["weak_ref", "weak_aligned"], tokenizer, dtype=saved)
         results = []
         for backend, dtype, compile in [(b, d, c) for b in args.backends for d in args.dtypes for c in args.compile]:
+                saved = dtype if args.checkpoint_dtype == "same" else args.checkpoint_dtype
                 spec = {"backend": backend, "dtype": dtype, "device": args.device, "threads": args.threads,
-                        "models": {k: str(v) for k, v in models.items()}, "rows": str(tmp / "rows.jsonl"),
+                        "models": {k: str(v) for k, v in checkpoints[saved].items()}, "checkpoint_dtype": saved,
+                        "rows": str(tmp / "rows.jsonl"),
                         "output_dir": str(tmp / f"shards-{backend}-{dtype}-{compile}"), "max_length": args.max_length,
                         "max_prompt_length": args.max_prompt_length, "check_rows": args.check_rows,
                         "rows_per_file": max(1, -(-args.rows // args.parts)), "ceiling_seconds": args.ceiling_seconds,

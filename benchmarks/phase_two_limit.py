@@ -48,7 +48,7 @@ def child(spec: dict) -> None:
 
     import wspo.train.pipeline as pipeline
     from limits import Ceiling, add_work, machine, phase_two_flops
-    from train_vs_reference import proc_status
+    from limits import proc_status
     from wspo.args import parse_config
     from wspo.train.config import WSPOArguments
     from wspo.train.trainer import WSPOTrainer

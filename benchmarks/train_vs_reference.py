@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 
 from limits import PRESETS as QWEN2_SHAPES  # this script's folder is on sys.path when it runs
+from limits import proc_status
 
 # Model shapes. "cpu-*": Qwen2 architecture, 64-wide heads, the tiny tokenizer's 2048-token
 # vocabulary; "qwen2-*": the public configs' shapes (Qwen/Qwen2-0.5B, -1.5B, -7B), for GPUs.
@@ -65,14 +66,6 @@ PRESETS = {
 LOSS_TOLERANCE = 1e-4  # float32
 BF16_LOSS_TOLERANCE = 2e-2  # bfloat16, relative: rewards scored in another batch layout may round differently
 RESULT_PREFIX = "BENCH_RESULT "
-
-
-def proc_status(key: str) -> int:
-    """VmHWM / VmRSS of this process in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 # -- building (a subprocess of its own) ---------------------------------------------------------

@@ -45,6 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads  # noqa: E402  (benchmarks/, on sys.path from here on)
+from limits import proc_status as proc_status_bytes  # noqa: E402
 
 LOSS_TOLERANCE = 1e-4
 # ChatML whose assistant turn ends at its end-of-turn token (no newline after it), so TRL's
@@ -52,14 +53,6 @@ LOSS_TOLERANCE = 1e-4
 TEMPLATE = ("{% for message in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"
             "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}{% endfor %}"
             "{% if add_generation_prompt %}{{ '\n<|im_start|>assistant\n' }}{% endif %}")
-
-
-def proc_status_bytes(key: str) -> int:
-    """A memory figure of this process from /proc/self/status: VmHWM (peak RSS), VmRSS (now)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 class PhasePeaks:

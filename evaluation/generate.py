@@ -18,7 +18,6 @@ the same way. Greedy is `temperature 0`; sampling uses `temperature`, `top_p` an
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import sys
@@ -32,7 +31,8 @@ from tqdm import tqdm
 
 from wspo.errors import InputPathError
 from wspo.embedded.sample import shows_preference_signal
-from wspo.models import check_weights, default_device, load_causal_lm, load_tokenizer, read_config, resolve_dtype, resolve_model_dir
+from wspo.models import (check_weights, default_device, load_causal_lm, load_tokenizer, read_config, release_freed_memory,
+                         resolve_dtype, resolve_model_dir)
 from wspo.precompute.data import detect_format, load_rows, to_example
 from wspo.precompute.scorers import length_batches
 from wspo.shards.store import write_text
@@ -127,9 +127,7 @@ def generate_hf(model_dir: Path, prompt_ids: list[list[int]], args: GenerateArgu
     finally:
         bar.close()
         del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_freed_memory()
     return results  # type: ignore[return-value]
 
 

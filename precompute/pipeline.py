@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from wspo.errors import NonFiniteError, WspoError
 from wspo.models import (
-    check_weights, default_device, load_tokenizer, model_fingerprint, read_config, resolve_dtype, resolve_model_dir,
+    check_weights, default_device, load_tokenizer, model_fingerprint, read_config, release_freed_memory, resolve_dtype,
+    resolve_model_dir,
 )
 from wspo.shards.schema import canonical_json, has_reward, logp_column, row_id, row_schema
 from wspo.shards.card import write_card
@@ -513,6 +514,10 @@ def run(args: PrecomputeArguments, lock_owner: str | None = None) -> dict:
                    work / "run.json")
 
         built, assembled = build_parts(args, source, block, layout, tokenize, out, work, run_fp)  # steps 1 and 2
+        # The parts hold every sequence now: the tokenizer (~200 MiB for Qwen2's 152k vocabulary)
+        # would only sit beside the scorers.
+        del tokenize
+        release_freed_memory()
         if not built.num_parts:
             raise PrecomputeError(f"no rows to score in {args.dataset} split {args.dataset_split} "
                                   f"(skipped: {dict(built.skipped) or 'none'})")

@@ -14,17 +14,16 @@ is imported only when chosen.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from wspo.errors import ConfigError
 from wspo.logprobs import response_logprobs, right_pad
-from wspo.models import compile_decoder, default_device, load_causal_lm, resolve_dtype, uncompile_decoder
+from wspo.models import (compile_decoder, default_device, load_causal_lm, release_freed_memory, resolve_dtype,
+                         uncompile_decoder)
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +155,7 @@ class HFScorer:
 
     def close(self) -> None:
         del self.model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_freed_memory()  # the next scorer loads into the memory this one held
 
 
 def open_scorer(backend: str, model_dir, dtype: str, batch_tokens: int | None, compile: bool = False,

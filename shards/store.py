@@ -15,13 +15,12 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .manifest import manifest_checksum, read_manifests
-from .schema import byte_stream_split_columns, list_arrays
+from .schema import byte_stream_split_columns, list_arrays  # noqa: F401  (list_arrays: re-exported)
 from .storage import AnyPath, ShardError, is_url, parquet_file, publish, read_parquet, shard_path
 
 ROWS_PER_ROW_GROUP = 4096

@@ -113,6 +113,7 @@ def test_phase_one_limit_runs_and_matches_full_logits():
     assert run["max_abs_diff_vs_naive"] < 1e-4  # the shards' log-probs = a full-logits log_softmax
     assert len(run["minor_faults_per_part"]) == 4  # 2 parts x 2 scorers
     assert run["useful_gflop"] > 0 and 0 < run["fraction_of_limit"] and run["limit_seconds"] < run["run_seconds"]
+    assert run["peak_rss_of_run_only"] and run["rss_at_start_mib"] <= run["peak_rss_mib"]  # phase one's own peak
 
 
 @pytest.mark.slow

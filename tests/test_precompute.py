@@ -342,3 +342,60 @@ def test_chat_template_that_rejects_a_row(tiny_models, tmp_path):
     with pytest.raises(PrecomputeError, match="row 1: template_error: .*System role not supported"):
         run(make_args(tiny_models, tmp_path / "strict", dataset=str(data), dataset_split="train", strict=True,
                       weak_ref=None, ref_model=str(strict_template), weak_aligned=None))
+
+
+def test_scorers_open_without_the_tokenizer_and_each_close_hands_its_memory_back(tiny_models, tmp_path, monkeypatch):
+    """Memory holds what the step needs: the parts carry the sequences, so no tokenizer is alive
+    while a scorer loads or scores, and every closed scorer hands its freed memory back."""
+    import gc
+    import weakref
+
+    from transformers import PreTrainedTokenizerBase
+
+    import wspo.precompute.pipeline as pipeline
+    import wspo.precompute.scorers as scorers
+
+    events, original_open = [], pipeline.open_scorer
+
+    def open_scorer(*args, **kwargs):
+        gc.collect()
+        events.append(("open", sum(isinstance(o, PreTrainedTokenizerBase) for o in gc.get_objects())))
+        scorer = original_open(*args, **kwargs)
+        events.append(("model", weakref.ref(scorer.model)))
+        return scorer
+
+    monkeypatch.setattr(pipeline, "open_scorer", open_scorer)
+    monkeypatch.setattr(scorers, "release_freed_memory", lambda: events.append(("released", None)))
+    run(make_args(tiny_models, tmp_path / "out", max_samples=6))
+    assert [e[0] for e in events] == ["open", "model", "released"] * 2
+    assert [e[1] for e in events if e[0] == "open"] == [0, 0]  # no tokenizer beside the scorers
+    assert all(e[1]() is None for e in events if e[0] == "model")  # each model freed when its scorer closed
+
+
+def test_release_freed_memory_returns_the_heap_to_the_system():
+    """Freed blocks that malloc keeps in its heap (a model cast on load is built of such blocks)
+    go back to the system. In a child whose malloc keeps every freed block (mmap and automatic
+    trimming off, so the result does not hang on the heap's layout): resident after `del`, not
+    after release_freed_memory."""
+    import subprocess
+    import sys
+
+    from wspo.models import _LIBC
+
+    if _LIBC is None:
+        pytest.skip("not glibc: nothing to trim")
+    child = """
+import ctypes, json, torch
+libc = ctypes.CDLL("libc.so.6")
+assert libc.mallopt(-1, 2**30) and libc.mallopt(-3, 2**25)  # M_TRIM_THRESHOLD 1 GiB, M_MMAP_THRESHOLD 32 MiB
+from wspo.models import release_freed_memory
+def anon():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon:")).split()[1]) / 1024
+blocks = [torch.ones(2**19) for _ in range(64)]  # 64 x 2 MiB, written
+held = anon(); del blocks; kept = anon(); release_freed_memory()
+print(json.dumps([held, kept, anon()]))
+"""
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
+    held, kept, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert held - kept < 16, (held, kept)  # freed, still resident
+    assert held - after > 100, (held, kept, after)  # most of the 128 MiB went back
