@@ -345,30 +345,36 @@ def test_chat_template_that_rejects_a_row(tiny_models, tmp_path):
 
 
 def test_scorers_open_without_the_tokenizer_and_each_close_hands_its_memory_back(tiny_models, tmp_path, monkeypatch):
-    """Memory holds what the step needs: the parts carry the sequences, so no tokenizer is alive
-    while a scorer loads or scores, and every closed scorer hands its freed memory back."""
+    """Memory holds what the step needs: the parts carry the sequences, so the run's tokenizer is
+    freed before a scorer loads or scores, and every closed scorer hands its freed memory back."""
     import gc
     import weakref
-
-    from transformers import PreTrainedTokenizerBase
 
     import wspo.precompute.pipeline as pipeline
     import wspo.precompute.scorers as scorers
 
-    events, original_open = [], pipeline.open_scorer
+    events, tokenizers = [], []
+    original_open, original_load_tokenizer = pipeline.open_scorer, pipeline.load_tokenizer
+
+    def load_tokenizer(*args, **kwargs):
+        tokenizer = original_load_tokenizer(*args, **kwargs)
+        tokenizers.append(weakref.ref(tokenizer))
+        return tokenizer
 
     def open_scorer(*args, **kwargs):
         gc.collect()
-        events.append(("open", sum(isinstance(o, PreTrainedTokenizerBase) for o in gc.get_objects())))
+        events.append(("open", sum(ref() is not None for ref in tokenizers)))
         scorer = original_open(*args, **kwargs)
         events.append(("model", weakref.ref(scorer.model)))
         return scorer
 
+    monkeypatch.setattr(pipeline, "load_tokenizer", load_tokenizer)
     monkeypatch.setattr(pipeline, "open_scorer", open_scorer)
     monkeypatch.setattr(scorers, "release_freed_memory", lambda: events.append(("released", None)))
     run(make_args(tiny_models, tmp_path / "out", max_samples=6))
+    assert tokenizers  # the run loaded its tokenizer through the patched name
     assert [e[0] for e in events] == ["open", "model", "released"] * 2
-    assert [e[1] for e in events if e[0] == "open"] == [0, 0]  # no tokenizer beside the scorers
+    assert [e[1] for e in events if e[0] == "open"] == [0, 0]  # the run's tokenizer is gone by then
     assert all(e[1]() is None for e in events if e[0] == "model")  # each model freed when its scorer closed
 
 
