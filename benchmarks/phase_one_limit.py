@@ -197,16 +197,16 @@ def main() -> None:
         tmp = Path(tmp)
         tokenizer = qwen2_tokenizer()
         lengths = write_rows(tmp / "rows.jsonl", tokenizer, args.rows)
-        checkpoints = {}  # checkpoint dtype -> the two scorers' folders
-        for dtype in args.dtypes:
-            saved = dtype if args.checkpoint_dtype == "same" else args.checkpoint_dtype
-            if saved not in checkpoints:
-                checkpoints[saved] = save_models(tmp / saved, args.preset, ["weak_ref", "weak_aligned"], tokenizer, dtype=saved)
+        def saved_as(dtype: str) -> str:
+            return dtype if args.checkpoint_dtype == "same" else args.checkpoint_dtype
+
+        checkpoints = {saved: save_models(tmp / saved, args.preset, ["weak_ref", "weak_aligned"], tokenizer, dtype=saved)
+                       for saved in dict.fromkeys(map(saved_as, args.dtypes))}  # checkpoint dtype -> the scorers' folders
         results = []
         for backend, dtype, compile in [(b, d, c) for b in args.backends for d in args.dtypes for c in args.compile]:
-                saved = dtype if args.checkpoint_dtype == "same" else args.checkpoint_dtype
                 spec = {"backend": backend, "dtype": dtype, "device": args.device, "threads": args.threads,
-                        "models": {k: str(v) for k, v in checkpoints[saved].items()}, "checkpoint_dtype": saved,
+                        "models": {k: str(v) for k, v in checkpoints[saved_as(dtype)].items()},
+                        "checkpoint_dtype": saved_as(dtype),
                         "rows": str(tmp / "rows.jsonl"),
                         "output_dir": str(tmp / f"shards-{backend}-{dtype}-{compile}"), "max_length": args.max_length,
                         "max_prompt_length": args.max_prompt_length, "check_rows": args.check_rows,

@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads  # noqa: E402  (benchmarks/, on sys.path from here on)
-from limits import proc_status as proc_status_bytes  # noqa: E402
+from limits import proc_status  # noqa: E402
 
 LOSS_TOLERANCE = 1e-4
 # ChatML whose assistant turn ends at its end-of-turn token (no newline after it), so TRL's
@@ -70,7 +70,7 @@ class PhasePeaks:
 
     def _sample(self):
         while not self._stop.wait(0.01):
-            phase, rss = self.phase, proc_status_bytes("VmRSS")  # read the phase once: the main thread moves it
+            phase, rss = self.phase, proc_status("VmRSS")  # read the phase once: the main thread moves it
             self.peaks[phase] = max(self.peaks.get(phase, 0), rss)
 
     def stop(self) -> dict:
@@ -102,7 +102,7 @@ def child(spec: dict) -> None:
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            record["rss_bytes_at_train_begin"] = proc_status_bytes("VmRSS")
+            record["rss_bytes_at_train_begin"] = proc_status("VmRSS")
 
         def on_step_begin(self, args, state, control, **kwargs):
             peaks.phase = "forward_backward"
@@ -199,7 +199,7 @@ def child(spec: dict) -> None:
         rejected = [t for s, t in zip(slots, ids) if s == "rejected"]
         for k in range(0, spec["batch"] * spec["steps"], spec["batch"]):
             record["ids"] += chosen[k:k + spec["batch"]] + rejected[k:k + spec["batch"]]
-    result.update(seconds=time.perf_counter() - start, peak_rss_bytes=proc_status_bytes("VmHWM"),
+    result.update(seconds=time.perf_counter() - start, peak_rss_bytes=proc_status("VmHWM"),
                   peak_rss_mib_by_phase=peaks.stop(), **record)
     print(workloads.RESULT_PREFIX + json.dumps(result))
 

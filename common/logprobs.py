@@ -354,7 +354,7 @@ def _head_logprobs_inplace(head, states, targets, chunk_rows: int, config) -> to
         if fused is not None:
             out[start : start + n] = fused(raw, targets[start : start + n])
         elif raw.dtype == torch.float32:
-            out[start : start + n] = _picked_logprobs_(raw, targets[start : start + n])
+            out[start : start + n] = _picked_logprobs_inplace(raw, targets[start : start + n])
         else:  # bf16/fp16 matmul, float32 log-sum-exp: a quarter of the chunk at a time, so the
             # float32 copy is a quarter of the chunk's bytes (at the 0.5B shape 67 MiB, not 268)
             step = max(1, rows // 4)
@@ -362,12 +362,12 @@ def _head_logprobs_inplace(head, states, targets, chunk_rows: int, config) -> to
             for first in range(0, n, step):
                 m = min(step, n - first)
                 block = wide[:m].copy_(raw[first : first + m])
-                out[start + first : start + first + m] = _picked_logprobs_(block, targets[start + first : start + first + m])
+                out[start + first : start + first + m] = _picked_logprobs_inplace(block, targets[start + first : start + first + m])
     return out
 
 
-def _picked_logprobs_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """`_picked_logprobs` of float32 logits, computed in place (the logits are overwritten)."""
+def _picked_logprobs_inplace(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`_picked_logprobs` of float32 logits without temporaries: the logits are overwritten."""
     picked = logits.gather(1, targets[:, None]).squeeze(1)
     peak = logits.amax(dim=1, keepdim=True)
     peak.masked_fill_(torch.isinf(peak), 0.0)  # torch.logsumexp's guard: an infinite max would make x - max NaN

@@ -101,8 +101,9 @@ class HFScorer:
     compile: wrap the decoder's forward in `torch.compile(dynamic=True)`, and compile the head's
     log-sum-exp as one fused reduction (the head's matmul stays eager, in one reused buffer:
     wspo.logprobs). The compile happens on open, on two small warm-up batches (one row with one
-    response position, two rows: PyTorch specialises size 1), so `score` times scoring only and `compile_seconds` says what the compile cost. A compile that fails (no C++
-    compiler, an unsupported model) falls back to the eager forward with a warning.
+    response position, two rows: PyTorch specialises size 1), so `score` times scoring only and
+    `compile_seconds` says what the compile cost. A compile that fails (no C++ compiler, an
+    unsupported model) falls back to the eager forward with a warning.
     """
 
     backend = "hf"
