@@ -3,6 +3,7 @@
     python benchmarks/phase_two_limit.py --quick          # quick shape, 2 timed steps, every variant
     python benchmarks/phase_two_limit.py --preset quick --steps 4 --batch_pairs 2
     python benchmarks/phase_two_limit.py --preset qwen2-0.5b --device cuda --dtype bfloat16
+    python benchmarks/phase_two_limit.py --packing true --packing_row_length 0 1024   # row lengths compared
 
 The strong model (policy) is a random-weight Qwen2 of a preset shape (benchmarks/limits.py) with
 Qwen2's real vocabulary and tokenizer; the rows are UltraFeedback-like (benchmarks/workloads.py).
@@ -119,7 +120,8 @@ def child(spec: dict) -> None:
     tokens = sum(n for step in timed for micro in step["micro"] for n, _ in micro["sequences"])
     limit = ceiling.seconds(work)
     print(workloads.RESULT_PREFIX + json.dumps({
-        "loss": args.loss, "fine_tuning": "lora" if args.use_lora else "full", "packing": run_record["data"]["batches"] == "packed",
+        "loss": args.loss, "fine_tuning": "lora" if args.use_lora else "full",
+        "packing": run_record["data"]["batches"] == "packed", "packing_row_length": args.packing_row_length,
         "torch_compile": training_args.torch_compile,
         "reference": "model forward" if reference_forward else "shards", "dtype": spec["dtype"],
         "timed_steps": len(timed), "seconds_per_step": round(seconds / max(1, len(timed)), 3),
@@ -147,6 +149,9 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", default=["wspo", "dpo"])
     parser.add_argument("--fine_tuning", nargs="+", default=["full", "lora"])
     parser.add_argument("--packing", nargs="+", default=["false", "true"])
+    parser.add_argument("--packing_row_length", nargs="+", type=int, default=[0],
+                        help="wspo-train's packing_row_length for the packed runs, one run each (0: its default, "
+                             "the micro-batch's longest sequence)")
     parser.add_argument("--torch_compile", nargs="+", default=["false"], choices=["false", "true"],
                         help="TrainingArguments.torch_compile, one run each")
     parser.add_argument("--ceiling_seconds", type=float, default=0.3, help="least seconds of repeats per GEMM kind")
@@ -183,10 +188,15 @@ def main() -> None:
         results = []
         for loss in args.losses:
             for tuning in args.fine_tuning:
-                for packing, compiled in [(p, c) for p in args.packing for c in args.torch_compile]:
-                    name = f"{loss}-{tuning}-packing_{packing}" + ("-compiled" if compiled == "true" else "")
+                variants = [(p, c, r) for p in args.packing for c in args.torch_compile
+                            for r in (args.packing_row_length if p == "true" else [0])]
+                for packing, compiled, row_length in variants:
+                    name = (f"{loss}-{tuning}-packing_{packing}" + (f"-row_{row_length}" if row_length else "")
+                            + ("-compiled" if compiled == "true" else ""))
                     keys = dict(train, output_dir=tmp / f"out-{name}", loss=loss, use_lora=str(tuning == "lora").lower(),
                                 packing=packing, torch_compile=compiled)
+                    if row_length:
+                        keys["packing_row_length"] = row_length
                     if loss == "dpo":
                         keys["allow_reference_mismatch"] = "true"
                     spec = {"name": name, "argv": [a for k, v in keys.items() for a in (f"--{k}", str(v))],
@@ -199,8 +209,8 @@ def main() -> None:
     for loss in args.losses:
         for tuning in args.fine_tuning:
             pair = [r for r in results if r["loss"] == loss and r["fine_tuning"] == tuning and not r["torch_compile"]]
-            if len(pair) == 2:
-                diff = max(abs(a - b) for a, b in zip(pair[0]["losses"], pair[1]["losses"]))
+            if len(pair) >= 2:  # padded and packed (at each row length): the same batches, the same losses
+                diff = max(abs(a - b) for other in pair[1:] for a, b in zip(pair[0]["losses"], other["losses"]))
                 checks[f"{loss}-{tuning}_packed_vs_padded_max_loss_diff"] = diff
                 if args.dtype == "float32" and diff >= LOSS_TOLERANCE:
                     raise SystemExit(f"{loss}/{tuning}: packed and padded losses differ by {diff:.2e}")
