@@ -277,11 +277,14 @@ def test_close_then_reload_through_the_precompute_command(tiny_models, vllm_scor
                 pass
         return names
 
+    def wait_until_gone(after: str):
+        deadline = time.monotonic() + 30
+        while vllm_processes():
+            assert time.monotonic() < deadline, f"vLLM processes still alive 30 s after {after}"
+            time.sleep(0.5)
+
     vllm_scorer.close()
-    deadline = time.monotonic() + 30
-    while vllm_processes():
-        assert time.monotonic() < deadline, "vLLM processes still alive 30 s after close()"
-        time.sleep(0.5)
+    wait_until_gone("close()")
 
     common = ["--weak_ref", str(tiny_models["weak_ref"]), "--weak_aligned", str(tiny_models["weak_aligned"]),
               "--max_length", str(MAX_LENGTH), "--max_prompt_length", "256", "--max_samples", "20",
@@ -289,7 +292,7 @@ def test_close_then_reload_through_the_precompute_command(tiny_models, vllm_scor
     assert precompute_main(common + ["--output_dir", str(tmp_path / "hf")]) == 0
     assert precompute_main(common + ["--output_dir", str(tmp_path / "vllm"), "--backend", "vllm",
                                      "--gpu_memory_utilization", str(KV_SHARE), "--batch_tokens", "256"]) == 0
-    assert not vllm_processes()  # each engine closed after its model
+    wait_until_gone("the command returned")  # each engine closed after its model
     hf, vl = ShardSet.open(tmp_path / "hf").check(), ShardSet.open(tmp_path / "vllm").check()
     assert [s["backend"] for s in vl.scorers] == ["vllm", "vllm"]
     assert [s["fingerprint"] for s in vl.scorers] == [s["fingerprint"] for s in hf.scorers]
