@@ -90,7 +90,7 @@ def vllm_scorer(tiny_models):
         gpu_memory_utilization=KV_SHARE, max_model_len=MAX_LENGTH, max_topk=TOPK,
     )
     yield scorer
-    scorer.close()  # a no-op when test_close_then_reload closed it already
+    scorer.close()  # a no-op when the close-then-reload test closed it already
 
 
 @pytest.fixture(scope="module")
