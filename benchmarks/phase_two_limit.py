@@ -4,6 +4,7 @@
     python benchmarks/phase_two_limit.py --preset quick --steps 4 --batch_pairs 2
     python benchmarks/phase_two_limit.py --preset qwen2-0.5b --device cuda --dtype bfloat16
     python benchmarks/phase_two_limit.py --packing true --packing_row_length 0 1024   # row lengths compared
+    python benchmarks/phase_two_limit.py --packing true --attn_implementation auto sdpa  # one row vs block mask
 
 The strong model (policy) is a random-weight Qwen2 of a preset shape (benchmarks/limits.py) with
 Qwen2's real vocabulary and tokenizer; the rows are UltraFeedback-like (benchmarks/workloads.py).
@@ -122,6 +123,7 @@ def child(spec: dict) -> None:
     print(workloads.RESULT_PREFIX + json.dumps({
         "loss": args.loss, "fine_tuning": "lora" if args.use_lora else "full",
         "packing": run_record["data"]["batches"] == "packed", "packing_row_length": args.packing_row_length,
+        "attention": run_record["data"]["attention"], "packed_rows": run_record["data"]["packed_rows"],
         "torch_compile": training_args.torch_compile,
         "reference": "model forward" if reference_forward else "shards", "dtype": spec["dtype"],
         "timed_steps": len(timed), "seconds_per_step": round(seconds / max(1, len(timed)), 3),
@@ -152,6 +154,9 @@ def main() -> None:
     parser.add_argument("--packing_row_length", nargs="+", type=int, default=[0],
                         help="wspo-train's packing_row_length for the packed runs, one run each (0: its default, "
                              "the micro-batch's longest sequence)")
+    parser.add_argument("--attn_implementation", nargs="+", default=["auto"],
+                        help="wspo-train's attn_implementation for the packed runs, one run each (auto: attention per "
+                             "sequence, one row per micro-batch; sdpa: rows of the longest sequence, block mask)")
     parser.add_argument("--torch_compile", nargs="+", default=["false"], choices=["false", "true"],
                         help="TrainingArguments.torch_compile, one run each")
     parser.add_argument("--ceiling_seconds", type=float, default=0.3, help="least seconds of repeats per GEMM kind")
@@ -188,13 +193,14 @@ def main() -> None:
         results = []
         for loss in args.losses:
             for tuning in args.fine_tuning:
-                variants = [(p, c, r) for p in args.packing for c in args.torch_compile
-                            for r in (args.packing_row_length if p == "true" else [0])]
-                for packing, compiled, row_length in variants:
+                variants = [(p, c, r, a) for p in args.packing for c in args.torch_compile
+                            for r in (args.packing_row_length if p == "true" else [0])
+                            for a in (args.attn_implementation if p == "true" else ["auto"])]
+                for packing, compiled, row_length, attention in variants:
                     name = (f"{loss}-{tuning}-packing_{packing}" + (f"-row_{row_length}" if row_length else "")
-                            + ("-compiled" if compiled == "true" else ""))
+                            + (f"-{attention}" if attention != "auto" else "") + ("-compiled" if compiled == "true" else ""))
                     keys = dict(train, output_dir=tmp / f"out-{name}", loss=loss, use_lora=str(tuning == "lora").lower(),
-                                packing=packing, torch_compile=compiled)
+                                packing=packing, torch_compile=compiled, attn_implementation=attention)
                     if row_length:
                         keys["packing_row_length"] = row_length
                     if loss == "dpo":
@@ -213,7 +219,7 @@ def main() -> None:
                 diff = max(abs(a - b) for other in pair[1:] for a, b in zip(pair[0]["losses"], other["losses"]))
                 checks[f"{loss}-{tuning}_packed_vs_padded_max_loss_diff"] = diff
                 if args.dtype == "float32" and diff >= LOSS_TOLERANCE:
-                    raise SystemExit(f"{loss}/{tuning}: losses on the same batches (padded, packed at each row length) "
+                    raise SystemExit(f"{loss}/{tuning}: losses on the same batches (padded, packed at each row length and attention) "
                                      f"differ by {diff:.2e}")
     print(json.dumps({"benchmark": "phase_two_limit", "preset": args.preset, "dtype": args.dtype,
                       "batch_pairs": args.batch_pairs, "lengths": lengths, "machine": machine(), "checks": checks,

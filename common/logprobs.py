@@ -53,6 +53,16 @@ def right_pad(sequences: list[list[int]], prompt_lengths: list[int], pad_token_i
     return input_ids, attention_mask, target_mask
 
 
+def packed_row(sequences: list[list[int]], prompt_lengths: list[int]):
+    """The inputs of `response_logprobs` for a list of sequences in one row, in order, no padding:
+    input_ids, position_ids (restarting at 0 per sequence) and target_mask, all [1, total]. For
+    attention that runs per sequence (wspo.sequence_attention)."""
+    input_ids = torch.as_tensor([t for s in sequences for t in s], dtype=torch.long)[None]
+    position_ids = torch.cat([torch.arange(len(s)) for s in sequences])[None]
+    target_mask = torch.cat([torch.arange(len(s)) >= p for s, p in zip(sequences, prompt_lengths)])[None]
+    return input_ids, position_ids, target_mask
+
+
 def response_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,

@@ -81,7 +81,8 @@ class PrecomputeArguments(DatasetKeys):
         "help": "Rows whose prompt has more tokens are skipped (counted). Default: half of max_length (as TRL)."})
     batch_tokens: int | None = field(
         default=None,
-        metadata={"help": "hf: padded tokens per forward batch (default: from the model and device: 16384 on GPU; on CPU "
+        metadata={"help": "hf: tokens per forward batch (CPU: one packed row, real tokens; GPU: padded tokens; default: "
+                  "from the model and device: 16384 on GPU; on CPU "
                   "512-4096, the widest activation under 32 MiB). vllm: max_num_batched_tokens (default 16384; bounds the "
                   "chunk x vocab log-prob tensor)."},
     )
@@ -89,6 +90,11 @@ class PrecomputeArguments(DatasetKeys):
         "help": "hf: torch.compile the scorers' decoder (dynamic shapes, compiled once per scorer on open). "
                 "auto: on for a CPU with at least 2048 rows to score (measured 1.22x faster in float32, 1.09x in "
                 "bfloat16), else off (GPUs: not measured yet). true / false. A failed compile falls back to eager."})
+    attn_implementation: str = field(default="auto", metadata={
+        "help": "hf: the scorers' attention (transformers' attn_implementation). auto (default): transformers' choice "
+                "(sdpa); on CPU each batch is then one packed row without padding and attention runs one sequence at "
+                "a time (wspo_per_sequence_sdpa, checked when a scorer opens, else padded batches). Or a name, used as "
+                "given with padded batches: sdpa, eager, flash_attention_2."})
     rows_per_file: int = field(default=2048, metadata={"help": "Rows per Parquet part file (the unit of resuming)."})
     # Strings on the command line ("auto" reads the scheduler's variables); ints after __post_init__.
     num_workers: str = field(default="1", metadata={
@@ -136,6 +142,9 @@ class PrecomputeArguments(DatasetKeys):
             raise ValueError(f"compile: {self.compile!r}; choose from {', '.join(COMPILE_CHOICES)}")
         if self.compile == "true" and self.backend != "hf":
             raise ValueError("compile applies to the hf backend (vLLM decides its own compilation); drop --compile or use --backend hf")
+        if self.attn_implementation != "auto" and self.backend != "hf":
+            raise ValueError("attn_implementation applies to the hf backend (vLLM picks its own attention backend); "
+                             "drop --attn_implementation or use --backend hf")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher: {self.launcher!r}; choose from {', '.join(LAUNCHERS)}")
         self.num_workers, self.worker_index = resolve_workers(self.num_workers, self.worker_index, self.launcher)

@@ -21,7 +21,8 @@ from typing import Protocol
 import torch
 
 from wspo.errors import ConfigError
-from wspo.logprobs import response_logprobs, right_pad
+from wspo.logprobs import packed_row, response_logprobs, right_pad
+from wspo.sequence_attention import use_per_sequence_attention
 from wspo.models import (compile_decoder, default_device, load_causal_lm, release_freed_memory, resolve_dtype,
                          uncompile_decoder)
 
@@ -37,20 +38,23 @@ class Scorer(Protocol):
     def close(self) -> None: ...
 
 
-def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length whose padded size fits `batch_tokens`.
+def length_batches(lengths: list[int], batch_tokens: int, padded: bool = True) -> list[list[int]]:
+    """Indices grouped into batches of similar length whose padded size (or, `padded` False, whose
+    tokens: one packed row) fits `batch_tokens`.
 
     Longest first, so an out-of-memory error shows up on the first batch, not after an hour.
     A sequence longer than the budget gets a batch of its own.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches, current = [], []
+    batches, current, tokens = [], [], 0
     for i in order:
         width = lengths[current[0]] if current else lengths[i]  # the first is the longest
-        if current and width * (len(current) + 1) > batch_tokens:
+        size = width * (len(current) + 1) if padded else tokens + lengths[i]
+        if current and size > batch_tokens:
             batches.append(current)
-            current = []
+            current, tokens = [], 0
         current.append(i)
+        tokens += lengths[i]
     if current:
         batches.append(current)
     return batches
@@ -109,11 +113,15 @@ class HFScorer:
     backend = "hf"
 
     def __init__(self, model_dir, dtype: str = "auto", batch_tokens: int | None = None, device: str | None = None,
-                 compile: bool = False):
+                 compile: bool = False, attn_implementation: str = "auto"):
         self.device = device or default_device()
         self.torch_dtype = resolve_dtype(dtype, self.device)
         self.dtype = str(self.torch_dtype).removeprefix("torch.")
-        self.model = load_causal_lm(model_dir, self.torch_dtype, self.device)
+        auto = attn_implementation == "auto"
+        self.model = load_causal_lm(model_dir, self.torch_dtype, self.device, attn_implementation)
+        # CPU: each batch packed into one row, attention per sequence (no padding, causal kernel);
+        # GPUs keep padded batches (a kernel launch per sequence and layer) until measured there.
+        self.one_row = auto and self.device.startswith("cpu") and use_per_sequence_attention(self.model)
         self.batch_tokens = batch_tokens or default_batch_tokens(self.model.config, self.device, self.torch_dtype)
         self.compiled, self.compile_seconds = False, 0.0
         if compile:
@@ -138,11 +146,16 @@ class HFScorer:
     @torch.inference_mode()
     def score(self, sequences: list[list[int]], prompt_lengths: list[int], topk: int = 0) -> list:
         results: list = [None] * len(sequences)
-        for batch in length_batches([len(s) for s in sequences], self.batch_tokens):
-            input_ids, attention_mask, target_mask = right_pad([sequences[i] for i in batch], [prompt_lengths[i] for i in batch])
-            out = response_logprobs(
-                self.model, input_ids.to(self.device), attention_mask.to(self.device), target_mask.to(self.device), topk=topk
-            )
+        for batch in length_batches([len(s) for s in sequences], self.batch_tokens, padded=not self.one_row):
+            rows = ([sequences[i] for i in batch], [prompt_lengths[i] for i in batch])
+            if self.one_row:
+                input_ids, position_ids, target_mask = packed_row(*rows)
+                attention_mask, position_ids = None, position_ids.to(self.device)
+            else:
+                (input_ids, attention_mask, target_mask), position_ids = right_pad(*rows), None
+                attention_mask = attention_mask.to(self.device)
+            out = response_logprobs(self.model, input_ids.to(self.device), attention_mask, target_mask.to(self.device),
+                                    topk=topk, position_ids=position_ids)
             flat = (out[0] if topk else out).cpu().numpy()
             if topk:
                 top_logps, top_ids = (t.cpu().numpy() for t in out[1])
@@ -160,11 +173,12 @@ class HFScorer:
 
 
 def open_scorer(backend: str, model_dir, dtype: str, batch_tokens: int | None, compile: bool = False,
-                **vllm_options) -> Scorer:
-    """compile: hf only (vLLM decides its own compilation). vllm_options: engine settings of
-    VLLMScorer (max_topk: the largest topk `score` will be asked for)."""
+                attn_implementation: str = "auto", **vllm_options) -> Scorer:
+    """compile, attn_implementation: hf only (vLLM decides its own compilation and attention).
+    vllm_options: engine settings of VLLMScorer (max_topk: the largest topk `score` will be asked for)."""
     if backend == "hf":
-        return HFScorer(model_dir, dtype=dtype, batch_tokens=batch_tokens, compile=compile)
+        return HFScorer(model_dir, dtype=dtype, batch_tokens=batch_tokens, compile=compile,
+                        attn_implementation=attn_implementation)
     if backend == "vllm":
         from .vllm_scorer import VLLMScorer  # vLLM is imported only when chosen
 

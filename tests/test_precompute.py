@@ -405,3 +405,39 @@ print(json.dumps([held, kept, anon()]))
     held, kept, after = json.loads(out.stdout.strip().splitlines()[-1])
     assert held - kept < 16, (held, kept)  # freed, still resident
     assert held - after > 100, (held, kept, after)  # most of the 128 MiB went back
+
+
+def test_freed_memory_kept_reuses_large_blocks_and_gives_them_back_on_leaving():
+    """Training on CPU keeps freed memory (wspo.models.freed_memory_kept): a 64 MiB block (above
+    glibc's largest mmap threshold, like a 0.5B model's gradients) freed inside stays resident
+    for the next step to reuse, where by default it goes back to the kernel at once; on leaving,
+    the defaults return and the kept memory is handed back. In a child: it changes the process's
+    malloc."""
+    import subprocess
+    import sys
+
+    from wspo.models import _LIBC
+
+    if _LIBC is None:
+        pytest.skip("not glibc: nothing to keep")
+    child = """
+import json, torch
+from wspo.models import freed_memory_kept
+def anon():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon:")).split()[1]) / 1024
+def freed_64_mib():  # resident MiB a written-then-freed 64 MiB block leaves behind
+    before = anon(); block = torch.ones(2**24); del block
+    return anon() - before
+default = freed_64_mib()
+with freed_memory_kept() as kept:
+    inside = freed_64_mib()
+    held = anon()
+after = anon()
+print(json.dumps([kept, default, inside, held - after, freed_64_mib()]))
+"""
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
+    kept, default, inside, returned, default_again = json.loads(out.stdout.strip().splitlines()[-1])
+    assert kept is True
+    assert default < 8 and default_again < 8, (default, default_again)  # unmapped at once
+    assert inside > 56, inside  # kept for reuse
+    assert returned > 56, returned  # handed back on leaving

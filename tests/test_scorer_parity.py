@@ -98,16 +98,23 @@ def vllm_logps(vllm_scorer, rows):
     return vllm_scorer.score(*rows)
 
 
-def test_hf_matches_naive(tiny_models, rows, naive):
-    from wspo.precompute.scorers import HFScorer
+@pytest.mark.parametrize("one_row", [True, False])
+def test_hf_matches_naive(tiny_models, rows, naive, one_row, monkeypatch):
+    """On CPU each batch is one packed row, attention per sequence (wspo.sequence_attention);
+    padded batches (GPUs, models kept on sdpa) give the same log-probs."""
+    import wspo.precompute.scorers as scorers
 
-    scorer = HFScorer(tiny_models["weak_ref"], dtype="float32", batch_tokens=2048, device="cpu")
+    if not one_row:
+        monkeypatch.setattr(scorers, "use_per_sequence_attention", lambda model: False)
+    scorer = scorers.HFScorer(tiny_models["weak_ref"], dtype="float32", batch_tokens=2048, device="cpu")
     try:
+        assert scorer.one_row == one_row
         diff = max_abs_diff(scorer.score(*rows), naive)
+        batch_sizes = [len(b) for b in scorers.length_batches([len(s) for s in rows[0]], 2048, padded=not one_row)]
     finally:
         scorer.close()
-    print(f"hf vs naive: max abs diff {diff:.3g}")
-    assert diff < TOL
+    print(f"hf vs naive ({'one row' if one_row else 'padded'} batches {batch_sizes}): max abs diff {diff:.3g}")
+    assert diff < TOL and sum(batch_sizes) == N_ROWS and len(batch_sizes) < N_ROWS
 
 
 @pytest.mark.slow
@@ -123,6 +130,7 @@ def test_compiled_hf_matches_naive_without_recompiling(tiny_models, rows, naive)
     scorer = HFScorer(tiny_models["weak_ref"], dtype="float32", batch_tokens=2048, device="cpu", compile=True)
     try:
         assert scorer.compiled and scorer.compile_seconds > 0
+        assert scorer.one_row  # attention per sequence, as one custom op in the graph
         assert scorer.model.get_output_embeddings() in _FUSED_NORMALISERS
         frames = counters["stats"]["unique_graphs"]
         assert frames >= 1, "nothing was compiled"

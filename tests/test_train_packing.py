@@ -186,23 +186,37 @@ def test_preference_loss_and_grads_packed_equal_padded(train_setup, dpo_shards, 
 
 
 def test_cli_trains_packed_like_padded(train_setup, tmp_path):  # noqa: F811
-    """Two optimizer steps through wspo-train: packed and padded runs log the same losses."""
+    """Two optimizer steps and an evaluation through wspo-train: padded, packed into rows of
+    max_length on sdpa's block mask (attn_implementation named), and the default (packing and
+    attention auto: one row per micro-batch, attention per sequence, the frozen reference alike)
+    log the same losses and held-out losses; no saved config names the toolkit's attention."""
     import json
 
+    from wspo.sequence_attention import PER_SEQUENCE_SDPA
     from wspo.train.cli import main
 
-    losses = {}
-    for packing in ("false", "true"):
-        out = tmp_path / packing
-        argv = train_argv(train_setup, out, max_steps=2, packing=packing, loss="sft")
-        if packing == "true":
-            argv += ["--packing_row_length", str(TRAIN_MAX_LENGTH)]
-        assert main(argv) == 0
+    variants = {"false": {"packing": "false"},
+                "rows": {"packing": "true", "packing_row_length": TRAIN_MAX_LENGTH, "attn_implementation": "sdpa"},
+                "auto": {}}
+    expected = {"false": ("padded", "sdpa", None),
+                "rows": ("packed", "sdpa", f"{TRAIN_MAX_LENGTH} tokens"),
+                "auto": ("packed", PER_SEQUENCE_SDPA, "one per micro-batch")}
+    losses, evals = {}, {}
+    for name, keys in variants.items():
+        out = tmp_path / name
+        assert main(train_argv(train_setup, out, max_steps=2, eval_fraction=0.25, eval_strategy="steps", eval_steps=2,
+                               **keys)) == 0
         record = json.loads((out / "wspo_run.json").read_text())
-        assert record["data"]["batches"] == ("packed" if packing == "true" else "padded")
-        losses[packing] = [h["loss"] for h in record["log_history"] if "loss" in h]
-    assert len(losses["true"]) == 2
-    assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)
+        data = record["data"]
+        assert (data["batches"], data["attention"], data["packed_rows"]) == expected[name]
+        assert record["model"]["reference"] == "frozen copy"
+        assert PER_SEQUENCE_SDPA not in (out / "config.json").read_text()
+        losses[name] = [h["loss"] for h in record["log_history"] if "loss" in h]
+        evals[name] = [h["eval_loss"] for h in record["log_history"] if "eval_loss" in h]
+    assert len(losses["auto"]) == 2 and len(evals["auto"]) >= 1
+    for name in ("rows", "auto"):
+        assert losses[name] == pytest.approx(losses["false"], abs=1e-5)
+        assert evals[name] == pytest.approx(evals["false"], abs=1e-5)
 
 
 @pytest.mark.slow

@@ -19,16 +19,16 @@ from .packing import pack_sequences
 
 def sequence_batch(sequences: list[list[int]], prompt_lengths: list[int], pad_token_id: int,
                    packing_max_length: int | None = None, packing_row_length: int | None = None,
-                   ) -> tuple[dict[str, torch.Tensor], list[int]]:
+                   one_row: bool = False) -> tuple[dict[str, torch.Tensor], list[int]]:
     """The model inputs of a list of sequences, and the order (sequence indices) in which their
     response positions come, row-major: right-padded rows (input_ids, attention_mask,
     target_mask; in order), or with `packing_max_length` packed rows (input_ids, position_ids,
-    target_mask; see packing.py)."""
+    target_mask; see packing.py; `one_row`: the whole list in one row, for per-sequence attention)."""
     if packing_max_length is None:
         input_ids, attention_mask, target_mask = right_pad(sequences, prompt_lengths, pad_token_id)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}, list(range(len(sequences)))
     input_ids, position_ids, target_mask, order = pack_sequences(sequences, prompt_lengths, packing_max_length, pad_token_id,
-                                                               packing_row_length)
+                                                               packing_row_length, one_row)
     return {"input_ids": input_ids, "position_ids": position_ids, "target_mask": target_mask}, order
 
 
@@ -47,15 +47,17 @@ class Collator:
     each token's sequence by its place in `examples`). row_index: [batch] dataset positions (for logs/tests).
     """
 
-    def __init__(self, pad_token_id: int, packing_max_length: int | None = None, packing_row_length: int | None = None):
+    def __init__(self, pad_token_id: int, packing_max_length: int | None = None, packing_row_length: int | None = None,
+                 one_row: bool = False):
         self.pad_token_id = pad_token_id
         self.packing_max_length = packing_max_length
         self.packing_row_length = packing_row_length
+        self.one_row = one_row  # packed: the micro-batch in one row (attention per sequence)
 
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         batch, order = sequence_batch([e.input_ids for e in examples], [e.prompt_length for e in examples],
                                       self.pad_token_id, self.packing_max_length,
-                                      self.packing_row_length)
+                                      self.packing_row_length, self.one_row)
         # Per-token values follow the order of the response positions (packing reorders sequences).
         in_order = [examples[i] for i in order]
         batch["seq_ids"] = token_order_ids(order, [len(e.input_ids) - e.prompt_length for e in examples])

@@ -96,9 +96,17 @@ class WSPOArguments:
     )
     packing_row_length: int | None = field(
         default=None,
-        metadata={"help": "packing true: tokens per packed row (at most max_length). Default: the micro-batch's longest "
-                  "sequence. sdpa/eager attention costs the square of the row length, so on CPU keep the default; with "
-                  "flash_attention_2 (attention per sequence) set it to max_length."},
+        metadata={"help": "packing: tokens per packed row (at most max_length). Default: the whole micro-batch in one row "
+                  "where attention runs per sequence (attn_implementation auto on sdpa), else its longest sequence "
+                  "(sdpa/eager with a block mask cost the square of the row length). With flash_attention_2 set it to "
+                  "max_length."},
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={"help": "The models' attention (transformers' attn_implementation). auto (default): transformers' "
+                  "choice (sdpa), and when packing, wspo_per_sequence_sdpa: sdpa run one sequence at a time inside "
+                  "packed rows, so a micro-batch packs into one row without padding; checked at start-up, else sdpa. "
+                  "Or a name, used as given: sdpa, eager, flash_attention_2, flex_attention."},
     )
     data_cache_dir: str | None = field(
         default=None,

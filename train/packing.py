@@ -29,6 +29,7 @@ import logging
 import torch
 
 from wspo.errors import WspoError
+from wspo.sequence_attention import logits_agree, two_sequence_logits
 
 # transformers' attention implementations that build the block-diagonal mask from position_ids
 # (sdpa, eager, flex_attention: masking_utils; flash_attention_*: cumulative sequence lengths).
@@ -59,27 +60,9 @@ def check_packing_attention(model: torch.nn.Module) -> str:
 
 def packed_attention_is_exact(model: torch.nn.Module) -> bool:
     """One no-grad forward of two short sequences packed into a row (position ids restarting)
-    against each alone: True when every logit agrees, i.e. attention stayed inside each sequence.
-    A leak moves the second sequence's logits by a large fraction of their size; kernels differ
-    by rounding only, so the tolerance is 1% of the largest logit."""
-    from wspo.logprobs import unwrap_model
-
-    vocab = unwrap_model(model).config.vocab_size
-    device = next(model.parameters()).device
-    first = torch.arange(3, 11, device=device) % vocab
-    second = torch.arange(40, 47, device=device) % vocab
-    row = torch.cat([first, second])[None]
-    positions = torch.cat([torch.arange(len(first)), torch.arange(len(second))]).to(device)[None]
-    was_training = model.training
-    model.eval()  # no dropout
-    try:
-        with torch.no_grad():
-            apart = torch.cat([model(input_ids=s[None], use_cache=False).logits[0] for s in (first, second)]).float()
-            packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0].float()
-    finally:
-        model.train(was_training)
-    tolerance = 1e-4 + 0.01 * float(apart.abs().max())
-    return bool((packed - apart).abs().max() <= tolerance)
+    against each alone: True when every logit agrees, i.e. attention stayed inside each sequence."""
+    packed, apart = two_sequence_logits(model)
+    return logits_agree(packed, apart)
 
 
 def resolve_packing(choice: str, model: torch.nn.Module, zero3: bool = False) -> bool:
@@ -121,7 +104,7 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def pack_sequences(sequences: list[list[int]], prompt_lengths: list[int], max_length: int, pad_token_id: int = 0,
-                   row_length: int | None = None):
+                   row_length: int | None = None, one_row: bool = False):
     """input_ids, position_ids, target_mask [rows, longest row], and `order`: the sequence
     indices in the order their response positions appear (row-major), which is the order of the
     log-probs `response_logprobs` returns for this batch.
@@ -130,9 +113,14 @@ def pack_sequences(sequences: list[list[int]], prompt_lengths: list[int], max_le
     max_length: sdpa / eager attention over a row costs the square of its length (the
     block-diagonal mask is applied to a full row x row score matrix), so on them rows much longer
     than the sequences cost more than the padding they save; flash_attention_2 computes each
-    sequence's block alone, so there rows of max_length are best.
+    sequence's block alone, so there rows of max_length are best. `one_row` (and no row_length):
+    every sequence in one row, no padding at all, for attention that runs per sequence
+    (`wspo.sequence_attention`), where a row's length costs nothing.
     """
-    capacity = min(max_length, row_length or max(len(s) for s in sequences))
+    if one_row and row_length is None:
+        capacity = sum(len(s) for s in sequences)
+    else:
+        capacity = min(max_length, row_length or max(len(s) for s in sequences))
     rows = pack_rows([len(s) for s in sequences], capacity)
     width = max(sum(len(sequences[i]) for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)

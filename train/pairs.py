@@ -184,15 +184,17 @@ class PreferenceCollator:
     `response_logprobs` returns its log-probs; row_index: [examples] dataset positions.
     """
 
-    def __init__(self, pad_token_id: int, packing_max_length: int | None = None, packing_row_length: int | None = None):
+    def __init__(self, pad_token_id: int, packing_max_length: int | None = None, packing_row_length: int | None = None,
+                 one_row: bool = False):
         self.pad_token_id = pad_token_id
         self.packing_max_length = packing_max_length  # packed rows (packing.py) instead of padded ones
         self.packing_row_length = packing_row_length
+        self.one_row = one_row  # packed: the micro-batch in one row (attention per sequence)
 
     def __call__(self, examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
         seqs = [r for e in examples for r in e.responses]
         batch, order = sequence_batch([r.input_ids for r in seqs], [r.prompt_length for r in seqs], self.pad_token_id,
-                                      self.packing_max_length, self.packing_row_length)
+                                      self.packing_max_length, self.packing_row_length, self.one_row)
         # Per-token values follow the order of the response positions (packing reorders sequences).
         batch["seq_ids"] = token_order_ids(order, [len(r.input_ids) - r.prompt_length for r in seqs])
         batch["ref_logps"] = torch.from_numpy(np.concatenate([seqs[i].ref_logps for i in order]))

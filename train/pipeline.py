@@ -24,13 +24,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 import wspo
 from wspo.shards.schema import logp_column
 from wspo.shards.store import write_json
-from wspo.models import check_weights, load_tokenizer, read_config, resolve_model_dir
+from wspo.logprobs import unwrap_model
+from wspo.models import check_weights, freed_memory_kept, from_pretrained, load_tokenizer, read_config, resolve_model_dir
+from wspo.sequence_attention import use_per_sequence_attention
 
 from .config import PREFERENCE_LOSSES, WSPOArguments
 from .batches import Collator
@@ -69,7 +71,7 @@ def load_models(args: WSPOArguments, training_args: TrainingArguments, model_dir
     the weights while loading, so neither model is ever whole on one rank.
     """
     dtype = model_dtype(args, training_args)
-    policy = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    policy = from_pretrained(model_dir, dtype, args.attn_implementation)
     policy.config.use_cache = False
     if args.use_lora:
         from peft import LoraConfig, get_peft_model
@@ -87,7 +89,7 @@ def load_models(args: WSPOArguments, training_args: TrainingArguments, model_dir
         return policy, None
     if args.loss in ("sft", "kd") or args.reference_logps == "shards":
         return policy, None
-    reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    reference = from_pretrained(model_dir, dtype, args.attn_implementation)
     reference.config.use_cache = False
     return policy, reference
 
@@ -204,6 +206,11 @@ def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list 
     policy, reference_model = load_models(args, training_args, model_dir)
     # auto: pack where exact (checked on the model); true: pack or refuse, naming the reason
     packing = resolve_packing(args.packing, policy, zero3=is_deepspeed_zero3_enabled())
+    # Packed on sdpa: attention one sequence at a time where it is the same attention, so that a
+    # micro-batch packs into one row without padding (wspo.sequence_attention). Not under
+    # torch.compile (the loop over sequences would recompile per batch) nor ZeRO-3 (no start-up check).
+    per_sequence = (packing and args.attn_implementation == "auto" and not training_args.torch_compile
+                    and not is_deepspeed_zero3_enabled() and use_per_sequence_attention(policy, reference_model))
 
     # 4. training
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else rule.end_of_turn_id
@@ -220,14 +227,18 @@ def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list 
         wrpo_alpha=args.wrpo_alpha,
         wrpo_alpha_schedule=args.wrpo_alpha_schedule,
         data_collator=(PreferenceCollator if preference else Collator)(pad_id, max_length if packing else None,
-                                                                     args.packing_row_length),
+                                                                     args.packing_row_length, one_row=per_sequence),
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
         callbacks=[NonFiniteGuard(), IdentityInCheckpoints(identity), *(callbacks or [])],
     )
     resumed_from = resume  # the checkpoint the run goes on from, for the record and the closing summary
-    result = trainer.train(resume_from_checkpoint=resume)
+    # CPU: keep freed memory in the process, so each step reuses its pages instead of faulting
+    # them in again (wspo.models.freed_memory_kept: ~40% of a full fine-tuning step at 0.5B).
+    keep = freed_memory_kept() if training_args.device.type == "cpu" else contextlib.nullcontext()
+    with keep:
+        result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
     if eval_set is not None:
         # Reuse an evaluation the schedule already ran at the last step, else run one now.
@@ -264,6 +275,10 @@ def _run(args: WSPOArguments, training_args: TrainingArguments, callbacks: list 
         "data": {
             "max_length": max_length,
             "batches": "packed" if packing else "padded",  # what --packing resolved to
+            "attention": unwrap_model(policy).config._attn_implementation,
+            "packed_rows": None if not packing else (
+                f"{args.packing_row_length} tokens" if args.packing_row_length
+                else "one per micro-batch" if per_sequence else "as long as the micro-batch's longest sequence"),
             "reward_projection": "chunks" if projected else "none (same tokenizer: rewards token for token)",
             "train_rows": len(train_set),
             "train_response_tokens": train_set.num_tokens,
