@@ -186,7 +186,7 @@ def use_per_sequence_attention(*models: torch.nn.Module | None) -> bool:
         if error is not None:
             for m in switched:
                 _set_implementation(m, "sdpa")
-            logger.warning("packing: attention per sequence not used (%s); packed rows stay as long as the longest "
-                           "sequence, with sdpa's block-diagonal mask", error)
+            logger.warning("attention per sequence not used for %s (%s): keeping sdpa (training: packed rows as long "
+                           "as the longest sequence; scoring: padded batches)", type(unwrap_model(model)).__name__, error)
             return False
     return True
