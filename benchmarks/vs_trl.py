@@ -28,7 +28,9 @@ default, which recomputes each layer's activations in the backward pass instead 
 
 Reported: seconds of each path (after imports; model loading included), seconds per step
 (median of the steps after the first), peak RSS (VmHWM) and RSS when training begins (imports,
-model, data and the trainer in place; TRL's precompute pass included), and the issue's ratios:
+model, data and the trainer in place; TRL's precompute pass included), the peak RSS of each phase
+(sampled every 10 ms) and what the largest sample was made of (phase, step, heap and file-backed
+MiB: where to look when one path holds more), and the issue's ratios:
 precompute / TRL's reference pass (goal <= 0.8), step / TRL's step (<= 1), one full run (phase
 one + training) / TRL's precompute variant (<= 1), three runs reusing one shard set (phase one
 once + three trainings, the training measured once) / three TRL runs (<= 0.7), peak RSS (<= 0.8).
@@ -45,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads  # noqa: E402  (benchmarks/, on sys.path from here on)
-from limits import proc_status  # noqa: E402
+from limits import proc_status, proc_statuses  # noqa: E402
 
 LOSS_TOLERANCE = 1e-4
 # ChatML whose assistant turn ends at its end-of-turn token (no newline after it), so TRL's
@@ -63,14 +65,20 @@ class PhasePeaks:
     def __init__(self):
         import threading
 
-        self.phase, self.peaks = "setup", {}
+        self.phase, self.step, self.peaks, self.at_peak = "setup", 0, {}, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def _sample(self):
         while not self._stop.wait(0.01):
-            phase, rss = self.phase, proc_status("VmRSS")  # read the phase once: the main thread moves it
+            phase, step = self.phase, self.step  # read once: the main thread moves them
+            status = proc_statuses("VmRSS", "RssAnon", "RssFile")
+            rss = status["VmRSS"]
+            if rss > self.at_peak.get("rss_mib", 0) * 2**20:  # what the largest sample was made of
+                self.at_peak = {"phase": phase, "step": step, "rss_mib": round(rss / 2**20, 1),
+                                "anon_mib": round(status["RssAnon"] / 2**20, 1),
+                                "file_mib": round(status["RssFile"] / 2**20, 1)}
             self.peaks[phase] = max(self.peaks.get(phase, 0), rss)
 
     def stop(self) -> dict:
@@ -105,7 +113,7 @@ def child(spec: dict) -> None:
             record["rss_bytes_at_train_begin"] = proc_status("VmRSS")
 
         def on_step_begin(self, args, state, control, **kwargs):
-            peaks.phase = "forward_backward"
+            peaks.phase, peaks.step = "forward_backward", state.global_step + 1
             record["begin"] = now()
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -200,7 +208,7 @@ def child(spec: dict) -> None:
         for k in range(0, spec["batch"] * spec["steps"], spec["batch"]):
             record["ids"] += chosen[k:k + spec["batch"]] + rejected[k:k + spec["batch"]]
     result.update(seconds=time.perf_counter() - start, peak_rss_bytes=proc_status("VmHWM"),
-                  peak_rss_mib_by_phase=peaks.stop(), **record)
+                  peak_rss_mib_by_phase=peaks.stop(), rss_at_largest_sample=peaks.at_peak, **record)
     print(workloads.RESULT_PREFIX + json.dumps(result))
 
 
@@ -291,6 +299,7 @@ def main() -> None:
         "rss_mib_at_train_begin": {k: round(r["rss_bytes_at_train_begin"] / 2**20, 1) for k, r in results.items()
                                    if "rss_bytes_at_train_begin" in r},
         "peak_rss_mib_by_phase": {k: r["peak_rss_mib_by_phase"] for k, r in results.items()},
+        "rss_at_largest_sample": {k: r["rss_at_largest_sample"] for k, r in results.items()},  # phase, step, heap / files
         "ratios": {
             "wspo_precompute_over_trl_reference_pass": round(pre["seconds"] / trl_pre["construction_seconds"], 3),
             "wspo_step_over_trl_ref_in_memory_step": round(step(train) / step(trl_in_memory), 3),

@@ -67,13 +67,16 @@ GPU_BATCH_TOKENS = 16384
 
 
 def default_batch_tokens(config, device: str, dtype: torch.dtype) -> int:
-    """The hf scorer's padded tokens per forward when `batch_tokens` is not set.
+    """The hf scorer's tokens per forward (padded, or one packed row's) when `batch_tokens` is not set.
 
     GPU: 16,384 (large batches keep the device busy). CPU: the largest power of two, within
     512-4,096, that keeps the widest activation ([tokens, intermediate_size]) under 32 MiB. Past
     ~1,000 rows a CPU matmul runs no faster, while a larger batch pads more (batches are cut from
     length-sorted rows) and re-faults its activations every layer: on 2 cores at the quick shape
-    (docs/benchmarks.md) 16,384 padded 1.37x and ran at half the speed of 2,048.
+    (docs/benchmarks.md) 16,384 padded 1.37x and ran at half the speed of 2,048. One packed row
+    per batch (CPU) has no padding, and still gains nothing from more: at the 0.5B shape, float32,
+    1,024 / 2,048 / 4,096 tokens scored the same rows in 72 / 76 / 74 s with 0.5M / 3.0M / 4.2M
+    page faults.
     """
     if not device.startswith("cpu"):
         return GPU_BATCH_TOKENS
@@ -83,11 +86,12 @@ def default_batch_tokens(config, device: str, dtype: torch.dtype) -> int:
 
 
 # `compile="auto"` compiles where it was measured faster and the job is long enough to repay the
-# compile (docs/benchmarks.md, issue 18). On 2 CPU cores at the quick shape the compiled decoder
-# (RMSNorm, rotary, SiLU and residual adds fused: eager spends a quarter of its time in these
-# memory-bound ops) scored 1.22x faster than eager in float32 and 1.09x in bfloat16, after 15-100 s
-# of compiling per scorer (inductor's on-disk cache warm / cold). 2,048 rows (one part at the
-# default rows_per_file) take tens of minutes there. GPUs: not measured yet, so auto leaves them eager.
+# compile (docs/benchmarks.md, issue 18). On 2 CPU cores, with each batch one packed row, the
+# compiled decoder (RMSNorm, rotary, SiLU and residual adds fused into a few loops) scored faster
+# than eager in the same process: 1.08x (float32) and 1.30x (bfloat16) at the quick shape, 1.07x
+# and 1.12x at the Qwen2-0.5B shape, after 12-50 s of compiling per scorer (inductor's on-disk
+# cache warm; ~100 s cold). 2,048 rows (one part at the default rows_per_file) take tens of
+# minutes to hours there. GPUs: not measured yet, so auto leaves them eager.
 COMPILE_MIN_ROWS = 2048
 
 

@@ -79,6 +79,16 @@ def test_phase_two_flops_equal_torch_flop_counter_full_and_lora():
     assert sum(counts.values()) == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_proc_statuses_reads_one_instant_and_sees_the_heap_grow():
+    before = limits.proc_statuses("VmRSS", "RssAnon", "RssFile", "NoSuchKey")
+    assert before["NoSuchKey"] == 0 and before["VmRSS"] == pytest.approx(limits.proc_status("VmRSS"), abs=16 * 2**20)
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written: resident and anonymous
+    after = limits.proc_statuses("VmRSS", "RssAnon")
+    assert after["RssAnon"] - before["RssAnon"] >= 60 * 2**20 and after["VmRSS"] - before["VmRSS"] >= 60 * 2**20
+    del block
+
+
 def test_ceiling_rates_cover_the_work_and_give_a_fraction():
     config = limits.config_for("qwen2-26m", vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2)
@@ -143,6 +153,14 @@ def test_vs_trl_runs_with_the_same_batches_and_losses():
     assert report["exactness"]["trained_sequences_with_equal_token_ids"] == "8/8"
     assert report["exactness"]["max_loss_diff_vs_trl_ref_in_memory"] < 1e-4
     assert len(report["losses"]["wspo_train"]) == len(report["losses"]["trl_precompute"]) == 2
+    # The largest RSS sample of each training path: in a phase it reports, and its parts add up to it.
+    for path in ("trl_ref_in_memory", "trl_precompute", "wspo_train"):
+        largest = report["rss_at_largest_sample"][path]
+        assert largest["phase"] in report["peak_rss_mib_by_phase"][path]
+        assert largest["step"] == 0 if largest["phase"] == "setup" else largest["step"] in (1, 2)
+        assert abs(largest["anon_mib"] + largest["file_mib"] - largest["rss_mib"]) < 64  # + shared memory (RssShmem)
+        # VmHWM (the peak) follows VmRSS lazily, so a sample may pass it by a page or two of counters
+        assert largest["rss_mib"] <= report["peak_rss_mib"][path] * 1.01 + 1
 
 
 @pytest.mark.slow
