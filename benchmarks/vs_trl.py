@@ -29,7 +29,7 @@ default, which recomputes each layer's activations in the backward pass instead 
 Reported: seconds of each path (after imports; model loading included), seconds per step
 (median of the steps after the first), peak RSS (VmHWM) and RSS when training begins (imports,
 model, data and the trainer in place; TRL's precompute pass included), the peak RSS of each phase
-(sampled every 10 ms) and what the largest sample was made of (phase, step, heap and file-backed
+and of each training step (sampled every 10 ms; memory that grows with steps shows there), what the largest sample was made of (phase, step, heap and file-backed
 MiB: where to look when one path holds more), and the issue's ratios:
 precompute / TRL's reference pass (goal <= 0.8), step / TRL's step (<= 1), one full run (phase
 one + training) / TRL's precompute variant (<= 1), three runs reusing one shard set (phase one
@@ -60,12 +60,14 @@ TEMPLATE = ("{% for message in messages %}{% if not loop.first %}{{ '\n' }}{% en
 class PhasePeaks:
     """Peak RSS per phase of the run, sampled every 10 ms by a thread: `setup` (loading, the
     reference pass, trainer construction), `forward_backward` (step begin to the optimizer) and
-    `optimizer` (the optimizer's step to the step's end). Says where each path's peak comes from."""
+    `optimizer` (the optimizer's step to the step's end); per training step (its begin to the
+    next one's, the last to the end of the run); and what the largest sample was made of. Says
+    where each path's peak comes from, and whether memory grows with steps."""
 
     def __init__(self):
         import threading
 
-        self.phase, self.step, self.peaks, self.at_peak = "setup", 0, {}, {}
+        self.phase, self.step, self.peaks, self.step_peaks, self.at_peak = "setup", 0, {}, {}, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -80,6 +82,8 @@ class PhasePeaks:
                                 "anon_mib": round(status["RssAnon"] / 2**20, 1),
                                 "file_mib": round(status["RssFile"] / 2**20, 1)}
             self.peaks[phase] = max(self.peaks.get(phase, 0), rss)
+            if step:  # per training step: memory that grows with steps shows here
+                self.step_peaks[step] = max(self.step_peaks.get(step, 0), rss)
 
     def stop(self) -> dict:
         self._stop.set()
@@ -208,7 +212,8 @@ def child(spec: dict) -> None:
         for k in range(0, spec["batch"] * spec["steps"], spec["batch"]):
             record["ids"] += chosen[k:k + spec["batch"]] + rejected[k:k + spec["batch"]]
     result.update(seconds=time.perf_counter() - start, peak_rss_bytes=proc_status("VmHWM"),
-                  peak_rss_mib_by_phase=peaks.stop(), rss_at_largest_sample=peaks.at_peak, **record)
+                  peak_rss_mib_by_phase=peaks.stop(), rss_at_largest_sample=peaks.at_peak,
+                  peak_rss_mib_by_step=[round(peaks.step_peaks[k] / 2**20, 1) for k in sorted(peaks.step_peaks)], **record)
     print(workloads.RESULT_PREFIX + json.dumps(result))
 
 
@@ -300,6 +305,7 @@ def main() -> None:
                                    if "rss_bytes_at_train_begin" in r},
         "peak_rss_mib_by_phase": {k: r["peak_rss_mib_by_phase"] for k, r in results.items()},
         "rss_at_largest_sample": {k: r["rss_at_largest_sample"] for k, r in results.items()},  # phase, step, heap / files
+        "peak_rss_mib_by_step": {k: r["peak_rss_mib_by_step"] for k, r in results.items() if r["peak_rss_mib_by_step"]},
         "ratios": {
             "wspo_precompute_over_trl_reference_pass": round(pre["seconds"] / trl_pre["construction_seconds"], 3),
             "wspo_step_over_trl_ref_in_memory_step": round(step(train) / step(trl_in_memory), 3),

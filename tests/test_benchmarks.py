@@ -161,6 +161,8 @@ def test_vs_trl_runs_with_the_same_batches_and_losses():
         assert abs(largest["anon_mib"] + largest["file_mib"] - largest["rss_mib"]) < 64  # + shared memory (RssShmem)
         # VmHWM (the peak) follows VmRSS lazily, so a sample may pass it by a page or two of counters
         assert largest["rss_mib"] <= report["peak_rss_mib"][path] * 1.01 + 1
+        by_step = report["peak_rss_mib_by_step"][path]  # one peak per training step
+        assert len(by_step) == 2 and max(by_step) <= report["peak_rss_mib"][path] * 1.01 + 1
 
 
 @pytest.mark.slow
