@@ -328,13 +328,7 @@ class Ceiling:
 def proc_status(key: str) -> int:
     """A memory figure of this process from /proc/self/status, in bytes: VmHWM (peak RSS), VmRSS
     (now), RssAnon / RssFile (heap and mapped files, such as safetensors weights). 0 off Linux."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_statuses(key)[key]
 
 
 def proc_statuses(*keys: str) -> dict[str, int]:

@@ -29,8 +29,9 @@ default, which recomputes each layer's activations in the backward pass instead 
 Reported: seconds of each path (after imports; model loading included), seconds per step
 (median of the steps after the first), peak RSS (VmHWM) and RSS when training begins (imports,
 model, data and the trainer in place; TRL's precompute pass included), the peak RSS of each phase
-and of each training step (sampled every 10 ms; memory that grows with steps shows there), what the largest sample was made of (phase, step, heap and file-backed
-MiB: where to look when one path holds more), and the issue's ratios:
+and of each training step (sampled every 10 ms; memory that grows with steps shows there), what
+the largest sample was made of (phase, step, heap and file-backed MiB: where to look when one
+path holds more), and the issue's ratios:
 precompute / TRL's reference pass (goal <= 0.8), step / TRL's step (<= 1), one full run (phase
 one + training) / TRL's precompute variant (<= 1), three runs reusing one shard set (phase one
 once + three trainings, the training measured once) / three TRL runs (<= 0.7), peak RSS (<= 0.8).
