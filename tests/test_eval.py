@@ -214,7 +214,7 @@ def test_generate_vllm_matches_hf(chatty, capsys, tmp_path):
     stop = AutoTokenizer.from_pretrained(str(chatty)).convert_ids_to_tokens(generated[0][6])
     common += ["--end_of_turn_token", stop]
     hf = _run(common + ["--output_file", str(tmp_path / "hf.json")], capsys)
-    vl = _run(common + ["--backend", "vllm", "--gpu_memory_utilization", "0.05", "--batch_tokens", "512",
+    vl = _run(common + ["--backend", "vllm", "--kv_cache_memory_bytes", str(256 * 2**20), "--batch_tokens", "512",
                         "--output_file", str(tmp_path / "vllm.json")], capsys)
     a, b = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("hf", "vllm"))
     assert [r["output"] for r in a] == [r["output"] for r in b]

