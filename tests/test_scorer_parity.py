@@ -188,6 +188,8 @@ def test_vllm_matches_naive_and_hf(tiny_models, rows, naive, vllm_scorer, vllm_l
     from wspo.precompute.scorers import HFScorer
 
     assert vllm_scorer.backend == "vllm" and vllm_scorer.dtype == "float32"
+    # the engine was given the outright KV cache size, not a share of memory
+    assert vllm_scorer.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == KV_BYTES
     assert max(len(s) for s in rows[0]) > 128, "no row spans several engine steps"
     assert all(x.dtype == np.float32 for x in vllm_logps)
     diff = max_abs_diff(vllm_logps, naive)
